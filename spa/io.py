@@ -1,0 +1,95 @@
+"""Load and save models: lazy external data, atomic writes, the input never touched."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from spa.errors import SpaError
+
+# Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
+_PROTO_LIMIT = 2**31 - 64 * 2**20
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file. External data stays on disk until a tensor is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise SpaError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = ir.load(path)
+    except Exception as e:  # protobuf gives no typed errors
+        raise SpaError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+    _check_external_data(model, path)
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.path).is_file():
+            raise SpaError(f"{path}: external data file '{tensor.location}' is missing")
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename.
+
+    Weights go to `<name>.data` beside the model when the file would pass protobuf's 2 GB limit.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise SpaError(f"{path}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SpaError(f"{path}: output folder '{folder}' is not writable")
+    external = weight_bytes(model) > _PROTO_LIMIT
+    data_name = path.name + ".data"
+    fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp)
+    tmp_data = tmp.with_name(tmp.name + ".data")
+    try:
+        if external:
+            # The location recorded in the model must be the final data file name.
+            ir.save(model, tmp, external_data=tmp_data.name)
+            proto = onnx.load(tmp, load_external_data=False)
+            for init in proto.graph.initializer:
+                for entry in init.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            onnx.save(proto, tmp)
+            os.replace(tmp_data, folder / data_name)
+        else:
+            _inline_external_tensors(model)
+            ir.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _inline_external_tensors(model: ir.Model) -> None:
+    # Unchanged tensors still point into the input's data file; the output must stand alone.
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model)

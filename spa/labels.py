@@ -1,0 +1,100 @@
+"""Channel labels: every channel of every layer output gets an integer id.
+
+A tensor's labels are an integer array that broadcasts to the tensor's shape: element [n, c, h, w]
+of a conv output carries the label of channel c. Label 0 marks elements that can never be removed
+(graph inputs, constants, barriers). Coupling two channels is a union of their labels; a label
+united with 0 is pinned. Arrays are kept compressed: an axis along which the labels do not vary
+has size 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LabelSets:
+    """Union-find over labels. The root of a set is its smallest label, so 0 stays the pinned root."""
+
+    def __init__(self) -> None:
+        self._parent = np.zeros(1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def new(self, count: int) -> np.ndarray:
+        start = len(self._parent)
+        self._parent = np.concatenate([self._parent, np.arange(start, start + count, dtype=np.int64)])
+        return np.arange(start, start + count, dtype=np.int64)
+
+    def find(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels, dtype=np.int64)
+        roots = labels
+        while True:
+            up = self._parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        self._parent[labels] = roots  # path compression
+        return roots
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Unite a[i] with b[i] for every position of the broadcast of a and b."""
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
+        a, b = pairs[:, 0], pairs[:, 1]
+        while True:
+            ra, rb = self.find(a), self.find(b)
+            differ = ra != rb
+            if not differ.any():
+                return
+            lo = np.minimum(ra[differ], rb[differ])
+            hi = np.maximum(ra[differ], rb[differ])
+            np.minimum.at(self._parent, hi, lo)
+
+    def pin(self, labels: np.ndarray) -> None:
+        labels = np.unique(labels)
+        self.union(labels, np.zeros_like(labels))
+
+    def union_along(self, labels: np.ndarray, axes: list[int]) -> None:
+        """Unite all labels that differ only in their index along `axes`."""
+        for axis in axes:
+            if labels.shape[axis] > 1:
+                self.union(labels, labels.take([0], axis=axis))
+
+    def pinned(self, labels: np.ndarray) -> np.ndarray:
+        return self.find(labels) == 0
+
+
+def compress(labels: np.ndarray) -> np.ndarray:
+    """Shrink every axis along which the labels are constant to size 1."""
+    for axis in range(labels.ndim):
+        if labels.shape[axis] > 1:
+            first = labels.take([0], axis=axis)
+            if np.array_equal(np.broadcast_to(first, labels.shape), labels):
+                labels = first
+    return np.ascontiguousarray(labels)
+
+
+def varying_axes(labels: np.ndarray) -> list[int]:
+    return [axis for axis, size in enumerate(labels.shape) if size > 1]
+
+
+def along(labels: np.ndarray, axis: int) -> np.ndarray | None:
+    """The labels along `axis` as a vector, or None if they also vary along another axis."""
+    if any(a != axis % labels.ndim for a in varying_axes(labels)):
+        return None
+    return labels.reshape(-1) if labels.shape[axis] > 1 else labels.reshape(-1)[:1]
+
+
+def axis_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
+    """Per-axis keep vectors of a boolean mask, or None when the kept elements are not a sub-grid."""
+    keeps = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        keeps.append(mask.any(axis=others) if others else mask.copy())
+    grid = np.ones(mask.shape, dtype=bool)
+    for axis, keep in enumerate(keeps):
+        shape = [1] * mask.ndim
+        shape[axis] = len(keep)
+        grid = grid & keep.reshape(shape)
+    return keeps if np.array_equal(grid, mask) else None
