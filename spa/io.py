@@ -62,6 +62,9 @@ def save(model: ir.Model, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx", dir=folder)
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
     tmp_data = tmp.with_name(tmp.name + ".data")
     try:
         if external:
@@ -91,5 +94,7 @@ def _inline_external_tensors(model: ir.Model) -> None:
             value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    return ir.serde.serialize_model(model)
+def clone(model: ir.Model) -> ir.Model:
+    """An independent copy (weights read into memory)."""
+    _inline_external_tensors(model)
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # Folding must not blow a small generator into a huge constant that no consumer needs as data.
 _MAX_FOLDED_BYTES = 1 << 30
+_MAX_FOLD_ROUNDS = 8
 
 
 def normalize(model: ir.Model) -> ir.Model:
@@ -30,8 +31,11 @@ def normalize(model: ir.Model) -> ir.Model:
         model.ir_version = 4
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     common_passes.TopologicalSortPass()(model)
-    infer_shapes(model)
-    fold_constants(model)
+    # Folding a Shape computation can make later shapes static, which lets more fold.
+    for _ in range(_MAX_FOLD_ROUNDS):
+        infer_shapes(model)
+        if not fold_constants(model):
+            break
     common_passes.RemoveUnusedNodesPass()(model)
     infer_shapes(model)
     return model
@@ -57,11 +61,12 @@ def fold_constants(model: ir.Model) -> int:
             continue
         if any(out.is_graph_output() for out in node.outputs):
             continue
-        values = _static_shape(node) if node.op_type == "Shape" else _constant_inputs(node)
-        if values is None:
+        known = _static_shape(node) if node.op_type == "Shape" else _picked_static_dims(node, opset)
+        values = None if known is not None else _constant_inputs(node)
+        if known is None and values is None:
             continue
         try:
-            results = values if node.op_type == "Shape" else run_node(node, values, opset)
+            results = known if known is not None else run_node(node, values, opset)
         except Exception as e:  # the reference evaluator lacks a few ops; leave those nodes alone
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, e)
             continue
@@ -80,8 +85,12 @@ def fold_constants(model: ir.Model) -> int:
 
 
 def _constant_inputs(node: ir.Node) -> list[np.ndarray | None] | None:
+    return _constant_inputs_from(node, 0)
+
+
+def _constant_inputs_from(node: ir.Node, first: int) -> list[np.ndarray | None] | None:
     arrays = []
-    for value in node.inputs:
+    for value in node.inputs[first:]:
         if value is None:
             arrays.append(None)
         elif value.const_value is not None and value.is_initializer() and not value.is_graph_input():
@@ -101,7 +110,27 @@ def _static_shape(node: ir.Node) -> list[np.ndarray] | None:
     return [np.array(dims[slice(start, end)], dtype=np.int64)]
 
 
-def infer_shapes(model: ir.Model) -> None:
+def _picked_static_dims(node: ir.Node, opset: int) -> list[np.ndarray] | None:
+    """Gather or Slice of a Shape that picks only static dims, as in `x.size(1)` under a dynamic
+    batch: run the op on the dims' positions and look the picked ones up."""
+    if node.op_type not in ("Gather", "Slice") or not node.inputs:
+        return None
+    source = node.inputs[0].producer()
+    if source is None or source.op_type != "Shape" or source.inputs[0].shape is None:
+        return None
+    others = _constant_inputs_from(node, 1)
+    if others is None:
+        return None
+    dims = list(source.inputs[0].shape)
+    dims = dims[slice(source.attributes.get_int("start", 0), source.attributes.get_int("end", len(dims)))]
+    picked = run_node(node, [np.arange(len(dims), dtype=np.int64), *others], opset)[0]
+    values = [dims[int(i)] for i in picked.reshape(-1)]
+    if not all(isinstance(d, int) for d in values):
+        return None
+    return [np.array(values, dtype=np.int64).reshape(picked.shape)]
+
+
+def infer_shapes(model: ir.Model, keep_signature: bool = True) -> None:
     """Forget every intermediate shape, then infer them again.
 
     Stale shapes make onnxruntime refuse a pruned model, and constant folding could trust them.
@@ -112,4 +141,8 @@ def infer_shapes(model: ir.Model) -> None:
         for out in node.outputs:
             if not out.is_graph_output():
                 out.shape = None
+    # The signature is the user's contract: inference must not rename or fill symbolic dims.
+    signature = [(v, v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)] if keep_signature else []
     common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    for value, shape, type_ in signature:
+        value.shape, value.type = shape, type_

@@ -1,0 +1,289 @@
+"""Find the coupled channels of a normalized model.
+
+Every layer that creates channels (Conv, Gemm, MatMul with a weight, ...) opens a *space*: a fresh
+range of labels, one per output channel. The labels flow through the graph in topological order,
+each op moving or coupling them by its rule (spa.rules). Coupled labels are united; what ends in one
+set is one *class*: channels that must be removed together. Spaces that share classes form a
+*group*, the unit that the score and the plan work on.
+
+The parameters that belong to channels are recorded as *members*: an initializer and a label array
+that says which class each of its elements belongs to. Removing classes then means slicing every
+member, and rewriting the few ops whose constants spell out channel counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from spa import rules
+from spa.errors import SpaError
+from spa.labels import LabelSets, compress, varying_axes
+from spa.normalize import opset_version
+from spa.shapes import concrete_shapes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Space:
+    """The output channels of one layer."""
+
+    node: str
+    op: str
+    labels: np.ndarray  # 1-D, one label per channel
+
+
+@dataclasses.dataclass
+class Member:
+    """An initializer whose elements belong to channels: `labels` broadcasts to its shape."""
+
+    value: ir.Value
+    labels: np.ndarray
+    node: str
+
+
+@dataclasses.dataclass
+class Barrier:
+    node: str
+    op: str
+    reason: str
+    blocked: bool  # whether channels reached it (and were therefore pinned)
+
+
+@dataclasses.dataclass
+class Group:
+    """Channels coupled across one or more layers: the unit of scoring and planning."""
+
+    id: int
+    classes: np.ndarray  # root labels of the removable classes, sorted
+    pinned: int  # channels of the group's spaces that can never be removed
+    spaces: list[int]
+
+    @property
+    def width(self) -> int:
+        return len(self.classes) + self.pinned
+
+
+@dataclasses.dataclass
+class Analysis:
+    model: ir.Model
+    sets: LabelSets
+    spaces: list[Space]
+    members: list[Member]
+    activations: dict[ir.Value, np.ndarray]  # compressed label arrays of activations
+    shapes: dict[ir.Value, tuple[int, ...]]  # concrete shapes used by the analysis
+    barriers: list[Barrier]
+    segments: list[np.ndarray]  # label sets of which at least one class must stay
+    groups: list[Group] = dataclasses.field(default_factory=list)
+
+    def removed_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
+        """True where a label belongs to a removed class."""
+        return np.isin(self.sets.find(labels), removed) & (labels != 0)
+
+    def member_names(self, group: Group) -> list[str]:
+        classes = set(group.classes.tolist())
+        names = []
+        for m in self.members:
+            if classes.intersection(self.sets.find(np.unique(m.labels)).tolist()):
+                names.append(m.value.name)
+        return list(dict.fromkeys(names))
+
+
+class Propagation:
+    """The state that op rules read and write while labels flow through the graph."""
+
+    def __init__(self, model: ir.Model, shapes: dict[ir.Value, tuple[int, ...]]):
+        self.model = model
+        self.opset = opset_version(model)
+        self.shapes = shapes
+        self.sets = LabelSets()
+        self.spaces: list[Space] = []
+        self.members: list[Member] = []
+        self.activations: dict[ir.Value, np.ndarray] = {}
+        self.barriers: list[Barrier] = []
+        self.segments: list[np.ndarray] = []
+        self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
+
+    # -- reading
+    def shape(self, value: ir.Value) -> tuple[int, ...] | None:
+        return self.shapes.get(value)
+
+    def labels(self, value: ir.Value) -> np.ndarray:
+        """The compressed labels of an activation; zeros for constants and unlabelled values."""
+        if value in self.activations:
+            return self.activations[value]
+        shape = self.shapes.get(value, ())
+        return np.zeros((1,) * len(shape), dtype=np.int64)
+
+    @staticmethod
+    def is_constant(value: ir.Value | None) -> bool:
+        return value is not None and value.const_value is not None and value.is_initializer() and not value.is_graph_input()
+
+    # -- writing
+    def new_space(self, node: ir.Node, width: int) -> np.ndarray:
+        labels = self.sets.new(width)
+        self.spaces.append(Space(node.name or "", node.op_type, labels))
+        self.segments.append(labels)
+        return labels
+
+    def set(self, value: ir.Value, labels: np.ndarray) -> None:
+        """Record an activation's labels, enforcing that removals keep it a sub-grid.
+
+        Labels that vary along two or more axes (a channel axis split into groups x channels, a
+        concat along a spatial axis) could lose an arbitrary subset of elements. Keep the axis with
+        the most distinct classes and unite the labels along the others, so that every class is a
+        whole slice of that axis: channel shuffles prune the same inner channel in every group.
+        """
+        labels = compress(np.asarray(labels, dtype=np.int64))
+        axes = varying_axes(labels)
+        if len(axes) >= 2:
+            keep = max(reversed(axes), key=lambda a: self._distinct_slices(labels, a))
+            self.sets.union_along(labels, [a for a in axes if a != keep])
+        elif not axes and labels.size and labels.flat[0] != 0:
+            # One channel spread over the whole tensor: there is no axis to remove it along.
+            self.sets.pin(labels)
+            labels = np.zeros_like(labels)
+        if value.is_graph_output():
+            self.sets.pin(labels)
+        self.activations[value] = labels
+
+    def _distinct_slices(self, labels: np.ndarray, axis: int) -> int:
+        roots = self.sets.find(np.moveaxis(labels, axis, 0).reshape(labels.shape[axis], -1))
+        return len({tuple(np.unique(row)) for row in roots})
+
+    def member(self, node: ir.Node, index: int, labels: np.ndarray) -> None:
+        """Input `index` of `node` is an initializer whose elements belong to `labels`."""
+        value = node.inputs[index]
+        labels = compress(np.asarray(labels, dtype=np.int64))
+        self._param_uses.setdefault(value, set()).add((node, index))
+        if not labels.any():
+            return
+        for m in self.members:
+            if m.value is value and varying_axes(m.labels) == varying_axes(labels):
+                self.sets.union(m.labels, labels)  # a weight shared by two layers ties them
+                return
+        self.members.append(Member(value, labels, node.name or ""))
+
+    def barrier(self, node: ir.Node, reason: str) -> None:
+        """Leave the node alone: pin every channel that reaches it; its outputs carry none."""
+        touched = [self.labels(v) for v in node.inputs if v is not None]
+        blocked = any(t.any() for t in touched)
+        for t in touched:
+            self.sets.pin(t)
+        for out in node.outputs:
+            if out.name:
+                shape = self.shapes.get(out, ())
+                self.activations[out] = np.zeros((1,) * len(shape), dtype=np.int64)
+        self.barriers.append(Barrier(node.name or "", _op_name(node), reason, blocked))
+
+    # -- the walk
+    def run(self) -> None:
+        graph = self.model.graph
+        for node in graph:
+            if any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
+                self.barrier(node, "output shape unknown")
+                continue
+            inputs = [v for v in node.inputs if v is not None]
+            if not any(self.labels(v).any() for v in inputs) and not rules.creates_channels(node, self):
+                for out in node.outputs:
+                    if out.name:
+                        self.activations[out] = np.zeros((1,) * len(self.shapes.get(out, ())), dtype=np.int64)
+                if rules.rule_for(node) is None:
+                    self.barriers.append(Barrier(node.name or "", _op_name(node), "unsupported op", False))
+                continue
+            rule = rules.rule_for(node)
+            if rule is None:
+                self.barrier(node, "unsupported op")
+                continue
+            try:
+                rule(self, node)
+            except rules.NotHandled as e:
+                self.barrier(node, str(e))
+        self._pin_foreign_uses()
+        self._pin_subgraph_captures()
+
+    def _pin_foreign_uses(self) -> None:
+        # A weight used anywhere the rules did not account for (a barrier, a second role) stays whole.
+        for m in self.members:
+            uses = {(u.node, u.idx) for u in m.value.uses()}
+            if not uses <= self._param_uses.get(m.value, set()) or m.value.is_graph_output():
+                self.sets.pin(m.labels)
+
+    def _pin_subgraph_captures(self) -> None:
+        for node in self.model.graph:
+            for attr in node.attributes.values():
+                if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                    continue
+                graphs = attr.value if isinstance(attr.value, list) else [attr.value]
+                for sub in graphs:
+                    for inner in ir.traversal.RecursiveGraphIterator(sub):
+                        for v in inner.inputs:
+                            if v in self.activations:
+                                self.sets.pin(self.activations[v])
+
+
+def _op_name(node: ir.Node) -> str:
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
+    """Analyze a normalized model (see spa.normalize)."""
+    shapes = concrete_shapes(model, input_shapes or {})
+    prop = Propagation(model, shapes)
+    prop.run()
+    analysis = Analysis(
+        model=model,
+        sets=prop.sets,
+        spaces=prop.spaces,
+        members=prop.members,
+        activations=prop.activations,
+        shapes=shapes,
+        barriers=prop.barriers,
+        segments=prop.segments,
+    )
+    analysis.groups = _groups(analysis)
+    return analysis
+
+
+def _groups(analysis: Analysis) -> list[Group]:
+    """Spaces that share a class form one group."""
+    sets = analysis.sets
+    owner = np.arange(len(analysis.spaces))
+
+    def top(i: int) -> int:
+        while owner[i] != i:
+            owner[i] = owner[owner[i]]
+            i = owner[i]
+        return i
+
+    first_space: dict[int, int] = {}
+    for s, space in enumerate(analysis.spaces):
+        for root in np.unique(sets.find(space.labels)).tolist():
+            if root == 0:
+                continue
+            if root in first_space:
+                a, b = top(first_space[root]), top(s)
+                owner[max(a, b)] = min(a, b)
+            else:
+                first_space[root] = s
+    by_top: dict[int, list[int]] = {}
+    for s in range(len(analysis.spaces)):
+        by_top.setdefault(top(s), []).append(s)
+    groups = []
+    for members in by_top.values():
+        roots = np.concatenate([sets.find(analysis.spaces[s].labels) for s in members])
+        classes = np.unique(roots[roots != 0])
+        pinned = max(int((sets.find(analysis.spaces[s].labels) == 0).sum()) for s in members)
+        if len(classes) == 0:
+            continue
+        groups.append(Group(len(groups), classes, pinned, members))
+    return groups
+
+
+def require_prunable(analysis: Analysis) -> None:
+    if not analysis.groups:
+        raise SpaError("no prunable channels found: every channel reaches an output, an input or a barrier")

@@ -1,0 +1,224 @@
+"""The surgery: remove the planned classes from every member and rewrite channel-count constants.
+
+Weights are sliced in place, never wrapped in Gather/Slice nodes on activations, so onnxruntime's
+fusions (Conv+BN, Conv+activation, Gemm+bias) still apply to the smaller model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from spa.analysis import Analysis
+from spa.labels import axis_keeps, varying_axes
+from spa.normalize import infer_shapes
+from spa.rules import shape_pieces
+
+
+class SurgeryError(RuntimeError):
+    """The plan cannot be carried out exactly. Always a bug in a rule: never written out."""
+
+
+def apply(analysis: Analysis, removed: np.ndarray) -> None:
+    """Remove the classes `removed` (root labels) from `analysis.model`, in place."""
+    if len(removed) == 0:
+        return
+    surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
+    surgery.slice_members()
+    for node in list(analysis.model.graph):
+        rewrite = _REWRITES.get(node.op_type)
+        if rewrite is not None and node.domain in ("", "ai.onnx"):
+            rewrite(surgery, node)
+    common_passes.RemoveUnusedNodesPass()(analysis.model)
+    infer_shapes(analysis.model)
+
+
+class _Surgery:
+    def __init__(self, analysis: Analysis, removed: np.ndarray):
+        self.analysis = analysis
+        self.removed = removed
+        self._names = {v.name for v in analysis.model.graph.initializers.values()}
+
+    def keeps(self, labels: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Per-axis keep vectors of a tensor whose elements carry `labels`."""
+        mask = ~self.analysis.removed_mask(labels, self.removed)
+        keeps = axis_keeps(mask)
+        if keeps is None:
+            raise SurgeryError("removal would not leave a sub-grid of a tensor")
+        return [k if len(k) == size else np.full(size, bool(k.all())) for k, size in zip(keeps, shape)]
+
+    def activation_keeps(self, value: ir.Value) -> list[np.ndarray]:
+        return self.keeps(self.analysis.activations[value], self.analysis.shapes[value])
+
+    def dims(self, value: ir.Value) -> list[int]:
+        return [int(k.sum()) for k in self.activation_keeps(value)]
+
+    def slice_members(self) -> None:
+        by_value: dict[ir.Value, list[np.ndarray]] = {}
+        for member in self.analysis.members:
+            by_value.setdefault(member.value, []).append(member.labels)
+        for value, label_arrays in by_value.items():
+            array = value.const_value.numpy()
+            keep = [np.ones(d, dtype=bool) for d in array.shape]
+            for labels in label_arrays:
+                if not varying_axes(labels):
+                    continue
+                for axis, k in enumerate(self.keeps(labels, array.shape)):
+                    keep[axis] &= k
+            for axis, k in enumerate(keep):
+                if not k.all():
+                    array = np.compress(k, array, axis=axis)
+            if array.shape != tuple(value.const_value.shape):
+                value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+                value.shape = ir.Shape(array.shape)
+
+    def set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        """Give `node` a new constant input: the old one may be shared with other nodes."""
+        old = node.inputs[index] if index < len(node.inputs) else None
+        if old is not None and np.array_equal(old.const_value.numpy(), array):
+            return
+        base = (old.name if old is not None else None) or f"{node.name}_input{index}"
+        name, n = base, 0
+        while name in self._names:
+            n += 1
+            name = f"{base}_pruned{n}"
+        self._names.add(name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+        self.analysis.model.graph.register_initializer(value)
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, value)
+
+    def changed(self, value: ir.Value) -> bool:
+        return value in self.analysis.activations and self.analysis.activations[value].any() and self.dims(value) != list(self.analysis.shapes[value])
+
+
+def _conv(s: _Surgery, node: ir.Node) -> None:
+    groups = node.attributes.get_int("group", 1)
+    if groups == 1:
+        return
+    weight = node.inputs[1].const_value
+    if node.op_type == "Conv":
+        new_groups = s.dims(node.inputs[0])[1] // weight.shape[1]
+    else:
+        new_groups = s.dims(node.outputs[0])[1] // weight.shape[1]
+    if new_groups != groups:
+        node.attributes["group"] = ir.AttrInt64("group", new_groups)
+
+
+def _reshape(s: _Surgery, node: ir.Node) -> None:
+    out = node.outputs[0]
+    if not s.changed(out):
+        return
+    old_out, new_out = s.analysis.shapes[out], s.dims(out)
+    new_in = s.dims(node.inputs[0])
+    allowzero = node.attributes.get_int("allowzero", 0)
+
+    def entry(axis: int, old: int) -> int:
+        if new_out[axis] == old_out[axis] or old == -1:
+            return old
+        if old == 0 and not allowzero and axis < len(new_in) and new_in[axis] == new_out[axis]:
+            return old
+        return new_out[axis]
+
+    _rewrite_shape_vector(s, node, 1, entry, len(old_out))
+
+
+def _expand(s: _Surgery, node: ir.Node) -> None:
+    out = node.outputs[0]
+    if not s.changed(out):
+        return
+    old_out, new_out = s.analysis.shapes[out], s.dims(out)
+    _rewrite_shape_vector(s, node, 1, lambda axis, old: old if old == 1 or new_out[axis] == old_out[axis] else new_out[axis], len(old_out))
+
+
+def _rewrite_shape_vector(s: _Surgery, node: ir.Node, index: int, entry, rank: int) -> None:
+    """Rewrite a shape input entry by entry: a constant, or the constant pieces of a Concat.
+
+    Entries align right with the output's axes (Reshape's shape has the output's rank anyway)."""
+    value = node.inputs[index]
+    if value.const_value is not None and value.is_initializer():
+        pieces = [(0, value)]
+        length = value.const_value.shape[0]
+    else:
+        pieces = shape_pieces(value)
+        length = sum(p.shape[0] for _, p in pieces)
+    for offset, piece in pieces:
+        if piece.const_value is None:
+            continue
+        old = piece.const_value.numpy()
+        new = np.array([entry(rank - length + offset + i, int(v)) for i, v in enumerate(old.reshape(-1))], dtype=old.dtype).reshape(old.shape)
+        if np.array_equal(new, old):
+            continue
+        target = value.producer() if piece is not value else node
+        slot = list(target.inputs).index(piece) if piece is not value else index
+        s.set_constant(target, slot, new)
+
+
+def _split(s: _Surgery, node: ir.Node) -> None:
+    x = node.inputs[0]
+    if not s.changed(x):
+        return
+    rank = len(s.analysis.shapes[x])
+    axis = node.attributes.get_int("axis", 0) % rank
+    sizes = np.array([s.dims(o)[axis] for o in node.outputs], dtype=np.int64)
+    if s.analysis.model.opset_imports.get("", 1) >= 13:
+        node.attributes.pop("num_outputs", None)
+        s.set_constant(node, 1, sizes)
+    else:
+        node.attributes["split"] = ir.AttrInt64s("split", sizes.tolist())
+
+
+def _slice(s: _Surgery, node: ir.Node) -> None:
+    x = node.inputs[0]
+    if not s.changed(x):
+        return
+    keeps = s.activation_keeps(x)
+    rank = len(keeps)
+    starts = node.inputs[1].const_value.numpy().copy()
+    ends = node.inputs[2].const_value.numpy().copy()
+    axes = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(len(starts))
+    for i, axis in enumerate(axes.reshape(-1)):
+        keep = keeps[int(axis) % rank]
+        if keep.all():
+            continue
+        size = len(keep)
+        start, end = (int(v) + size if v < 0 else int(v) for v in (starts[i], ends[i]))
+        start, end = min(max(start, 0), size), min(max(end, 0), size)
+        starts[i] = keep[:start].sum()
+        ends[i] = starts[i] + keep[start:end].sum()
+    s.set_constant(node, 1, starts)
+    s.set_constant(node, 2, ends)
+
+
+def _gather(s: _Surgery, node: ir.Node) -> None:
+    x = node.inputs[0]
+    if not s.changed(x):
+        return
+    keep = s.activation_keeps(x)[node.attributes.get_int("axis", 0) % len(s.analysis.shapes[x])]
+    if keep.all():
+        return
+    indices = node.inputs[1].const_value.numpy()
+    positions = np.where(indices < 0, indices + len(keep), indices)
+    new_position = np.cumsum(keep) - 1
+    kept = positions[keep[positions]] if positions.ndim else positions
+    s.set_constant(node, 1, new_position[kept].astype(indices.dtype))
+
+
+def _resize(s: _Surgery, node: ir.Node) -> None:
+    out = node.outputs[0]
+    if len(node.inputs) > 3 and node.inputs[3] is not None and s.changed(out):
+        s.set_constant(node, 3, np.array(s.dims(out), dtype=np.int64))
+
+
+_REWRITES = {
+    "Conv": _conv,
+    "ConvTranspose": _conv,
+    "Reshape": _reshape,
+    "Expand": _expand,
+    "Split": _split,
+    "Slice": _slice,
+    "Gather": _gather,
+    "Resize": _resize,
+}

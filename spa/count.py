@@ -1,0 +1,70 @@
+"""Model size figures: parameters, MACs, FLOPs, file size, op counts.
+
+MACs count Conv, ConvTranspose, Gemm and MatMul (attention matmuls too), bias excluded;
+FLOPs = 2 x MACs. Parameters are the elements of floating-point initializers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import onnx_ir as ir
+
+from spa.shapes import concrete_shapes
+
+_FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+@dataclasses.dataclass
+class Counts:
+    params: int
+    macs: int
+    ops: dict[str, int]
+    file_bytes: int | None = None
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+def count(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, shapes=None) -> Counts:
+    shapes = shapes if shapes is not None else concrete_shapes(model, input_shapes or {})
+    params = sum(
+        math.prod(v.const_value.shape)
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.dtype in _FLOAT
+    )
+    macs = sum(node_macs(node, shapes) for node in model.graph)
+    ops = collections.Counter(node.op_type for node in model.graph)
+    return Counts(params=params, macs=macs, ops=dict(sorted(ops.items())))
+
+
+def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of one node, 0 for ops that do not multiply matrices."""
+    if node.domain not in ("", "ai.onnx"):
+        return 0
+    op = node.op_type
+    out = shapes.get(node.outputs[0]) if node.outputs else None
+    if op in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.inputs[1])
+        x = shapes.get(node.inputs[0])
+        if w is None or out is None or x is None:
+            return 0
+        kernel = math.prod(w[2:])
+        if op == "Conv":  # each output element reads in/groups channels x kernel
+            return math.prod(out) * w[1] * kernel
+        return math.prod(x) * w[1] * kernel  # each input element writes out/groups channels x kernel
+    if op == "Gemm":
+        a = shapes.get(node.inputs[0])
+        if a is None or out is None:
+            return 0
+        k = a[0] if node.attributes.get_int("transA", 0) else a[1]
+        return math.prod(out) * k
+    if op == "MatMul":
+        a = shapes.get(node.inputs[0])
+        if a is None or out is None:
+            return 0
+        return math.prod(out) * a[-1]
+    return 0

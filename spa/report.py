@@ -1,0 +1,97 @@
+"""What a user reads: the before/after table, the JSON report, the analysis listing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spa.analysis import Analysis
+from spa.count import Counts
+
+
+def human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def counts_dict(c: Counts) -> dict:
+    return {"params": c.params, "macs": c.macs, "flops": c.flops, "file_bytes": c.file_bytes, "ops": c.ops}
+
+
+def table(before: Counts, after: Counts, latency: tuple[float, float] | None = None) -> str:
+    rows = [
+        ("params", human(before.params), human(after.params), _ratio(after.params, before.params)),
+        ("MACs", human(before.macs), human(after.macs), _ratio(after.macs, before.macs)),
+        ("FLOPs", human(before.flops), human(after.flops), _ratio(after.flops, before.flops)),
+        ("file size", human(before.file_bytes, "B"), human(after.file_bytes, "B"), _ratio(after.file_bytes, before.file_bytes)),
+    ]
+    if latency is not None:
+        rows.append(("latency", f"{latency[0]:.3f} ms", f"{latency[1]:.3f} ms", _ratio(latency[1], latency[0])))
+    for op in sorted(set(before.ops) | set(after.ops)):
+        rows.append((f"  {op}", str(before.ops.get(op, 0)), str(after.ops.get(op, 0)), ""))
+    header = ("", "before", "after", "after/before")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(6 + (latency is not None), "ops")
+    return "\n".join(lines)
+
+
+def _ratio(new: float | None, old: float | None) -> str:
+    return f"{new / old:.3f}" if new is not None and old else "-"
+
+
+def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
+    """Per group: its layers and which of their output channels stay."""
+    groups = []
+    for group in analysis.groups:
+        spaces = []
+        for s in group.spaces:
+            space = analysis.spaces[s]
+            keep = ~analysis.removed_mask(space.labels, removed)
+            spaces.append({"node": space.node, "op": space.op, "width": len(space.labels), "kept": np.flatnonzero(keep).tolist()})
+        lost = int(np.isin(group.classes, removed).sum())
+        groups.append({"id": group.id, "width": group.width, "pinned": group.pinned, "removed": lost, "layers": spaces})
+    return groups
+
+
+def barriers(analysis: Analysis) -> list[dict]:
+    return [{"node": b.node, "op": b.op, "reason": b.reason, "blocked_channels": b.blocked} for b in analysis.barriers]
+
+
+def prune_report(result) -> dict:
+    return {
+        "before": counts_dict(result.before),
+        "after": counts_dict(result.after),
+        "ratios": {
+            "params": result.after.params / result.before.params if result.before.params else None,
+            "macs": result.after.macs / result.before.macs if result.before.macs else None,
+        },
+        "seconds": round(result.seconds, 3),
+        "verify": None if result.verdict is None else {"max_abs_diff": result.verdict.max_abs_diff},
+        "groups": kept_channels(result.analysis, result.plan.removed),
+        "barriers": barriers(result.analysis),
+    }
+
+
+def analysis_listing(analysis: Analysis, name: str) -> str:
+    groups = analysis.groups
+    prunable = sum(len(g.classes) for g in groups)
+    lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable channels, {len(analysis.barriers)} barriers", ""]
+    lines.append(f"{'group':>5}  {'width':>5}  {'pinned':>6}  layers")
+    for g in groups:
+        layers = ", ".join(f"{analysis.spaces[s].node} ({analysis.spaces[s].op})" for s in g.spaces)
+        lines.append(f"{g.id:>5}  {g.width:>5}  {g.pinned:>6}  {layers}")
+    if analysis.barriers:
+        lines += ["", "barriers (left alone):"]
+        for b in analysis.barriers:
+            blocked = "channels pinned" if b.blocked else "no channels reach it"
+            lines.append(f"  {b.node or '(unnamed)'} [{b.op}]: {b.reason}; {blocked}")
+    return "\n".join(lines)
+
+
+def analysis_report(analysis: Analysis) -> dict:
+    return {"groups": kept_channels(analysis, np.zeros(0, np.int64)), "barriers": barriers(analysis)}

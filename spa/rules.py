@@ -1,0 +1,463 @@
+"""One rule per ONNX op: how channel labels pass through it and which parameters belong to them.
+
+Four kinds of rule cover the supported ops:
+
+- mixing (Conv, ConvTranspose, Gemm, MatMul with a weight): the input channels are consumed, the
+  weight's input axis becomes a member, and a new space of output channels is opened. Grouped and
+  depthwise convolutions couple input and output channels.
+- elementwise (activations, arithmetic, BatchNormalization, ...): operands that span a channel axis
+  carry the same channel there, so their labels are united; constant operands that span it are
+  parameters and become members.
+- axis-local (pooling, reductions, softmax, padding, resize): the op works along some axes; labels
+  that vary along those axes are pinned, the others pass.
+- data movement (Reshape, Transpose, Concat, Split, Slice, Gather, ...): the op itself is run on the
+  tensor of labels, so concat offsets, flatten blocks and channel shuffles come out of the op's
+  own semantics.
+
+Ops without a rule are barriers (spa.analysis).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.evaluate import run_node
+from spa.labels import along, varying_axes
+from spa.labels import compress as compress_labels
+
+if TYPE_CHECKING:
+    from spa.analysis import Propagation
+
+
+class NotHandled(Exception):
+    """The rule does not cover this use of the op; the node becomes a barrier."""
+
+
+Rule = Callable[["Propagation", ir.Node], None]
+_RULES: dict[str, Rule] = {}
+
+
+def rule(*ops: str):
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            _RULES[op] = fn
+        return fn
+
+    return register
+
+
+def rule_for(node: ir.Node) -> Rule | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        return None
+    return _RULES.get(node.op_type)
+
+
+def creates_channels(node: ir.Node, prop: Propagation) -> bool:
+    return rule_for(node) in (conv, gemm, matmul) and prop.is_constant(node.inputs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# mixing ops
+
+
+def _channel_vector(prop: Propagation, value: ir.Value, axis: int) -> np.ndarray:
+    """Labels of the channels along `axis`, one per position. Labels that also vary along other
+    axes cannot be removed along `axis` alone: they are pinned."""
+    labels = prop.labels(value)
+    size = prop.shape(value)[axis]
+    vector = along(labels, axis)
+    if vector is None:
+        prop.sets.pin(labels)
+        return np.zeros(size, dtype=np.int64)
+    return np.broadcast_to(vector, (size,)).copy()
+
+
+def _at_axis(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    shape = [1] * rank
+    shape[axis] = len(vector)
+    return vector.reshape(shape)
+
+
+@rule("Conv", "ConvTranspose")
+def conv(prop: Propagation, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    if not prop.is_constant(w):
+        raise NotHandled("weight is not a constant")
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    groups = node.attributes.get_int("group", 1)
+    transposed = node.op_type == "ConvTranspose"
+    wshape = w.const_value.shape
+    rank = len(wshape)
+    inputs = _channel_vector(prop, x, 1)
+    # Weight layout: Conv (out, in/groups, k...), ConvTranspose (in, out/groups, k...).
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    out_channels = wshape[1] * groups if transposed else wshape[0]
+    outputs = prop.new_space(node, out_channels)
+    in_per_group, out_per_group = len(inputs) // groups, out_channels // groups
+    in_member, out_member = inputs, outputs
+    if groups > 1:
+        g_in, g_out = inputs.reshape(groups, in_per_group), outputs.reshape(groups, out_per_group)
+        if min(in_per_group, out_per_group) == 1:
+            # Depthwise-like: a group's inputs and outputs go together; whole groups are removed.
+            prop.sets.union(g_in[:, :1], g_out)
+            prop.sets.union(g_in, g_in[:, :1])
+        else:
+            # Every group must keep the same number of channels: remove the same positions in each.
+            prop.sets.union(g_in, g_in[:1])
+            prop.sets.union(g_out, g_out[:1])
+        # The weight's per-group axis holds one group's positions; the full axis holds all of them.
+        if transposed:
+            out_member = g_out[0] if out_per_group > 1 and in_per_group > 1 else np.zeros(out_per_group, np.int64)
+        else:
+            in_member = g_in[0] if out_per_group > 1 and in_per_group > 1 else np.zeros(in_per_group, np.int64)
+    prop.member(node, 1, _at_axis(in_member, in_axis, rank))
+    prop.member(node, 1, _at_axis(out_member, out_axis, rank))
+    if bias is not None:
+        if not prop.is_constant(bias):
+            raise NotHandled("bias is not a constant")
+        prop.member(node, 2, outputs)
+    out_rank = len(prop.shape(node.outputs[0]))
+    prop.set(node.outputs[0], _at_axis(outputs, 1, out_rank))
+
+
+@rule("Gemm")
+def gemm(prop: Propagation, node: ir.Node) -> None:
+    a, b = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if not prop.is_constant(b) or prop.is_constant(a):
+        raise NotHandled("only activation x constant weight is supported")
+    trans_a = node.attributes.get_int("transA", 0)
+    trans_b = node.attributes.get_int("transB", 0)
+    inputs = _channel_vector(prop, a, 0 if trans_a else 1)
+    n = b.const_value.shape[0 if trans_b else 1]
+    outputs = prop.new_space(node, n)
+    k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+    prop.member(node, 1, _at_axis(inputs, k_axis, 2))
+    prop.member(node, 1, _at_axis(outputs, n_axis, 2))
+    if c is not None:
+        if not prop.is_constant(c):
+            raise NotHandled("bias is not a constant")
+        cshape = c.const_value.shape
+        if len(cshape) >= 1 and cshape[-1] == n and n > 1:
+            prop.member(node, 2, _at_axis(outputs, len(cshape) - 1, len(cshape)))
+    prop.set(node.outputs[0], _at_axis(outputs, 1, 2))
+
+
+@rule("MatMul")
+def matmul(prop: Propagation, node: ir.Node) -> None:
+    a, b = node.inputs
+    if prop.is_constant(b) and not prop.is_constant(a) and len(b.const_value.shape) == 2:
+        rank = len(prop.shape(a))
+        inputs = _channel_vector(prop, a, rank - 1)
+        outputs = prop.new_space(node, b.const_value.shape[1])
+        prop.member(node, 1, inputs.reshape(-1, 1))
+        prop.member(node, 1, outputs.reshape(1, -1))
+        prop.set(node.outputs[0], _at_axis(outputs, len(prop.shape(node.outputs[0])) - 1, len(prop.shape(node.outputs[0]))))
+        return
+    raise NotHandled("MatMul of two activations")
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise ops
+
+
+def elementwise(prop: Propagation, node: ir.Node, operands: list[tuple[int, list[int] | None]]) -> None:
+    """Operands meet elementwise. Each is (input index, the output axes its own axes sit at), None
+    meaning numpy broadcasting. Where an operand spans an axis along which channels vary, it
+    carries the same channel as the output there."""
+    out_shape = prop.shape(node.outputs[0])
+    rank = len(out_shape)
+    shapes, labels, positions = [], [], []
+    for index, axes in operands:
+        value = node.inputs[index]
+        own = prop.shape(value)
+        axes = list(range(rank - len(own), rank)) if axes is None else axes
+        positions.append(axes)
+        shapes.append(_place(own, axes, rank))
+        labels.append(None if prop.is_constant(value) else prop.labels(value).reshape(_place(prop.labels(value).shape, axes, rank)))
+    channel_axes = {a for lab in labels if lab is not None for a in varying_axes(lab) if out_shape[a] > 1}
+    compressed = tuple(out_shape[a] if a in channel_axes else 1 for a in range(rank))
+    spans = [{a for a in channel_axes if shape[a] == out_shape[a]} for shape in shapes]
+    result = np.zeros(compressed, dtype=np.int64)
+    for lab, span in zip(labels, spans):
+        if lab is not None and span == channel_axes:
+            result = np.where(result == 0, np.broadcast_to(lab, compressed), result)
+    for (index, _), lab, span, axes in zip(operands, labels, spans, positions):
+        if not span:
+            continue  # broadcast over every channel axis: untouched by removals
+        shared = sorted(channel_axes - span)
+        prop.sets.union_along(result, shared)  # one of its elements serves several channels
+        if lab is not None:
+            prop.sets.union(np.broadcast_to(lab, compressed), result)
+            continue
+        param = result
+        for a in shared:
+            param = param.take([0], axis=a)
+        prop.member(node, index, param.reshape([param.shape[a] for a in axes]))
+    for out in node.outputs:
+        if out.name:
+            prop.set(out, result)
+
+
+def _place(own: tuple[int, ...], axes: list[int], rank: int) -> tuple[int, ...]:
+    placed = [1] * rank
+    for a, d in zip(axes, own):
+        placed[a] = d
+    return tuple(placed)
+
+
+_UNARY = """Abs Acos Acosh Asin Asinh Atan Atanh Cast Ceil Celu Cos Cosh Dropout Elu Erf Exp Floor Gelu
+HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal Relu Round Selu
+Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Swish Tan Tanh ThresholdedRelu""".split()
+_NARY = """Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max
+Mean Min Mod Mul Or Pow PRelu Sub Sum Where Xor Clip CastLike""".split()
+
+
+@rule(*_UNARY, *_NARY)
+def pointwise(prop: Propagation, node: ir.Node) -> None:
+    operands = [(i, None) for i, v in enumerate(node.inputs) if v is not None]
+    if node.op_type in ("Dropout", "CastLike"):
+        operands = operands[:1]  # ratio / training_mode, target type: not data
+    elementwise(prop, node, operands)
+
+
+@rule("BatchNormalization", "InstanceNormalization")
+def per_channel(prop: Propagation, node: ir.Node) -> None:
+    if len([o for o in node.outputs if o.name and o.uses()]) > 1:
+        raise NotHandled("training-mode outputs")
+    rank = len(prop.shape(node.inputs[0]))
+    if node.op_type == "InstanceNormalization":
+        _pin_along(prop, node.inputs[0], range(2, rank))
+    elementwise(prop, node, [(0, None)] + [(i, [1]) for i in range(1, len(node.inputs)) if node.inputs[i] is not None])
+
+
+@rule("LayerNormalization")
+def layer_norm(prop: Propagation, node: ir.Node) -> None:
+    rank = len(prop.shape(node.inputs[0]))
+    axis = node.attributes.get_int("axis", -1) % rank
+    _pin_along(prop, node.inputs[0], range(axis, rank))
+    elementwise(prop, node, [(i, None) for i, v in enumerate(node.inputs) if v is not None])
+
+
+# ---------------------------------------------------------------------------------------------
+# axis-local ops
+
+
+def _pin_along(prop: Propagation, value: ir.Value, axes) -> bool:
+    """Pin the labels of `value` if they vary along any of `axes`; return whether they did."""
+    labels = prop.labels(value)
+    if any(labels.shape[a] > 1 for a in axes):
+        prop.sets.pin(labels)
+        return True
+    return False
+
+
+def axis_local(prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] = ()) -> None:
+    """The op works along `axes` of input 0 (pool, reduce, normalize over them); `dropped` axes
+    disappear from the output. Channels along other axes pass through unchanged."""
+    x = node.inputs[0]
+    labels = prop.labels(x)
+    rank = labels.ndim
+    axes = {a % rank for a in axes}
+    if _pin_along(prop, x, axes):
+        labels = np.zeros_like(labels)
+    if dropped:
+        labels = labels.reshape([d for a, d in enumerate(labels.shape) if a not in {a % rank for a in dropped}])
+    for out in node.outputs:
+        if out.name:
+            out_rank = len(prop.shape(out))
+            prop.set(out, labels.reshape(labels.shape[:out_rank]) if labels.ndim == out_rank else np.zeros((1,) * out_rank, np.int64))
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
+def pool(prop: Propagation, node: ir.Node) -> None:
+    if len([o for o in node.outputs if o.name and o.uses()]) > 1:
+        raise NotHandled("MaxPool indices encode the channel count")
+    axis_local(prop, node, range(2, len(prop.shape(node.inputs[0]))))
+
+
+@rule("LRN", "GroupNormalization", "MeanVarianceNormalization")
+def across_channels(prop: Propagation, node: ir.Node) -> None:
+    rank = len(prop.shape(node.inputs[0]))
+    if node.op_type == "MeanVarianceNormalization":
+        axes = node.attributes.get_ints("axes", [0, 2, 3])
+    else:
+        axes = range(1, rank) if node.op_type == "GroupNormalization" else [1]
+    if node.op_type == "GroupNormalization":
+        raise NotHandled("GroupNormalization normalizes across channels")
+    axis_local(prop, node, axes)
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum")
+def along_axis(prop: Propagation, node: ir.Node) -> None:
+    rank = len(prop.shape(node.inputs[0]))
+    if node.op_type == "CumSum":
+        axis = int(_const(prop, node, 1).reshape(-1)[0])
+        axes = [axis]
+    else:
+        axis = node.attributes.get_int("axis", -1 if prop.opset >= 13 or node.op_type == "LpNormalization" else 1) % rank
+        # Before opset 13, softmax works on the input flattened from `axis` on.
+        axes = [axis] if prop.opset >= 13 or node.op_type == "LpNormalization" else list(range(axis, rank))
+    axis_local(prop, node, axes)
+
+
+_REDUCE = """ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
+ReduceLogSumExp ReduceSumSquare""".split()
+
+
+@rule(*_REDUCE, "ArgMax", "ArgMin")
+def reduce(prop: Propagation, node: ir.Node) -> None:
+    rank = len(prop.shape(node.inputs[0]))
+    keepdims = node.attributes.get_int("keepdims", 1)
+    if node.op_type in ("ArgMax", "ArgMin"):
+        axes = [node.attributes.get_int("axis", 0)]
+    elif "axes" in node.attributes:
+        axes = list(node.attributes.get_ints("axes"))
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = _const(prop, node, 1).reshape(-1).tolist()
+    else:
+        axes = [] if node.attributes.get_int("noop_with_empty_axes", 0) else list(range(rank))
+    axis_local(prop, node, axes, dropped=() if keepdims else tuple(axes))
+
+
+@rule("Pad")
+def pad(prop: Propagation, node: ir.Node) -> None:
+    rank = len(prop.shape(node.inputs[0]))
+    if "pads" in node.attributes:
+        pads = list(node.attributes.get_ints("pads"))
+    else:
+        pads = _const(prop, node, 1).reshape(-1).tolist()
+    axes = list(range(rank))
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        axes = [a % rank for a in _const(prop, node, 3).reshape(-1).tolist()]
+    n = len(axes)
+    touched = [axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0]
+    axis_local(prop, node, touched)
+
+
+@rule("Resize", "Upsample")
+def resize(prop: Propagation, node: ir.Node) -> None:
+    in_shape, out_shape = prop.shape(node.inputs[0]), prop.shape(node.outputs[0])
+    axis_local(prop, node, [a for a in range(len(in_shape)) if in_shape[a] != out_shape[a]])
+
+
+@rule("Shape", "Size")
+def shape_of(prop: Propagation, node: ir.Node) -> None:
+    """A shape carries no channels; computed at run time, it follows the pruned tensor."""
+    prop.set(node.outputs[0], np.zeros((1,) * len(prop.shape(node.outputs[0])), dtype=np.int64))
+
+
+def _const(prop: Propagation, node: ir.Node, index: int) -> np.ndarray:
+    value = node.inputs[index]
+    if not prop.is_constant(value):
+        raise NotHandled(f"input {index} is not a constant")
+    return value.const_value.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# data movement: run the op on the labels
+
+# For each op, the inputs that carry data (labels); every other input must be a constant.
+_MOVES = {
+    "Reshape": [0],
+    "Flatten": [0],
+    "Transpose": [0],
+    "Squeeze": [0],
+    "Unsqueeze": [0],
+    "Concat": None,  # all inputs
+    "Split": [0],
+    "Slice": [0],
+    "Gather": [0],
+    "Expand": [0],
+    "Tile": [0],
+    "DepthToSpace": [0],
+    "SpaceToDepth": [0],
+}
+
+
+@rule(*_MOVES)
+def move(prop: Propagation, node: ir.Node) -> None:
+    data = _MOVES[node.op_type] or list(range(len(node.inputs)))
+    arrays: list[np.ndarray | None] = []
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            arrays.append(None)
+        elif i in data:
+            arrays.append(np.ascontiguousarray(np.broadcast_to(prop.labels(value), prop.shape(value))))
+        else:
+            arrays.append(_shape_input(prop, node, i))
+    if node.op_type == "Gather" and arrays[1].ndim > 1:
+        raise NotHandled("Gather with multi-dimensional indices")
+    if node.op_type == "Slice":
+        _check_slice_steps(prop, node)
+    results = run_node(node, arrays, prop.opset)
+    if not _runtime_shape_follows(prop, node, results[0]):
+        raise NotHandled("the run-time shape spells out a channel count")
+    for out, labels in zip(node.outputs, results):
+        if out.name:
+            prop.set(out, labels)
+            if node.op_type in ("Slice", "Split", "Gather") and labels.any():
+                prop.segments.append(np.unique(labels[labels != 0]))
+
+
+def _shape_input(prop: Propagation, node: ir.Node, index: int) -> np.ndarray:
+    """A non-data input: a constant, or a shape vector whose value is known for the analysis."""
+    value = node.inputs[index]
+    if prop.is_constant(value):
+        return value.const_value.numpy()
+    if node.op_type in ("Reshape", "Expand") and index == 1:
+        pieces = shape_pieces(value)
+        # The runtime shape can only follow a removal where a constant piece spells the dim.
+        if pieces is not None:
+            return _runtime_shape(prop, node)
+    raise NotHandled(f"input {index} is computed at run time")
+
+
+def _runtime_shape(prop: Propagation, node: ir.Node) -> np.ndarray:
+    return np.array(prop.shape(node.outputs[0]), dtype=np.int64)
+
+
+def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray) -> bool:
+    """A shape computed at run time can follow a removal only where a constant piece spells the dim."""
+    if node.op_type not in ("Reshape", "Expand") or prop.is_constant(node.inputs[1]):
+        return True
+    pieces = shape_pieces(node.inputs[1])
+    rank = labels.ndim
+    for axis in varying_axes(compress_labels(labels)):
+        axis = axis - rank + sum(p.shape[0] for _, p in pieces)  # Expand aligns shapes right
+        covering = [p for offset, p in pieces if offset <= axis < offset + p.shape[0]]
+        if not covering or not prop.is_constant(covering[0]):
+            return False
+    return True
+
+
+def shape_pieces(value: ir.Value) -> list[tuple[int, ir.Value]] | None:
+    """A shape vector built by Concat: (offset, piece) for each of its inputs, if every piece has a
+    known length. Constant pieces can be rewritten after pruning; the others follow the run time."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Concat" or value.shape is None:
+        return None
+    pieces, offset = [], 0
+    for piece in producer.inputs:
+        if piece is None or piece.shape is None or len(piece.shape) != 1 or not isinstance(piece.shape[0], int):
+            return None
+        pieces.append((offset, piece))
+        offset += piece.shape[0]
+    return pieces
+
+
+def _check_slice_steps(prop: Propagation, node: ir.Node) -> None:
+    if len(node.inputs) < 5 or node.inputs[4] is None:
+        return
+    labels = prop.labels(node.inputs[0])
+    rank = labels.ndim
+    axes = _const(prop, node, 3).reshape(-1) if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(rank)
+    steps = _const(prop, node, 4).reshape(-1)
+    for axis, step in zip(axes, steps):
+        if step != 1 and labels.shape[axis % rank] > 1:
+            raise NotHandled("strided slice across channels")

@@ -1,0 +1,70 @@
+"""Concrete shapes of every tensor, for the analysis and the counter.
+
+Symbolic dims (batch, sequence) are fixed for the moment of inference: from `input_shapes` where
+given, else 1. The model's own input shapes are restored afterwards, symbolic dims and all.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from spa.errors import SpaError
+from spa.normalize import infer_shapes
+
+
+def parse_input_shapes(text: str) -> dict[str, list[int]]:
+    """`x:1,3,224,224 mask:1,128` -> {"x": [1, 3, 224, 224], "mask": [1, 128]}."""
+    shapes = {}
+    for item in text.replace(";", " ").split():
+        name, sep, dims = item.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise SpaError(f"--input-shapes: expected NAME:D1,D2,... but got '{item}'") from None
+    return shapes
+
+
+def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[ir.Value, tuple[int, ...]]:
+    graph = model.graph
+    names = {v.name for v in graph.inputs}
+    unknown = set(input_shapes) - names
+    if unknown:
+        raise SpaError(f"--input-shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+    original = {v: v.shape for v in (*graph.inputs, *graph.outputs)}
+    try:
+        for v in graph.inputs:
+            v.shape = ir.Shape(_fixed_dims(v, input_shapes.get(v.name)))
+        infer_shapes(model, keep_signature=False)
+        shapes = {}
+        for v in _all_values(graph):
+            if v.shape is not None and all(isinstance(d, int) for d in v.shape):
+                shapes[v] = tuple(v.shape)
+        return shapes
+    finally:
+        for v, shape in original.items():
+            v.shape = shape
+        infer_shapes(model)
+
+
+def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:
+    if value.shape is None:
+        if given is None:
+            raise SpaError(f"input '{value.name}' has no shape: give one with --input-shapes {value.name}:D1,D2,...")
+        return given
+    if given is not None:
+        if len(given) != len(value.shape):
+            raise SpaError(f"--input-shapes {value.name}: {len(given)} dims given, the input has {len(value.shape)}")
+        for have, want in zip(value.shape, given):
+            if isinstance(have, int) and have != want:
+                raise SpaError(f"--input-shapes {value.name}: dim {want} contradicts the model's fixed dim {have}")
+        return given
+    return [d if isinstance(d, int) else 1 for d in value.shape]
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from (o for o in node.outputs if o.name)
