@@ -184,25 +184,25 @@ class Propagation:
     def run(self) -> None:
         graph = self.model.graph
         for node in graph:
-            if any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
-                self.barrier(node, "output shape unknown")
-                continue
+            rule = rules.rule_for(node)
             inputs = [v for v in node.inputs if v is not None]
             if not any(self.labels(v).any() for v in inputs) and not rules.creates_channels(node, self):
+                # No channels reach it: nothing to couple, whatever the op.
                 for out in node.outputs:
                     if out.name:
                         self.activations[out] = np.zeros((1,) * len(self.shapes.get(out, ())), dtype=np.int64)
-                if rules.rule_for(node) is None:
+                if rule is None:
                     self.barriers.append(Barrier(node.name or "", _op_name(node), "unsupported op", False))
                 continue
-            rule = rules.rule_for(node)
             if rule is None:
                 self.barrier(node, "unsupported op")
-                continue
-            try:
-                rule(self, node)
-            except rules.NotHandled as e:
-                self.barrier(node, str(e))
+            elif any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
+                self.barrier(node, "output shape unknown")
+            else:
+                try:
+                    rule(self, node)
+                except rules.NotHandled as e:
+                    self.barrier(node, str(e))
         self._pin_foreign_uses()
         self._pin_subgraph_captures()
 

@@ -26,10 +26,13 @@ def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int,
         return scores
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
     for member in analysis.members:
-        weight = member.value.const_value.numpy().astype(np.float64)
-        roots = analysis.sets.find(np.broadcast_to(member.labels, weight.shape)).ravel()
-        magnitude = np.abs(weight).ravel()
-        per_class = np.bincount(roots, weights=magnitude**2 if criterion == "l2" else magnitude, minlength=len(totals))
+        weight = member.value.const_value.numpy()
+        # Sum the magnitudes over the axes the labels do not vary along, then per class.
+        flat = tuple(a for a, size in enumerate(member.labels.shape) if size == 1 and weight.shape[a] > 1)
+        magnitude = np.abs(weight.astype(np.float64))
+        magnitude = (magnitude**2 if criterion == "l2" else magnitude).sum(axis=flat, keepdims=True)
+        roots = analysis.sets.find(np.broadcast_to(member.labels, magnitude.shape)).ravel()
+        per_class = np.bincount(roots, weights=magnitude.ravel(), minlength=len(totals))
         if criterion == "l2":
             per_class = np.sqrt(per_class)
         present = np.unique(roots[roots != 0])

@@ -1,0 +1,90 @@
+"""The command line as a user meets it: a run, the table, the JSON, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+MODELS = Path(__file__).parent.parent / "models" / "torch"
+
+
+def spa(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spa", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_prune_prints_table_and_writes_json(tmp_path):
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    run = spa("prune", str(MODELS / "resnet_dynamo.onnx"), str(out), "--ratio", "0.5", "--json", str(report))
+    assert run.returncode == 0, run.stderr
+    for row in ("params", "MACs", "FLOPs", "file size", "Conv"):
+        assert row in run.stdout
+    data = json.loads(report.read_text())
+    assert data["after"]["macs"] < data["before"]["macs"]
+    assert data["after"]["flops"] == 2 * data["after"]["macs"]
+    assert data["groups"] and all("kept" in layer for g in data["groups"] for layer in g["layers"])
+    kept = sum(len(layer["kept"]) for g in data["groups"] for layer in g["layers"])
+    assert kept < sum(layer["width"] for g in data["groups"] for layer in g["layers"])
+    onnx.checker.check_model(str(out), full_check=True)
+    assert oct(out.stat().st_mode & 0o777) != "0o600"
+
+
+def test_analyze_lists_groups_and_barriers(tmp_path):
+    model = onnx.load(MODELS / "vgg_legacy.onnx")
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "Mystery", "vendor"
+    model.opset_import.append(onnx.helper.make_opsetid("vendor", 1))
+    path = tmp_path / "vendor.onnx"
+    onnx.save(model, path)
+    run = spa("analyze", str(path), "--json", str(tmp_path / "a.json"))
+    assert run.returncode == 0, run.stderr
+    assert "prunable groups" in run.stdout
+    assert "vendor::Mystery" in run.stdout and "channels pinned" in run.stdout
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["barriers"][0]["op"] == "vendor::Mystery"
+
+
+def test_version():
+    run = spa("--version")
+    assert run.returncode == 0 and run.stdout.startswith("spa ")
+
+
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        (None, ["missing.onnx", "out.onnx"], "no such file"),
+        (b"", ["bad.onnx", "out.onnx"], "empty file"),
+        (b"hello, I am text\n", ["bad.onnx", "out.onnx"], "not a readable ONNX model"),
+        (b"\x08\x07\x12\xff\xff\xff", ["bad.onnx", "out.onnx"], "not a readable ONNX model"),
+        ("model", ["in.onnx", "out.onnx", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
+        ("model", ["in.onnx", "in.onnx"], "output path is the input path"),
+        ("model", ["in.onnx", "nowhere/out.onnx"], "does not exist"),
+        ("model", ["in.onnx", "out.onnx", "--input-shapes", "nope:1,2"], "unknown input"),
+    ],
+)
+def test_bad_input_is_one_line_and_no_output(tmp_path, setup, args, message):
+    if setup == "model":
+        (tmp_path / "in.onnx").write_bytes((MODELS / "vgg_legacy.onnx").read_bytes())
+    elif setup is not None:
+        (tmp_path / "bad.onnx").write_bytes(setup)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    run = spa("prune", *args, cwd=tmp_path)
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, input intact
+
+
+def test_usage_error_exits_2():
+    assert spa("prune").returncode == 2
+
+
+def test_missing_external_data_is_one_line(tmp_path):
+    (tmp_path / "m.onnx").write_bytes((MODELS / "vgg_dynamo.onnx").read_bytes())
+    run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 1 and "external data" in run.stderr and run.stderr.count("\n") == 1
+    assert not (tmp_path / "out.onnx").exists()

@@ -1,0 +1,300 @@
+"""Op-level tests: one small graph per rule, checked by the zero-channel test and by what the
+analysis says about its groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import spa
+from graphs import Graph
+
+IMG = [1, 8, 6, 6]
+
+
+def _zero_check(model: onnx.ModelProto, removed_at_least: int = 1) -> None:
+    error, removed = spa.zero_channel_check(model, ratio=0.5)
+    assert removed >= removed_at_least
+    assert error <= 1e-4
+
+
+def _widths(model: onnx.ModelProto) -> list[int]:
+    return sorted(g.width for g in spa.analyze(model).groups)
+
+
+def _pruned(model: onnx.ModelProto, **kw) -> onnx.ModelProto:
+    result = spa.prune(model, ratio=0.5, round_to=1, **kw)
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(result.model)
+
+
+def test_conv_chain_one_group_and_output_pinned():
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    g.nodes[-1].output[0] = h
+    y = g.conv(h, 16, 4)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [16]  # the last conv feeds the output: its channels stay
+    _zero_check(model)
+    pruned = _pruned(model)
+    shapes = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    assert sorted(s[0] for s in shapes.values() if len(s) == 4) == [4, 8]
+
+
+def _out(g: Graph, value: str) -> None:
+    g.nodes[-1].output[0] = "y" if value is None else value
+
+
+def test_residual_add_couples_both_convs():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.conv(a, 16, 16)
+    s = g.op("Add", a, b)
+    g.conv(s, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [16]
+    analysis = spa.analyze(model)
+    assert len(analysis.groups[0].spaces) == 2
+    _zero_check(model)
+
+
+def test_concat_keeps_groups_apart_and_offsets_right():
+    g = Graph()
+    a = g.conv("x", 8, 12)
+    b = g.conv("x", 8, 20)
+    c = g.op("Concat", a, b, axis=1)
+    g.conv(g.op("Relu", c), 32, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [12, 20]
+    _zero_check(model)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_couples_input_and_output(multiplier):
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    d = g.op("Clip", g.conv(a, 16, 16 * multiplier, group=16), g.const(np.float32(0)), g.const(np.float32(6)))
+    g.conv(d, 16 * multiplier, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [16]  # a depthwise group goes with its input channel
+    _zero_check(model)
+    conv = [n for n in _pruned(model).graph.node if n.op_type == "Conv"][1]
+    assert helper.get_attribute_value(conv.attribute[[a.name for a in conv.attribute].index("group")]) == 8
+
+
+def test_grouped_conv_prunes_the_same_positions_in_every_group():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.op("Relu", g.conv(a, 16, 24, group=2))
+    g.conv(b, 24, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [8, 12]  # 16 inputs and 24 outputs, each in 2 groups
+    _zero_check(model)
+    conv = [n for n in _pruned(model).graph.node if n.op_type == "Conv"][1]
+    assert [a.i for a in conv.attribute if a.name == "group"] == [2]
+
+
+def test_conv_transpose():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    w = g.weight(16, 12, 2, 2)
+    t = g.op("ConvTranspose", a, w, g.const(np.ones(12, np.float32)), strides=[2, 2])
+    g.conv(g.op("Relu", t), 12, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 12, 12]})
+    assert _widths(model) == [12, 16]
+    _zero_check(model)
+
+
+def test_per_channel_parameters_are_sliced_with_the_channels():
+    g = Graph()
+    a = g.bn(g.conv("x", 8, 16, bias=False), 16)
+    a = g.op("PRelu", a, g.const(g.rng.uniform(0, 0.3, (16, 1, 1)).astype(np.float32)))
+    a = g.op("Mul", a, g.const(g.rng.uniform(0.5, 2, (1, 16, 1, 1)).astype(np.float32)))
+    a = g.op("Add", a, g.const(g.rng.standard_normal((16, 1, 1)).astype(np.float32)))
+    a = g.op("InstanceNormalization", a, g.const(np.ones(16, np.float32)), g.const(np.zeros(16, np.float32)))
+    a = g.op("LeakyRelu", a, alpha=0.1)
+    g.conv(a, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [16]
+    members = {m.value.name for m in spa.analyze(model).members}
+    assert len(members) == 12  # conv w; 4 BN; slope; scale; shift; IN scale, bias; next conv w, b
+    _zero_check(model)
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Softplus", "Gelu", "Dropout", "Identity", "Abs", "Elu"])
+def test_unary_ops_pass_channels(op):
+    g = Graph()
+    a = g.op(op, g.conv("x", 8, 16))
+    g.conv(a, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]}, opset=20)
+    assert _widths(model) == [16]
+    _zero_check(model)
+
+
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"])
+def test_pooling_then_flatten_into_gemm(pool):
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    attrs = {"kernel_shape": [2, 2], "strides": [2, 2]} if pool in ("MaxPool", "AveragePool") else {}
+    if pool == "ReduceMean":
+        attrs = {"axes": [2, 3], "keepdims": 1}
+    p = g.op(pool, a, **attrs)
+    spatial = 9 if pool in ("MaxPool", "AveragePool") else 1
+    f = g.op("Flatten", p, axis=1)
+    g.op("Gemm", f, g.weight(10, 16 * spatial), g.const(np.zeros(10, np.float32)), transB=1)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 10]})
+    assert _widths(model) == [16]
+    _zero_check(model)
+    gemm_weight = [i for i in _pruned(model).graph.initializer if list(i.dims)[:1] == [10] and len(i.dims) == 2][0]
+    assert list(gemm_weight.dims) == [10, 8 * spatial]  # flatten blocks of `spatial` per channel
+
+
+def test_channel_shuffle_prunes_the_same_channel_in_both_halves():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    r = g.op("Reshape", a, g.const(np.array([1, 2, 8, 6, 6], np.int64)))
+    t = g.op("Transpose", r, perm=[0, 2, 1, 3, 4])
+    s = g.op("Reshape", t, g.const(np.array([1, 16, 6, 6], np.int64)))
+    g.conv(s, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [8]
+    _zero_check(model)
+    shapes = [numpy_value(model, n.input[1]) for n in _pruned(model).graph.node if n.op_type == "Reshape"]
+    assert shapes  # rewritten shape constants are checked by onnxruntime in the zero test
+
+
+def numpy_value(model: onnx.ModelProto, name: str):
+    return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_split_sizes_follow_the_pruning(opset):
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    if opset >= 13:
+        parts = g.op("Split", a, g.const(np.array([6, 10], np.int64)), axis=1, outputs=2)
+    else:
+        parts = g.op("Split", a, axis=1, split=[6, 10], outputs=2)
+    b = g.conv(parts[0], 6, 6)
+    c = g.conv(parts[1], 10, 6)
+    g.op("Add", b, c)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 6, 6, 6]}, opset=opset)
+    assert _widths(model) == [16]
+    _zero_check(model)
+
+
+def test_slice_and_gather_on_channels():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    s = g.op("Slice", a, g.const(np.array([4], np.int64)), g.const(np.array([12], np.int64)), g.const(np.array([1], np.int64)))
+    q = g.op("Gather", a, g.const(np.array([0, 3, 5, 15], np.int64)), axis=1)
+    b = g.conv(s, 8, 4)
+    c = g.conv(q, 4, 4)
+    g.op("Add", b, c)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [16]
+    _zero_check(model)
+
+
+def test_squeeze_and_excitation_gate():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    s = g.op("GlobalAveragePool", a)
+    s = g.op("Relu", g.conv(s, 16, 4, k=1))
+    s = g.op("HardSigmoid", g.conv(s, 4, 16, k=1))
+    m = g.op("Mul", a, s)
+    g.conv(m, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    assert _widths(model) == [4, 16]  # the gate's expand conv is coupled to the features it scales
+    _zero_check(model)
+
+
+def test_resize_pad_and_squeeze_keep_channels():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    r = g.op("Resize", a, "", g.const(np.array([1, 1, 2, 2], np.float32)), mode="nearest")
+    p = g.op("Pad", r, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)))
+    u = g.op("Unsqueeze", p, g.const(np.array([0], np.int64)))
+    q = g.op("Squeeze", u, g.const(np.array([0], np.int64)))
+    g.conv(q, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 14, 14]})
+    assert _widths(model) == [16]
+    _zero_check(model)
+
+
+def test_matmul_with_weight_and_bias():
+    g = Graph()
+    h = g.op("Add", g.op("MatMul", "x", g.weight(8, 32)), g.const(g.rng.standard_normal(32).astype(np.float32)))
+    h = g.op("Relu", h)
+    g.op("MatMul", h, g.weight(32, 4))
+    _out(g, None)
+    model = g.model({"x": [2, 5, 8]}, {"y": [2, 5, 4]})
+    assert _widths(model) == [32]
+    _zero_check(model)
+
+
+@pytest.mark.parametrize("op,attrs", [("Softmax", {"axis": 1}), ("ReduceMean", {"axes": [1]}), ("LRN", {"size": 3})])
+def test_ops_across_channels_pin_them(op, attrs):
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.op(op, a, **attrs)
+    g.conv(g.op("Add", a, b) if op != "ReduceMean" else b, 16 if op != "ReduceMean" else 1, 4)
+    _out(g, None)
+    out = [1, 4, 6, 6]
+    model = g.model({"x": IMG}, {"y": out})
+    assert _widths(model) == []  # normalizing over channels: removing one changes the others
+
+
+def test_unknown_op_is_a_barrier_and_listed():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.conv(a, 16, 16)
+    g.nodes.append(helper.make_node("Mystery", [b], ["m"], domain="custom.ops", name="mystery"))
+    g.op("Identity", "m")
+    _out(g, None)
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", 1, IMG)], [helper.make_tensor_value_info("y", 1, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
+    analysis = spa.analyze(model)
+    assert [(b.op, b.blocked) for b in analysis.barriers] == [("custom.ops::Mystery", True)]
+    assert sorted(g.width for g in analysis.groups) == [16]  # the first conv still prunes
+
+
+def test_ignore_leaves_matching_layers_alone():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.op("Relu", g.conv(a, 16, 16))
+    g.conv(b, 16, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    first = model.graph.node[0].name
+    result = spa.prune(model, ratio=0.5, round_to=1, ignore=[first])
+    kept = {grp["layers"][0]["node"]: grp["removed"] for grp in result.report()["groups"]}
+    assert kept[first] == 0
+    assert sum(kept.values()) == 8
+
+
+def test_round_to_and_keep_one():
+    from spa.plan import keep_count
+
+    assert keep_count(64, 0.5, 16) == 32
+    assert keep_count(64, 0.6, 16) == 32  # 25.6 kept -> nearest multiple of 16
+    assert keep_count(24, 0.5, 16) == 16
+    assert keep_count(16, 0.5, 16) == 8  # a group no wider than round_to is not rounded
+    assert keep_count(3, 0.9, 1) == 1
