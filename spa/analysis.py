@@ -196,8 +196,8 @@ class Propagation:
                 continue
             if rule is None:
                 self.barrier(node, "unsupported op")
-            elif any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
-                self.barrier(node, "output shape unknown")
+            elif any(v not in self.shapes for v in inputs) or any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
+                self.barrier(node, "shape unknown")
             else:
                 try:
                     rule(self, node)

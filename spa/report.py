@@ -54,7 +54,7 @@ def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
             keep = ~analysis.removed_mask(space.labels, removed)
             spaces.append({"node": space.node, "op": space.op, "width": len(space.labels), "kept": np.flatnonzero(keep).tolist()})
         lost = int(np.isin(group.classes, removed).sum())
-        groups.append({"id": group.id, "width": group.width, "pinned": group.pinned, "removed": lost, "layers": spaces})
+        groups.append({"id": group.id, "width": group.width, "pinned": group.pinned, "removed": lost, "layers": spaces, "params": analysis.member_names(group)})
     return groups
 
 
@@ -81,10 +81,10 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
     groups = analysis.groups
     prunable = sum(len(g.classes) for g in groups)
     lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable channels, {len(analysis.barriers)} barriers", ""]
-    lines.append(f"{'group':>5}  {'width':>5}  {'pinned':>6}  layers")
+    lines.append(f"{'group':>5}  {'width':>5}  {'pinned':>6}  {'params':>6}  layers")
     for g in groups:
         layers = ", ".join(f"{analysis.spaces[s].node} ({analysis.spaces[s].op})" for s in g.spaces)
-        lines.append(f"{g.id:>5}  {g.width:>5}  {g.pinned:>6}  {layers}")
+        lines.append(f"{g.id:>5}  {g.width:>5}  {g.pinned:>6}  {len(analysis.member_names(g)):>6}  {layers}")
     if analysis.barriers:
         lines += ["", "barriers (left alone):"]
         for b in analysis.barriers:

@@ -283,13 +283,12 @@ def pool(prop: Propagation, node: ir.Node) -> None:
 
 @rule("LRN", "GroupNormalization", "MeanVarianceNormalization")
 def across_channels(prop: Propagation, node: ir.Node) -> None:
+    """Normalizing across channels: removing one would change the others, so they are pinned."""
     rank = len(prop.shape(node.inputs[0]))
     if node.op_type == "MeanVarianceNormalization":
         axes = node.attributes.get_ints("axes", [0, 2, 3])
     else:
         axes = range(1, rank) if node.op_type == "GroupNormalization" else [1]
-    if node.op_type == "GroupNormalization":
-        raise NotHandled("GroupNormalization normalizes across channels")
     axis_local(prop, node, axes)
 
 

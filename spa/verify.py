@@ -74,12 +74,13 @@ def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]]
         given = (input_shapes or {}).get(arg.name)
         shape = given or [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
         kind = arg.type[len("tensor(") : -1]
-        if kind in ("float", "double", "float16"):
-            feeds[arg.name] = rng.standard_normal(shape).astype({"float": np.float32, "double": np.float64, "float16": np.float16}[kind])
-        elif kind == "bool":
-            feeds[arg.name] = np.zeros(shape, dtype=bool)
+        dtype = np.dtype({"float": "float32", "double": "float64"}.get(kind, kind)) if kind != "string" else None
+        if dtype is None:
+            raise SpaError(f"input '{arg.name}' is a string tensor: spa cannot make test inputs for it")
+        if dtype.kind == "f":
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[arg.name] = np.zeros(shape, dtype=np.dtype(kind.replace("u", "u") if kind != "int" else "int32"))
+            feeds[arg.name] = np.zeros(shape, dtype=dtype)  # ids, masks: 0 is valid for any vocabulary
     return feeds
 
 
