@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from spa import io, verify as verification
 from spa.analysis import Analysis, analyze as analyze_model, require_prunable
-from spa.apply import apply
+from spa.apply import apply, pruned_shapes
 from spa.count import Counts, count
 from spa.errors import SpaError
 from spa.normalize import normalize
@@ -28,6 +28,8 @@ class PruneResult:
     after: Counts
     verdict: verification.Verdict | None
     seconds: float
+    ratio: float  # the ratio used: given, or found for a target
+    target: dict | None = None  # {"kind", "target", "reached"} when pruned to a target
 
     def report(self) -> dict:
         from spa.report import prune_report
@@ -60,6 +62,10 @@ def prune(
     round_to: int | None = None,
     ignore: list[str] | tuple[str, ...] = (),
     importance: str = "l2",
+    global_ranking: bool = False,
+    max_group_ratio: float = 0.8,
+    target_macs: float | None = None,
+    target_params: float | None = None,
     input_shapes: dict[str, list[int]] | None = None,
     verify: bool = True,
     seed: int = 0,
@@ -70,16 +76,15 @@ def prune(
     round_to: keep channel counts multiples of this (default: what the CPU's SIMD width rewards).
     ignore: glob patterns of node or initializer names to leave alone.
     importance: "l2", "l1" (group magnitude) or "random".
+    global_ranking: rank channels across groups instead of removing `ratio` of each group; no group
+        loses more than `max_group_ratio` of its channels.
+    target_macs, target_params: search the ratio so that the model keeps at most this fraction of
+        its MACs (params); `ratio` is then ignored.
     input_shapes: concrete shapes for symbolic input dims, used for the analysis only.
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
     start = time.perf_counter()
-    if not 0.0 <= ratio < 1.0:
-        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
-    if importance not in CRITERIA:
-        raise SpaError(f"--importance must be one of {', '.join(CRITERIA)}, got {importance!r}")
-    if round_to is not None and round_to < 1:
-        raise SpaError(f"--round-to must be a positive integer, got {round_to}")
+    _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params)
     original, source = _load(model)
     if output is not None:
         _check_output_path(source, Path(output))
@@ -88,7 +93,18 @@ def prune(
     analysis = analyze_model(work, input_shapes)
     before = count(work, shapes=analysis.shapes)
     scores = score(analysis, importance, seed)
-    plan = make_plan(analysis, scores, ratio, default_round_to() if round_to is None else round_to, ignore)
+    step = default_round_to() if round_to is None else round_to
+
+    def plan_for(r: float) -> Plan:
+        return make_plan(analysis, scores, r, step, ignore, global_ranking, max_group_ratio)
+
+    target = None
+    if target_macs is not None or target_params is not None:
+        kind, goal = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+        ratio, plan, reached = _search_ratio(analysis, before, plan_for, kind, goal)
+        target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
+    else:
+        plan = plan_for(ratio)
     apply(analysis, plan.removed)
     after = count(work, input_shapes)
     verdict = verification.verify(original, work, input_shapes) if verify else None
@@ -97,7 +113,70 @@ def prune(
     if output is not None:
         io.save(work, output)
         after.file_bytes = _file_bytes(Path(output))
-    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start)
+    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target)
+
+
+def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
+    if importance not in CRITERIA:
+        raise SpaError(f"--importance must be one of {', '.join(CRITERIA)}, got {importance!r}")
+    if round_to is not None and round_to < 1:
+        raise SpaError(f"--round-to must be a positive integer, got {round_to}")
+    if not 0.0 < max_group_ratio < 1.0:
+        raise SpaError(f"--max-group-ratio must be in (0, 1), got {max_group_ratio}")
+    if target_macs is not None and target_params is not None:
+        raise SpaError("give --target-macs or --target-params, not both")
+    for name, value in (("--target-macs", target_macs), ("--target-params", target_params)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise SpaError(f"{name} must be a fraction in (0, 1], got {value}")
+
+
+def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal: float) -> tuple[float, Plan, float]:
+    """The smallest ratio whose plan keeps at most `goal` of the MACs (params): bisection on the
+    counts of the planned shapes, no surgery until the answer is known."""
+
+    def fraction(r: float) -> tuple[float, Plan]:
+        plan = plan_for(r)
+        estimate = count(analysis.model, shapes=pruned_shapes(analysis, plan.removed))
+        return getattr(estimate, kind) / max(getattr(before, kind), 1), plan
+
+    lo, hi = 0.0, _MAX_RATIO
+    reached, plan = fraction(hi)
+    best = (hi, plan, reached)
+    if reached > goal:
+        return best  # unreachable: the report says how close it got
+    for _ in range(_SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        reached, plan = fraction(mid)
+        if reached <= goal:
+            hi, best = mid, (mid, plan, reached)
+        else:
+            lo = mid
+    return best
+
+
+_MAX_RATIO = 0.99
+_SEARCH_STEPS = 14  # ratio to within 1e-4
+
+
+def sweep(model, ratios: list[float], threads: int = 1, input_shapes=None, **options) -> list[dict]:
+    """Prune at each ratio, then time the original and every pruned model in one interleaved loop."""
+    from spa.bench import benchmark
+    from spa.progress import Progress
+
+    original, _ = _load(model)
+    results = []
+    bar = Progress(len(ratios), "prune")
+    for i, r in enumerate(ratios):
+        results.append(prune(model, ratio=r, input_shapes=input_shapes, **options))
+        bar.update(i + 1)
+    bar.close()
+    timings = benchmark([original] + [r.model for r in results], names=["original"] + [f"ratio {r}" for r in ratios], threads=threads, input_shapes=input_shapes)
+    rows = [{"ratio": 0.0, "macs": results[0].before.macs, "params": results[0].before.params, "latency_ms": timings[0].median_ms, "latency_ratio": 1.0}]
+    for r, result, timing in zip(ratios, results, timings[1:]):
+        rows.append({"ratio": r, "macs": result.after.macs, "params": result.after.params, "latency_ms": timing.median_ms, "latency_ratio": timing.ratio})
+    return rows
 
 
 def _check_output_path(source: Path | None, output: Path) -> None:
@@ -130,4 +209,4 @@ def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: d
     return error, len(plan.removed)
 
 
-__all__ = ["prune", "analyze", "zero_channel_check", "PruneResult"]
+__all__ = ["prune", "analyze", "sweep", "zero_channel_check", "PruneResult"]

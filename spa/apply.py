@@ -16,6 +16,18 @@ from spa.normalize import infer_shapes
 from spa.rules import shape_pieces
 
 
+def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tuple[int, ...]]:
+    """The shape every tensor will have once `removed` is applied, without touching the model."""
+    surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
+    shapes = dict(analysis.shapes)
+    for value in analysis.activations:
+        if value in shapes:
+            shapes[value] = tuple(surgery.dims(value))
+    for value, keep in surgery.initializer_keeps().items():
+        shapes[value] = tuple(int(k.sum()) for k in keep)
+    return shapes
+
+
 class SurgeryError(RuntimeError):
     """The plan cannot be carried out exactly. Always a bug in a rule: never written out."""
 
@@ -54,18 +66,20 @@ class _Surgery:
     def dims(self, value: ir.Value) -> list[int]:
         return [int(k.sum()) for k in self.activation_keeps(value)]
 
-    def slice_members(self) -> None:
-        by_value: dict[ir.Value, list[np.ndarray]] = {}
+    def initializer_keeps(self) -> dict[ir.Value, list[np.ndarray]]:
+        """Per-axis keep vectors of every member initializer, all its roles combined."""
+        keeps: dict[ir.Value, list[np.ndarray]] = {}
         for member in self.analysis.members:
-            by_value.setdefault(member.value, []).append(member.labels)
-        for value, label_arrays in by_value.items():
-            array = value.const_value.numpy()
-            keep = [np.ones(d, dtype=bool) for d in array.shape]
-            for labels in label_arrays:
-                if not varying_axes(labels):
-                    continue
-                for axis, k in enumerate(self.keeps(labels, array.shape)):
+            shape = tuple(member.value.const_value.shape)
+            keep = keeps.setdefault(member.value, [np.ones(d, dtype=bool) for d in shape])
+            if varying_axes(member.labels):
+                for axis, k in enumerate(self.keeps(member.labels, shape)):
                     keep[axis] &= k
+        return keeps
+
+    def slice_members(self) -> None:
+        for value, keep in self.initializer_keeps().items():
+            array = value.const_value.numpy()
             for axis, k in enumerate(keep):
                 if not k.all():
                     array = np.compress(k, array, axis=axis)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -31,13 +32,39 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
     prune.add_argument("--importance", choices=CRITERIA, default="l2", help="channel importance criterion (default l2)")
     prune.add_argument("--seed", type=int, default=0, help="seed for --importance random")
+    prune.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups instead of pruning each group by --ratio")
+    prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with --global: the most any group may lose (default 0.8)")
+    prune.add_argument("--target-macs", type=float, default=None, metavar="F", help="prune until at most the fraction F of the MACs remains (searches the ratio)")
+    prune.add_argument("--target-params", type=float, default=None, metavar="F", help="prune until at most the fraction F of the params remains")
     _common(prune)
     prune.add_argument("--no-verify", action="store_true", help="skip the checker and onnxruntime checks of the result")
+    prune.add_argument("--bench", action="store_true", help="time the original and the pruned model (interleaved) and add the latency to the table")
+    _threads(prune)
+
+    bench = sub.add_parser("bench", help="time models in onnxruntime, interleaved, and compare them to the first")
+    bench.add_argument("models", type=Path, nargs="+", help="models with the same inputs (.onnx)")
+    bench.add_argument("--runs", type=int, default=None, help="rounds of the interleaved loop (default: about 4 s worth)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
+    bench.add_argument("--inputs", type=Path, default=None, metavar="FILE", help="inputs: .npz keyed by input name, or .npy for one input (default: random)")
+    _common(bench)
+    _threads(bench)
+
+    sweep = sub.add_parser("sweep", help="prune at several ratios; print MACs, params and latency; plot them")
+    sweep.add_argument("input", type=Path, help="the model (.onnx)")
+    sweep.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
+    sweep.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the plot here (needs matplotlib: pip install 'spa[plot]')")
+    sweep.add_argument("--round-to", type=int, default=None, help="as for prune")
+    _common(sweep)
+    _threads(sweep)
 
     analyze = sub.add_parser("analyze", help="list the groups of coupled channels and the barriers")
     analyze.add_argument("input", type=Path, help="the model to analyze (.onnx)")
     _common(analyze)
     return parser
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for timing (default 1)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,8 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_INPUT
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise SpaError(f"--ratios: expected numbers like 0.1,0.3,0.5 but got '{text}'") from None
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise SpaError(f"--ratios: every ratio must be in (0, 1), got '{text}'")
+    return ratios
+
+
 def _run(args) -> int:
-    from spa import api, report
+    from spa import api, bench, report
 
     shapes = parse_input_shapes(args.input_shapes)
     if args.json is not None and not args.json.parent.is_dir():
@@ -72,6 +109,20 @@ def _run(args) -> int:
         analysis = api.analyze(args.input, input_shapes=shapes)
         print(report.analysis_listing(analysis, str(args.input)))
         data = report.analysis_report(analysis)
+    elif args.command == "bench":
+        timings = bench.benchmark(args.models, [str(m) for m in args.models], args.threads, args.warmup, args.runs, input_shapes=shapes, inputs=args.inputs)
+        print(bench.table(timings, args.threads))
+        data = {"threads": args.threads, "models": [dataclasses.asdict(t) for t in timings]}
+    elif args.command == "sweep":
+        ratios = _ratios(args.ratios)
+        rows = api.sweep(args.input, ratios, threads=args.threads, input_shapes=shapes, round_to=args.round_to)
+        print(report.sweep_table(rows, args.threads))
+        if args.plot is not None:
+            from spa.plot import sweep_plot
+
+            sweep_plot(rows, args.plot, f"{args.input.name}: spa sweep ({args.threads} thread(s))")
+            print(f"plot: {args.plot}")
+        data = {"threads": args.threads, "rows": rows}
     else:
         result = api.prune(
             args.input,
@@ -80,18 +131,34 @@ def _run(args) -> int:
             round_to=args.round_to,
             ignore=args.ignore,
             importance=args.importance,
+            global_ranking=args.global_ranking,
+            max_group_ratio=args.max_group_ratio,
+            target_macs=args.target_macs,
+            target_params=args.target_params,
             input_shapes=shapes,
             verify=not args.no_verify,
             seed=args.seed,
         )
+        latency = None
+        if args.bench:
+            timings = bench.benchmark([args.input, result.model], ["before", "after"], args.threads, input_shapes=shapes)
+            latency = (timings[0].median_ms, timings[1].median_ms)
         groups = result.analysis.groups
-        print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {args.ratio}, {len(result.plan.removed)} channel classes removed in {result.seconds:.2f} s")
-        print(report.table(result.before, result.after))
+        print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} channel classes removed in {result.seconds:.2f} s")
+        if result.target is not None:
+            t = result.target
+            verdict = "met" if t["met"] else "NOT met (the most spa can remove)"
+            print(f"target: {t['kind']} <= {t['target']:g} of the original; reached {t['reached']:.3f}, {verdict}")
+        print(report.table(result.before, result.after, latency))
+        if latency is not None:
+            print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")
         blocked = [b for b in result.analysis.barriers if b.blocked]
         if blocked:
             print(f"left alone: {len(blocked)} barrier op(s) ({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`")
         data = result.report()
-        data.update(input=str(args.input), output=str(args.output), ratio=args.ratio)
+        data.update(input=str(args.input), output=str(args.output), ratio=result.ratio, target=result.target)
+        if latency is not None:
+            data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads}
     if args.json is not None:
         args.json.write_text(json.dumps(data, indent=1))
     return EXIT_OK

@@ -30,9 +30,11 @@ class Counts:
 
 
 def count(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, shapes=None) -> Counts:
+    """Figures of `model`; `shapes` (value -> shape) stands in for shape inference, and for the
+    initializers' own shapes when it has them (an estimate of a planned pruning)."""
     shapes = shapes if shapes is not None else concrete_shapes(model, input_shapes or {})
     params = sum(
-        math.prod(v.const_value.shape)
+        math.prod(shapes.get(v, v.const_value.shape))
         for v in model.graph.initializers.values()
         if v.const_value is not None and v.const_value.dtype in _FLOAT
     )

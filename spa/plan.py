@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spa.analysis import Analysis, Group
+from spa.analysis import Analysis
 
 
 @functools.cache
@@ -35,10 +35,16 @@ class Plan:
 
 
 def keep_count(width: int, ratio: float, round_to: int) -> int:
-    """Channels a group of `width` keeps: (1 - ratio) of them, to the nearest multiple of round_to."""
+    """Channels a group of `width` keeps: (1 - ratio) of them, to the nearest multiple of the step.
+
+    The step is round_to, halved while it is not smaller than the group: a 16-wide group at
+    round_to 16 keeps a multiple of 8 (16 -> 15 channels is slower than 16 on a SIMD kernel)."""
     keep = width - math.floor(ratio * width + 1e-9)
-    if round_to > 1 and width > round_to:
-        keep = max(round_to, round_to * math.floor(keep / round_to + 0.5 - 1e-9))
+    step = round_to
+    while step > 1 and step >= width:
+        step //= 2
+    if step > 1:
+        keep = max(step, step * math.floor(keep / step + 0.5 - 1e-9))
     return min(width, max(1, keep))
 
 
@@ -48,22 +54,45 @@ def make_plan(
     ratio: float,
     round_to: int = 1,
     ignore: list[str] | tuple[str, ...] = (),
+    global_ranking: bool = False,
+    max_group_ratio: float = 0.8,
 ) -> Plan:
+    """Local: every group loses `ratio` of its channels. Global: the lowest-scoring `ratio` of all
+    channels go, wherever they are, no group losing more than `max_group_ratio` of its own."""
     protected = _protected(analysis, ignore)
+    candidates = {g.id: _ranked([c for c in g.classes.tolist() if c not in protected], scores) for g in analysis.groups}
+    if global_ranking:
+        counts = _global_counts(analysis, scores, candidates, ratio, max_group_ratio)
+        ratios = {g.id: counts[g.id] / g.width for g in analysis.groups}
+    else:
+        ratios = {g.id: ratio for g in analysis.groups}
     by_group = {}
     for group in analysis.groups:
-        by_group[group.id] = _choose(group, scores, ratio, round_to, protected)
+        keep = keep_count(group.width, ratios[group.id], round_to)
+        count = min(group.width - keep, len(candidates[group.id]))
+        by_group[group.id] = np.array(candidates[group.id][:count], dtype=np.int64)
     removed = np.concatenate(list(by_group.values())) if by_group else np.zeros(0, np.int64)
     removed = _keep_one_per_segment(analysis, scores, removed, by_group)
     return Plan(removed=np.sort(removed), by_group=by_group)
 
 
-def _choose(group: Group, scores: dict[int, float], ratio: float, round_to: int, protected: set[int]) -> np.ndarray:
-    keep = keep_count(group.width, ratio, round_to)
-    candidates = [c for c in group.classes.tolist() if c not in protected]
-    count = min(group.width - keep, len(candidates))
-    candidates.sort(key=lambda c: (scores.get(c, 0.0), c))
-    return np.array(candidates[:count], dtype=np.int64)
+def _ranked(classes: list[int], scores: dict[int, float]) -> list[int]:
+    return sorted(classes, key=lambda c: (scores.get(c, 0.0), c))
+
+
+def _global_counts(analysis: Analysis, scores, candidates: dict[int, list[int]], ratio: float, cap: float) -> dict[int, int]:
+    """How many classes each group loses when all groups compete on their normalized scores."""
+    budget = math.floor(ratio * sum(g.width for g in analysis.groups) + 1e-9)
+    limit = {g.id: g.width - keep_count(g.width, cap, 1) for g in analysis.groups}
+    ranked = sorted((scores.get(c, 0.0), c, gid) for gid, classes in candidates.items() for c in classes)
+    counts = {g.id: 0 for g in analysis.groups}
+    for _, _, gid in ranked:
+        if budget == 0:
+            break
+        if counts[gid] < limit[gid]:
+            counts[gid] += 1
+            budget -= 1
+    return counts
 
 
 def _protected(analysis: Analysis, patterns) -> set[int]:

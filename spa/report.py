@@ -95,3 +95,15 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
 
 def analysis_report(analysis: Analysis) -> dict:
     return {"groups": kept_channels(analysis, np.zeros(0, np.int64)), "barriers": barriers(analysis)}
+
+
+def sweep_table(rows: list[dict], threads: int) -> str:
+    base = rows[0]
+    lines = [f"{'ratio':>6}  {'MACs':>10}  {'MACs x':>7}  {'params':>10}  {'params x':>8}  {'latency ms':>10}  {'latency x':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['ratio']:>6.2f}  {human(r['macs']):>10}  {r['macs'] / base['macs']:>7.3f}  {human(r['params']):>10}  "
+            f"{r['params'] / base['params']:>8.3f}  {r['latency_ms']:>10.3f}  {r['latency_ratio']:>9.3f}"
+        )
+    lines.append(f"latency: onnxruntime CPU, {threads} intra-op thread(s), all models interleaved in one loop; x = after/before")
+    return "\n".join(lines)

@@ -296,5 +296,7 @@ def test_round_to_and_keep_one():
     assert keep_count(64, 0.5, 16) == 32
     assert keep_count(64, 0.6, 16) == 32  # 25.6 kept -> nearest multiple of 16
     assert keep_count(24, 0.5, 16) == 16
-    assert keep_count(16, 0.5, 16) == 8  # a group no wider than round_to is not rounded
+    assert keep_count(16, 0.5, 16) == 8  # a group no wider than round_to rounds to half the step
+    assert keep_count(16, 0.1, 16) == 16  # 15 channels would be slower than 16
+    assert keep_count(12, 0.5, 16) == 8
     assert keep_count(3, 0.9, 1) == 1

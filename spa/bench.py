@@ -1,0 +1,108 @@
+"""Latency you can trust: onnxruntime on CPU, models interleaved in one loop.
+
+Absolute milliseconds on a shared machine drift; running A, B, A, B, ... in one loop (alternating
+the order every round) exposes every model to the same drift, so the ratio B/A holds even when the
+absolute numbers do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from spa import io
+from spa.errors import SpaError
+from spa.progress import Progress
+from spa.verify import random_inputs, session
+
+
+@dataclasses.dataclass
+class Timing:
+    name: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    ratio: float  # median / the first model's median
+
+
+def load_inputs(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """`.npz` keyed by input name, or `.npy` for a model with one input."""
+    path = Path(path)
+    names = [i.name for i in sess.get_inputs()]
+    try:
+        if path.suffix == ".npy":
+            if len(names) != 1:
+                raise SpaError(f"{path}: a .npy file feeds one input, the model has {len(names)}: use .npz")
+            return {names[0]: np.load(path)}
+        with np.load(path) as data:
+            feeds = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise SpaError(f"{path}: cannot read inputs ({e})") from None
+    missing = set(names) - set(feeds)
+    if missing:
+        raise SpaError(f"{path}: no array for input(s) {sorted(missing)}")
+    return {n: feeds[n] for n in names}
+
+
+def benchmark(
+    models: list,
+    names: list[str] | None = None,
+    threads: int = 1,
+    warmup: int = 5,
+    runs: int | None = None,
+    budget_s: float = 4.0,
+    input_shapes: dict[str, list[int]] | None = None,
+    inputs: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[Timing]:
+    """Time each model (a path or an onnx_ir.Model) on the same inputs, interleaved.
+
+    runs: rounds of the loop; by default as many as fit in about `budget_s` seconds (at least 10).
+    """
+    if not models:
+        raise SpaError("nothing to benchmark")
+    sessions = [session(m if isinstance(m, ir.Model) else io.load(m), threads=threads) for m in models]
+    names = names or [str(m) if not isinstance(m, ir.Model) else f"model {i}" for i, m in enumerate(models)]
+    feeds = load_inputs(inputs, sessions[0]) if inputs else random_inputs(sessions[0], input_shapes)
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    if runs is None:
+        start = time.perf_counter()
+        for sess in sessions:
+            sess.run(None, feeds)
+        one_round = time.perf_counter() - start
+        runs = int(min(2000, max(10, budget_s / max(one_round, 1e-6))))
+    samples = np.zeros((len(sessions), runs))
+    bar = Progress(runs, "bench") if progress else None
+    for r in range(runs):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            start = time.perf_counter_ns()
+            sessions[i].run(None, feeds)
+            samples[i, r] = (time.perf_counter_ns() - start) / 1e6
+        if bar:
+            bar.update(r + 1)
+    if bar:
+        bar.close()
+    medians = np.median(samples, axis=1)
+    return [
+        Timing(name, float(medians[i]), float(np.percentile(samples[i], 10)), float(np.percentile(samples[i], 90)), runs, float(medians[i] / medians[0]))
+        for i, name in enumerate(names)
+    ]
+
+
+def table(timings: list[Timing], threads: int) -> str:
+    width = max(len(t.name) for t in timings)
+    lines = [f"{'model'.ljust(width)}  {'median ms':>10}  {'p10 ms':>9}  {'p90 ms':>9}  {'ratio':>6}"]
+    for t in timings:
+        lines.append(f"{t.name.ljust(width)}  {t.median_ms:>10.3f}  {t.p10_ms:>9.3f}  {t.p90_ms:>9.3f}  {t.ratio:>6.3f}")
+    lines.append(f"onnxruntime {ort.__version__}, CPU, {threads} intra-op thread(s), {timings[0].runs} interleaved rounds")
+    return "\n".join(lines)
