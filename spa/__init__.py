@@ -10,7 +10,7 @@
 
 __version__ = "0.1.0"
 
-from spa.api import PruneResult, analyze, prune, zero_channel_check  # noqa: E402
+from spa.api import PruneResult, analyze, prune, sweep, zero_channel_check  # noqa: E402
 from spa.errors import SpaError  # noqa: E402
 
-__all__ = ["prune", "analyze", "zero_channel_check", "PruneResult", "SpaError", "__version__"]
+__all__ = ["prune", "analyze", "sweep", "zero_channel_check", "PruneResult", "SpaError", "__version__"]

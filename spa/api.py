@@ -85,10 +85,10 @@ def prune(
     """
     start = time.perf_counter()
     _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params)
-    original, source = _load(model)
+    work, source = _load(model)
     if output is not None:
         _check_output_path(source, Path(output))
-    work, _ = _load(source if source is not None else original)
+    expected_signature = verification.signature(work)
     normalize(work)
     analysis = analyze_model(work, input_shapes)
     before = count(work, shapes=analysis.shapes)
@@ -105,13 +105,15 @@ def prune(
         target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
     else:
         plan = plan_for(ratio)
+    expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
+    planned_shapes = pruned_shapes(analysis, plan.removed)
     apply(analysis, plan.removed)
-    after = count(work, input_shapes)
-    verdict = verification.verify(original, work, input_shapes) if verify else None
+    after = count(work, shapes=planned_shapes)
+    verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes) if verify else None
     if source is not None:
         before.file_bytes = _file_bytes(source)
     if output is not None:
-        io.save(work, output)
+        io.save(work, output, serialized=verdict.serialized if verdict else None)
         after.file_bytes = _file_bytes(Path(output))
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target)
 

@@ -46,10 +46,11 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save(model: ir.Model, path: str | os.PathLike) -> None:
+def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = None) -> None:
     """Write atomically: a temporary file in the same folder, then a rename.
 
     Weights go to `<name>.data` beside the model when the file would pass protobuf's 2 GB limit.
+    `serialized`, the model already serialized (by the verification), saves doing it again.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -77,6 +78,8 @@ def save(model: ir.Model, path: str | os.PathLike) -> None:
                         entry.value = data_name
             onnx.save(proto, tmp)
             os.replace(tmp_data, folder / data_name)
+        elif serialized is not None:
+            tmp.write_bytes(serialized)
         else:
             _inline_external_tensors(model)
             ir.save(model, tmp)

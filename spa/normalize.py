@@ -32,12 +32,12 @@ def normalize(model: ir.Model) -> ir.Model:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     common_passes.TopologicalSortPass()(model)
     # Folding a Shape computation can make later shapes static, which lets more fold.
+    infer_shapes(model)
     for _ in range(_MAX_FOLD_ROUNDS):
-        infer_shapes(model)
         if not fold_constants(model):
             break
+        infer_shapes(model)
     common_passes.RemoveUnusedNodesPass()(model)
-    infer_shapes(model)
     return model
 
 

@@ -29,8 +29,9 @@ def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int,
         weight = member.value.const_value.numpy()
         # Sum the magnitudes over the axes the labels do not vary along, then per class.
         flat = tuple(a for a, size in enumerate(member.labels.shape) if size == 1 and weight.shape[a] > 1)
-        magnitude = np.abs(weight.astype(np.float64))
-        magnitude = (magnitude**2 if criterion == "l2" else magnitude).sum(axis=flat, keepdims=True)
+        weight = weight.astype(np.float32, copy=False)
+        magnitude = np.square(weight) if criterion == "l2" else np.abs(weight)
+        magnitude = magnitude.sum(axis=flat, keepdims=True, dtype=np.float64)
         roots = analysis.sets.find(np.broadcast_to(member.labels, magnitude.shape)).ravel()
         per_class = np.bincount(roots, weights=magnitude.ravel(), minlength=len(totals))
         if criterion == "l2":

@@ -32,7 +32,7 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
     unknown = set(input_shapes) - names
     if unknown:
         raise SpaError(f"--input-shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
-    original = {v: v.shape for v in (*graph.inputs, *graph.outputs)}
+    original = {v: v.shape for v in _all_values(graph)}
     try:
         for v in graph.inputs:
             v.shape = ir.Shape(_fixed_dims(v, input_shapes.get(v.name)))
@@ -45,7 +45,6 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
     finally:
         for v, shape in original.items():
             v.shape = shape
-        infer_shapes(model)
 
 
 def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:

@@ -96,3 +96,37 @@ def test_bench_inputs_file_must_match(tmp_path):
     np.savez(tmp_path / "in.npz", wrong=np.ones(3, np.float32))
     run = _cli("bench", RESNET, "--inputs", str(tmp_path / "in.npz"))
     assert run.returncode == 1 and "no array for input" in run.stderr
+
+
+def _ort_optimized_ops(path, folder) -> dict:
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / f"{path.stem}.ort.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(f"{n.domain}::{n.op_type}" for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_onnxruntime_fusions_survive_pruning(tmp_path):
+    """Sliced weights, no inserted Gather/Slice: Conv+BN+activation and Gemm+bias still fuse."""
+    import onnx
+
+    from graphs import Graph
+
+    g = Graph()
+    h = g.op("Relu", g.bn(g.conv("x", 3, 32), 32))
+    h = g.op("Clip", g.bn(g.conv(h, 32, 32), 32), g.const(np.float32(0)), g.const(np.float32(6)))
+    h = g.op("Flatten", g.op("GlobalAveragePool", h))
+    g.op("Relu", g.gemm(h, 32, 16))
+    g.nodes[-1].output[0] = "y"
+    original = tmp_path / "m.onnx"
+    onnx.save(g.model({"x": [1, 3, 16, 16]}, {"y": [1, 16]}), original)
+    spa.prune(original, tmp_path / "p.onnx", ratio=0.5)
+    before = _ort_optimized_ops(original, tmp_path)
+    after = _ort_optimized_ops(tmp_path / "p.onnx", tmp_path)
+    assert before == after
+    assert before["com.microsoft::FusedConv"] == 2 and "::BatchNormalization" not in before
