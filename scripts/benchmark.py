@@ -9,7 +9,7 @@ out/hf), then prints in one run:
   3. the SIMD step effect: one conv layer at several output widths.
 and writes the ResNet-50 sweep plot.
 
-    pip install -e ".[export,plot]" transformers
+    pip install -e ".[export,plot]"
     python scripts/benchmark.py [--out out/hf] [--plot docs/sweep_resnet50.png]
 """
 
