@@ -60,8 +60,11 @@ class Group:
 
     id: int
     classes: np.ndarray  # root labels of the removable classes, sorted
-    pinned: int  # channels of the group's spaces that can never be removed
+    pinned: int  # classes of the group's spaces that can never be removed
     spaces: list[int]
+    channels_per_class: int = 1  # head dim for attention heads, groups for a grouped conv
+    heads: bool = False  # the classes are attention heads
+    lossy: bool = False  # removing them changes a normalization's statistics (hidden size)
 
     @property
     def width(self) -> int:
@@ -96,8 +99,10 @@ class Analysis:
 class Propagation:
     """The state that op rules read and write while labels flow through the graph."""
 
-    def __init__(self, model: ir.Model, shapes: dict[ir.Value, tuple[int, ...]]):
+    def __init__(self, model: ir.Model, shapes: dict[ir.Value, tuple[int, ...]], lossy: bool = False):
         self.model = model
+        self.lossy = lossy  # let statistics over channels change (hidden-size pruning)
+        self.lossy_labels: list[np.ndarray] = []
         self.opset = opset_version(model)
         self.shapes = shapes
         self.sets = LabelSets()
@@ -106,6 +111,7 @@ class Propagation:
         self.activations: dict[ir.Value, np.ndarray] = {}
         self.barriers: list[Barrier] = []
         self.segments: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []  # labels of the batch axes of activation matmuls
         self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
 
     # -- reading
@@ -131,25 +137,29 @@ class Propagation:
         return labels
 
     def set(self, value: ir.Value, labels: np.ndarray) -> None:
-        """Record an activation's labels, enforcing that removals keep it a sub-grid.
-
-        Labels that vary along two or more axes (a channel axis split into groups x channels, a
-        concat along a spatial axis) could lose an arbitrary subset of elements. Keep the axis with
-        the most distinct classes and unite the labels along the others, so that every class is a
-        whole slice of that axis: channel shuffles prune the same inner channel in every group.
-        """
+        """Record an activation's labels."""
         labels = compress(np.asarray(labels, dtype=np.int64))
-        axes = varying_axes(labels)
-        if len(axes) >= 2:
-            keep = max(reversed(axes), key=lambda a: self._distinct_slices(labels, a))
-            self.sets.union_along(labels, [a for a in axes if a != keep])
-        elif not axes and labels.size and labels.flat[0] != 0:
+        if not varying_axes(labels) and labels.size and labels.flat[0] != 0:
             # One channel spread over the whole tensor: there is no axis to remove it along.
             self.sets.pin(labels)
             labels = np.zeros_like(labels)
         if value.is_graph_output():
             self.sets.pin(labels)
         self.activations[value] = labels
+
+    def _keep_sub_grids(self) -> None:
+        """Removals must leave every tensor a sub-grid.
+
+        Labels that vary along two or more axes (a channel axis split into groups x channels, heads
+        x head dims, a concat along a spatial axis) could lose an arbitrary subset of elements. Once
+        all couplings are known, keep the axis with the most distinct classes and unite the labels
+        along the others: a channel shuffle prunes the same inner channel in every group; attention,
+        whose matmuls made each head one class, keeps heads whole."""
+        for labels in self.activations.values():
+            axes = varying_axes(labels)
+            if len(axes) >= 2:
+                keep = max(reversed(axes), key=lambda a: self._distinct_slices(labels, a))
+                self.sets.union_along(labels, [a for a in axes if a != keep])
 
     def _distinct_slices(self, labels: np.ndarray, axis: int) -> int:
         roots = self.sets.find(np.moveaxis(labels, axis, 0).reshape(labels.shape[axis], -1))
@@ -203,6 +213,7 @@ class Propagation:
                     rule(self, node)
                 except rules.NotHandled as e:
                     self.barrier(node, str(e))
+        self._keep_sub_grids()
         self._pin_foreign_uses()
         self._pin_subgraph_captures()
 
@@ -230,10 +241,11 @@ def _op_name(node: ir.Node) -> str:
     return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
 
 
-def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
-    """Analyze a normalized model (see spa.normalize)."""
+def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False) -> Analysis:
+    """Analyze a normalized model (see spa.normalize). prune_hidden: let channels go that
+    normalizations (LayerNorm, RMSNorm) compute statistics over; lossy, so off by default."""
     shapes = concrete_shapes(model, input_shapes or {})
-    prop = Propagation(model, shapes)
+    prop = Propagation(model, shapes, lossy=prune_hidden)
     prop.run()
     analysis = Analysis(
         model=model,
@@ -245,11 +257,11 @@ def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None) -
         barriers=prop.barriers,
         segments=prop.segments,
     )
-    analysis.groups = _groups(analysis)
+    analysis.groups = _groups(analysis, prop.heads, prop.lossy_labels)
     return analysis
 
 
-def _groups(analysis: Analysis) -> list[Group]:
+def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]) -> list[Group]:
     """Spaces that share a class form one group."""
     sets = analysis.sets
     owner = np.arange(len(analysis.spaces))
@@ -274,13 +286,20 @@ def _groups(analysis: Analysis) -> list[Group]:
     for s in range(len(analysis.spaces)):
         by_top.setdefault(top(s), []).append(s)
     groups = []
+    def roots_of(arrays: list[np.ndarray]) -> set[int]:
+        return set(np.unique(np.concatenate([sets.find(h.ravel()) for h in arrays])).tolist()) if arrays else set()
+
+    head_roots, lossy_roots = roots_of(heads), roots_of(lossy)
     for members in by_top.values():
         roots = np.concatenate([sets.find(analysis.spaces[s].labels) for s in members])
         classes = np.unique(roots[roots != 0])
-        pinned = max(int((sets.find(analysis.spaces[s].labels) == 0).sum()) for s in members)
         if len(classes) == 0:
             continue
-        groups.append(Group(len(groups), classes, pinned, members))
+        first = sets.find(analysis.spaces[members[0]].labels)
+        per_class = max(1, len(first) // max(1, len(np.unique(first))))
+        pinned = max(int((sets.find(analysis.spaces[s].labels) == 0).sum()) for s in members) // per_class
+        listed = classes.tolist()
+        groups.append(Group(len(groups), classes, pinned, members, per_class, bool(head_roots.intersection(listed)), bool(lossy_roots.intersection(listed))))
     return groups
 
 

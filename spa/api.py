@@ -47,11 +47,11 @@ def _load(model) -> tuple[ir.Model, Path | None]:
     raise SpaError(f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
 
 
-def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
+def analyze(model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False) -> Analysis:
     """Groups of coupled channels and the barriers of a model (a path, ModelProto or onnx_ir.Model)."""
     work, _ = _load(model)
     normalize(work)
-    return analyze_model(work, input_shapes)
+    return analyze_model(work, input_shapes, prune_hidden)
 
 
 def prune(
@@ -66,6 +66,7 @@ def prune(
     max_group_ratio: float = 0.8,
     target_macs: float | None = None,
     target_params: float | None = None,
+    prune_hidden: bool = False,
     input_shapes: dict[str, list[int]] | None = None,
     verify: bool = True,
     seed: int = 0,
@@ -80,6 +81,8 @@ def prune(
         loses more than `max_group_ratio` of its channels.
     target_macs, target_params: search the ratio so that the model keeps at most this fraction of
         its MACs (params); `ratio` is then ignored.
+    prune_hidden: also prune channels that normalizations (LayerNorm, RMSNorm) average over, such
+        as a transformer's hidden size. Lossy: the statistics change, outputs are not preserved.
     input_shapes: concrete shapes for symbolic input dims, used for the analysis only.
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
@@ -90,7 +93,7 @@ def prune(
         _check_output_path(source, Path(output))
     expected_signature = verification.signature(work)
     normalize(work)
-    analysis = analyze_model(work, input_shapes)
+    analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
     scores = score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to

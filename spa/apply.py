@@ -226,6 +226,12 @@ def _resize(s: _Surgery, node: ir.Node) -> None:
         s.set_constant(node, 3, np.array(s.dims(out), dtype=np.int64))
 
 
+def _recurrent(s: _Surgery, node: ir.Node) -> None:
+    outputs = [o for o in node.outputs if o.name and o in s.analysis.activations]
+    if outputs and s.changed(outputs[0]):
+        node.attributes["hidden_size"] = ir.AttrInt64("hidden_size", s.dims(outputs[0])[-1])
+
+
 _REWRITES = {
     "Conv": _conv,
     "ConvTranspose": _conv,
@@ -235,4 +241,7 @@ _REWRITES = {
     "Slice": _slice,
     "Gather": _gather,
     "Resize": _resize,
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
 }

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with --global: the most any group may lose (default 0.8)")
     prune.add_argument("--target-macs", type=float, default=None, metavar="F", help="prune until at most the fraction F of the MACs remains (searches the ratio)")
     prune.add_argument("--target-params", type=float, default=None, metavar="F", help="prune until at most the fraction F of the params remains")
+    prune.add_argument("--prune-hidden", action="store_true", help="also prune channels that LayerNorm/RMSNorm normalize over (a transformer's hidden size): lossy")
     _common(prune)
     prune.add_argument("--no-verify", action="store_true", help="skip the checker and onnxruntime checks of the result")
     prune.add_argument("--bench", action="store_true", help="time the original and the pruned model (interleaved) and add the latency to the table")
@@ -135,6 +136,7 @@ def _run(args) -> int:
             max_group_ratio=args.max_group_ratio,
             target_macs=args.target_macs,
             target_params=args.target_params,
+            prune_hidden=args.prune_hidden,
             input_shapes=shapes,
             verify=not args.no_verify,
             seed=args.seed,
@@ -152,6 +154,9 @@ def _run(args) -> int:
         print(report.table(result.before, result.after, latency))
         if latency is not None:
             print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")
+        lossy = [g for g in groups if g.lossy and len(result.plan.by_group[g.id])]
+        if lossy:
+            print(f"lossy: {len(lossy)} group(s) pruned across a normalization (--prune-hidden); outputs change, check accuracy")
         blocked = [b for b in result.analysis.barriers if b.blocked]
         if blocked:
             print(f"left alone: {len(blocked)} barrier op(s) ({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`")

@@ -68,7 +68,9 @@ def make_plan(
         ratios = {g.id: ratio for g in analysis.groups}
     by_group = {}
     for group in analysis.groups:
-        keep = keep_count(group.width, ratios[group.id], round_to)
+        # round_to counts channels; a class holds channels_per_class of them (a head's dims).
+        step = round_to // math.gcd(round_to, group.channels_per_class)
+        keep = keep_count(group.width, ratios[group.id], step)
         count = min(group.width - keep, len(candidates[group.id]))
         by_group[group.id] = np.array(candidates[group.id][:count], dtype=np.int64)
     removed = np.concatenate(list(by_group.values())) if by_group else np.zeros(0, np.int64)

@@ -54,8 +54,21 @@ def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
             keep = ~analysis.removed_mask(space.labels, removed)
             spaces.append({"node": space.node, "op": space.op, "width": len(space.labels), "kept": np.flatnonzero(keep).tolist()})
         lost = int(np.isin(group.classes, removed).sum())
-        groups.append({"id": group.id, "width": group.width, "pinned": group.pinned, "removed": lost, "layers": spaces, "params": analysis.member_names(group)})
+        groups.append({
+            "id": group.id, "width": group.width, "unit": unit_name(group), "channels_per_unit": group.channels_per_class, "lossy": group.lossy,
+            "pinned": group.pinned, "removed": lost, "layers": spaces, "params": analysis.member_names(group),
+        })
     return groups
+
+
+def unit_name(group) -> str:
+    return "heads" if group.heads else "channels" if group.channels_per_class == 1 else "channel groups"
+
+
+def width_text(group) -> str:
+    if group.channels_per_class == 1:
+        return str(group.width)
+    return f"{group.width} heads x {group.channels_per_class}" if group.heads else f"{group.width} x {group.channels_per_class}"
 
 
 def barriers(analysis: Analysis) -> list[dict]:
@@ -80,11 +93,13 @@ def prune_report(result) -> dict:
 def analysis_listing(analysis: Analysis, name: str) -> str:
     groups = analysis.groups
     prunable = sum(len(g.classes) for g in groups)
-    lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable channels, {len(analysis.barriers)} barriers", ""]
-    lines.append(f"{'group':>5}  {'width':>5}  {'pinned':>6}  {'params':>6}  layers")
-    for g in groups:
+    lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable units (channels or heads), {len(analysis.barriers)} barriers", ""]
+    widths = [width_text(g) for g in groups]
+    w = max([5, *map(len, widths)])
+    lines.append(f"{'group':>5}  {'width':>{w}}  {'pinned':>6}  {'params':>6}  layers")
+    for g, width in zip(groups, widths):
         layers = ", ".join(f"{analysis.spaces[s].node} ({analysis.spaces[s].op})" for s in g.spaces)
-        lines.append(f"{g.id:>5}  {g.width:>5}  {g.pinned:>6}  {len(analysis.member_names(g)):>6}  {layers}")
+        lines.append(f"{g.id:>5}  {width:>{w}}  {g.pinned:>6}  {len(analysis.member_names(g)):>6}  {layers}")
     if analysis.barriers:
         lines += ["", "barriers (left alone):"]
         for b in analysis.barriers:

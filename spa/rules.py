@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.evaluate import run_node
-from spa.labels import along, varying_axes
+from spa.labels import varying_axes
 from spa.labels import compress as compress_labels
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ def rule_for(node: ir.Node) -> Rule | None:
 
 
 def creates_channels(node: ir.Node, prop: Propagation) -> bool:
-    return rule_for(node) in (conv, gemm, matmul) and prop.is_constant(node.inputs[1])
+    if rule_for(node) in (conv, gemm, matmul, recurrent):
+        return prop.is_constant(node.inputs[1])
+    return node.op_type == "Gather" and prop.is_constant(node.inputs[0]) and not prop.is_constant(node.inputs[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,15 +68,16 @@ def creates_channels(node: ir.Node, prop: Propagation) -> bool:
 
 
 def _channel_vector(prop: Propagation, value: ir.Value, axis: int) -> np.ndarray:
-    """Labels of the channels along `axis`, one per position. Labels that also vary along other
-    axes cannot be removed along `axis` alone: they are pinned."""
+    """Labels of the channels along `axis`, one per position. A layer reads each channel across
+    all other axes, so labels that also vary along them are united into one class per position."""
     labels = prop.labels(value)
-    size = prop.shape(value)[axis]
-    vector = along(labels, axis)
-    if vector is None:
-        prop.sets.pin(labels)
-        return np.zeros(size, dtype=np.int64)
-    return np.broadcast_to(vector, (size,)).copy()
+    axis %= labels.ndim
+    prop.sets.union_along(labels, [a for a in varying_axes(labels) if a != axis])
+    vector = labels
+    for a in range(labels.ndim):
+        if a != axis:
+            vector = vector.take([0], axis=a)
+    return np.broadcast_to(vector.reshape(-1), (prop.shape(value)[axis],)).copy()
 
 
 def _at_axis(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
@@ -151,15 +154,93 @@ def gemm(prop: Propagation, node: ir.Node) -> None:
 @rule("MatMul")
 def matmul(prop: Propagation, node: ir.Node) -> None:
     a, b = node.inputs
+    out_shape = prop.shape(node.outputs[0])
+    out_rank = len(out_shape)
     if prop.is_constant(b) and not prop.is_constant(a) and len(b.const_value.shape) == 2:
-        rank = len(prop.shape(a))
-        inputs = _channel_vector(prop, a, rank - 1)
+        inputs = _channel_vector(prop, a, len(prop.shape(a)) - 1)
         outputs = prop.new_space(node, b.const_value.shape[1])
         prop.member(node, 1, inputs.reshape(-1, 1))
         prop.member(node, 1, outputs.reshape(1, -1))
-        prop.set(node.outputs[0], _at_axis(outputs, len(prop.shape(node.outputs[0])) - 1, len(prop.shape(node.outputs[0]))))
+        prop.set(node.outputs[0], _at_axis(outputs, out_rank - 1, out_rank))
         return
-    raise NotHandled("MatMul of two activations")
+    if prop.is_constant(a) or prop.is_constant(b) or min(len(prop.shape(a)), len(prop.shape(b))) < 2:
+        raise NotHandled("MatMul with a constant first operand, a batched weight or a vector")
+    _contract(prop, node, out_shape)
+
+
+def _contract(prop: Propagation, node: ir.Node, out_shape: tuple[int, ...]) -> None:
+    """MatMul of two activations, (..., M, K) x (..., K, N): attention's scores and context.
+
+    Channel k of A's columns meets channel k of B's rows. Each output element sums over all k, so
+    where A's labels also vary along its batch or row axes (heads), every batch slice becomes one
+    class: removing a head removes its whole slice of the output. The batch axes meet elementwise."""
+    rank = len(out_shape)
+    la, sa = _at_rank(prop, node.inputs[0], rank)
+    lb, sb = _at_rank(prop, node.inputs[1], rank)
+    if la.shape[-1] > 1 or lb.shape[-2] > 1:
+        prop.sets.union(la[..., :, :, None], lb[..., None, :, :])
+    la = _consume(prop, la, rank - 1)
+    lb = _consume(prop, lb, rank - 2)
+    parts = [(la, sa[:-1] + (1,), None), (lb, sb[:-2] + (1, sb[-1]), None)]
+    labels = meet(prop, parts, out_shape)
+    prop.heads.append(labels)
+    prop.set(node.outputs[0], labels)
+
+
+def _at_rank(prop: Propagation, value: ir.Value, rank: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    labels, shape = prop.labels(value), prop.shape(value)
+    pad = rank - len(shape)
+    return labels.reshape((1,) * pad + labels.shape), (1,) * pad + tuple(shape)
+
+
+def _consume(prop: Propagation, labels: np.ndarray, axis: int) -> np.ndarray:
+    """Labels left after summing over `axis`: a slice that varies along it becomes one class."""
+    if labels.shape[axis] == 1:
+        return labels
+    reduced = labels.take([0], axis=axis)
+    if len(varying_axes(labels)) == 1:
+        return np.zeros_like(reduced)  # channels consumed, as by a weight
+    prop.sets.union_along(labels, [axis])
+    return reduced
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+@rule("LSTM", "GRU", "RNN")
+def recurrent(prop: Propagation, node: ir.Node) -> None:
+    """The hidden units of a recurrent layer: W, R and B hold one block per gate (and R's columns
+    read the units back); both directions share the unit index."""
+    x, w, rec = node.inputs[0], node.inputs[1], node.inputs[2]
+    optional = list(node.inputs[3:]) + [None] * (8 - len(node.inputs))
+    bias, _, initial_h, initial_c, peephole = optional[:5]
+    if not (prop.is_constant(w) and prop.is_constant(rec)) or (bias is not None and not prop.is_constant(bias)):
+        raise NotHandled("weights are not constants")
+    gates = _GATES[node.op_type]
+    hidden = prop.new_space(node, node.attributes.get_int("hidden_size"))
+    inputs = _channel_vector(prop, x, -1)
+    rows = np.tile(hidden, gates).reshape(1, -1, 1)
+    prop.member(node, 1, rows)
+    prop.member(node, 1, inputs.reshape(1, 1, -1))
+    prop.member(node, 2, rows)
+    prop.member(node, 2, hidden.reshape(1, 1, -1))
+    if bias is not None:
+        prop.member(node, 3, np.tile(hidden, 2 * gates).reshape(1, -1))
+    if peephole is not None:
+        if not prop.is_constant(peephole):
+            raise NotHandled("peepholes are not constants")
+        prop.member(node, 7, np.tile(hidden, 3).reshape(1, -1))
+    for index, state in ((5, initial_h), (6, initial_c)):
+        if state is None:
+            continue
+        if prop.is_constant(state):
+            prop.member(node, index, hidden.reshape(1, 1, -1))
+        else:
+            prop.sets.union(_channel_vector(prop, state, -1), hidden)
+    for out in node.outputs:
+        if out.name:
+            rank = len(prop.shape(out))
+            prop.set(out, _at_axis(hidden, rank - 1, rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,40 +249,56 @@ def matmul(prop: Propagation, node: ir.Node) -> None:
 
 def elementwise(prop: Propagation, node: ir.Node, operands: list[tuple[int, list[int] | None]]) -> None:
     """Operands meet elementwise. Each is (input index, the output axes its own axes sit at), None
-    meaning numpy broadcasting. Where an operand spans an axis along which channels vary, it
-    carries the same channel as the output there."""
+    meaning numpy broadcasting."""
     out_shape = prop.shape(node.outputs[0])
     rank = len(out_shape)
-    shapes, labels, positions = [], [], []
+    parts = []
     for index, axes in operands:
         value = node.inputs[index]
         own = prop.shape(value)
         axes = list(range(rank - len(own), rank)) if axes is None else axes
-        positions.append(axes)
-        shapes.append(_place(own, axes, rank))
-        labels.append(None if prop.is_constant(value) else prop.labels(value).reshape(_place(prop.labels(value).shape, axes, rank)))
-    channel_axes = {a for lab in labels if lab is not None for a in varying_axes(lab) if out_shape[a] > 1}
-    compressed = tuple(out_shape[a] if a in channel_axes else 1 for a in range(rank))
-    spans = [{a for a in channel_axes if shape[a] == out_shape[a]} for shape in shapes]
-    result = np.zeros(compressed, dtype=np.int64)
-    for lab, span in zip(labels, spans):
-        if lab is not None and span == channel_axes:
-            result = np.where(result == 0, np.broadcast_to(lab, compressed), result)
-    for (index, _), lab, span, axes in zip(operands, labels, spans, positions):
-        if not span:
-            continue  # broadcast over every channel axis: untouched by removals
-        shared = sorted(channel_axes - span)
-        prop.sets.union_along(result, shared)  # one of its elements serves several channels
-        if lab is not None:
-            prop.sets.union(np.broadcast_to(lab, compressed), result)
-            continue
-        param = result
-        for a in shared:
-            param = param.take([0], axis=a)
-        prop.member(node, index, param.reshape([param.shape[a] for a in axes]))
+        labels = None if prop.is_constant(value) else prop.labels(value).reshape(_place(prop.labels(value).shape, axes, rank))
+
+        def as_member(param: np.ndarray, index=index, axes=axes) -> None:
+            prop.member(node, index, param.reshape([param.shape[a] for a in axes]))
+
+        parts.append((labels, _place(own, axes, rank), as_member))
+    result = meet(prop, parts, out_shape)
     for out in node.outputs:
         if out.name:
             prop.set(out, result)
+
+
+def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarray:
+    """Tensors that meet element by element: the output's labels, with the couplings recorded.
+
+    parts: (labels at the output's rank, or None for a constant; real shape at the output's rank;
+    what to do with a constant that follows the channels). Along a channel axis an operand spans,
+    its element belongs to the output's channel there. An operand that spans only some channel axes
+    is shared across the others: a labelled one then carries whole slices (a per-head factor makes
+    heads the unit), while an unlabelled one or a constant must stay whole, so removals may cut only
+    along the axes it does not span (a rotary cos/sin table over head dims keeps whole heads)."""
+    rank = len(out_shape)
+    channel_axes = {a for lab, _, _ in parts if lab is not None for a in varying_axes(lab) if out_shape[a] > 1}
+    compressed = tuple(out_shape[a] if a in channel_axes else 1 for a in range(rank))
+    spans = [{a for a in channel_axes if shape[a] == out_shape[a]} for _, shape, _ in parts]
+    result = np.zeros(compressed, dtype=np.int64)
+    for (lab, _, _), span in zip(parts, spans):
+        if lab is not None and span == channel_axes:
+            result = np.where(result == 0, np.broadcast_to(lab, compressed), result)
+    for (lab, _, as_member), span in zip(parts, spans):
+        if not span:
+            continue  # broadcast over every channel axis: untouched by removals
+        if lab is not None and lab.any():
+            prop.sets.union_along(result, sorted(channel_axes - span))
+            prop.sets.union(np.broadcast_to(lab, compressed), result)
+        elif span != channel_axes:
+            prop.sets.union_along(result, sorted(span))
+        elif lab is not None:
+            prop.sets.pin(result)  # an unlabelled tensor with these very channels: they stay
+        else:
+            as_member(result)
+    return result
 
 
 def _place(own: tuple[int, ...], axes: list[int], rank: int) -> tuple[int, ...]:
@@ -238,10 +335,21 @@ def per_channel(prop: Propagation, node: ir.Node) -> None:
 
 @rule("LayerNormalization")
 def layer_norm(prop: Propagation, node: ir.Node) -> None:
+    """Normalizes over the channels: pinned, unless hidden-size pruning (lossy) is asked for."""
     rank = len(prop.shape(node.inputs[0]))
     axis = node.attributes.get_int("axis", -1) % rank
-    _pin_along(prop, node.inputs[0], range(axis, rank))
+    labels = prop.labels(node.inputs[0])
+    if any(labels.shape[a] > 1 for a in range(axis, rank)) and not _statistics_may_change(prop, labels):
+        prop.sets.pin(labels)
     elementwise(prop, node, [(i, None) for i, v in enumerate(node.inputs) if v is not None])
+
+
+def _statistics_may_change(prop: Propagation, labels: np.ndarray) -> bool:
+    """A mean or norm over channels changes when channels go: allowed only for lossy hidden-size
+    pruning (--prune-hidden), which records the channels it touched."""
+    if prop.lossy:
+        prop.lossy_labels.append(labels)
+    return prop.lossy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,14 +365,17 @@ def _pin_along(prop: Propagation, value: ir.Value, axes) -> bool:
     return False
 
 
-def axis_local(prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] = ()) -> None:
+def axis_local(prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] = (), statistics: bool = False) -> None:
     """The op works along `axes` of input 0 (pool, reduce, normalize over them); `dropped` axes
-    disappear from the output. Channels along other axes pass through unchanged."""
+    disappear from the output. Channels along other axes pass through unchanged; channels along
+    `axes` are pinned, unless the op computes `statistics` and hidden-size pruning is lossy."""
     x = node.inputs[0]
     labels = prop.labels(x)
     rank = labels.ndim
     axes = {a % rank for a in axes}
-    if _pin_along(prop, x, axes):
+    if any(labels.shape[a] > 1 for a in axes):
+        if not (statistics and _statistics_may_change(prop, labels)):
+            prop.sets.pin(labels)
         labels = np.zeros_like(labels)
     if dropped:
         labels = labels.reshape([d for a, d in enumerate(labels.shape) if a not in {a % rank for a in dropped}])
@@ -321,7 +432,8 @@ def reduce(prop: Propagation, node: ir.Node) -> None:
         axes = _const(prop, node, 1).reshape(-1).tolist()
     else:
         axes = [] if node.attributes.get_int("noop_with_empty_axes", 0) else list(range(rank))
-    axis_local(prop, node, axes, dropped=() if keepdims else tuple(axes))
+    statistics = node.op_type in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2")
+    axis_local(prop, node, axes, dropped=() if keepdims else tuple(axes), statistics=statistics)
 
 
 @rule("Pad")
@@ -379,8 +491,22 @@ _MOVES = {
 }
 
 
+def _embedding(prop: Propagation, node: ir.Node) -> None:
+    """Gather of rows of a constant table by run-time ids: the table's columns are channels."""
+    table = node.inputs[0].const_value
+    if node.attributes.get_int("axis", 0) != 0 or len(table.shape) != 2:
+        raise NotHandled("Gather from a constant that is not a 2-D table")
+    columns = prop.new_space(node, table.shape[1])
+    prop.member(node, 0, columns.reshape(1, -1))
+    rank = len(prop.shape(node.outputs[0]))
+    prop.set(node.outputs[0], _at_axis(columns, rank - 1, rank))
+
+
 @rule(*_MOVES)
 def move(prop: Propagation, node: ir.Node) -> None:
+    if node.op_type == "Gather" and prop.is_constant(node.inputs[0]) and not prop.is_constant(node.inputs[1]):
+        _embedding(prop, node)
+        return
     data = _MOVES[node.op_type] or list(range(len(node.inputs)))
     arrays: list[np.ndarray | None] = []
     for i, value in enumerate(node.inputs):
