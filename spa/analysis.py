@@ -20,7 +20,6 @@ import numpy as np
 import onnx_ir as ir
 
 from spa import rules
-from spa.errors import SpaError
 from spa.labels import LabelSets, compress, varying_axes
 from spa.normalize import opset_version
 from spa.shapes import concrete_shapes
@@ -301,8 +300,3 @@ def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]
         listed = classes.tolist()
         groups.append(Group(len(groups), classes, pinned, members, per_class, bool(head_roots.intersection(listed)), bool(lossy_roots.intersection(listed))))
     return groups
-
-
-def require_prunable(analysis: Analysis) -> None:
-    if not analysis.groups:
-        raise SpaError("no prunable channels found: every channel reaches an output, an input or a barrier")

@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from spa import io, verify as verification
-from spa.analysis import Analysis, analyze as analyze_model, require_prunable
+from spa.analysis import Analysis, analyze as analyze_model
 from spa.apply import apply, pruned_shapes
 from spa.count import Counts, count
 from spa.errors import SpaError

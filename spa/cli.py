@@ -146,6 +146,8 @@ def _run(args) -> int:
             timings = bench.benchmark([args.input, result.model], ["before", "after"], args.threads, input_shapes=shapes)
             latency = (timings[0].median_ms, timings[1].median_ms)
         groups = result.analysis.groups
+        if not groups:
+            print("nothing to prune: every channel reaches an input, an output or a barrier (see `spa analyze`); the model is written unchanged in structure")
         print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} channel classes removed in {result.seconds:.2f} s")
         if result.target is not None:
             t = result.target

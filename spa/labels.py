@@ -79,13 +79,6 @@ def varying_axes(labels: np.ndarray) -> list[int]:
     return [axis for axis, size in enumerate(labels.shape) if size > 1]
 
 
-def along(labels: np.ndarray, axis: int) -> np.ndarray | None:
-    """The labels along `axis` as a vector, or None if they also vary along another axis."""
-    if any(a != axis % labels.ndim for a in varying_axes(labels)):
-        return None
-    return labels.reshape(-1) if labels.shape[axis] > 1 else labels.reshape(-1)[:1]
-
-
 def axis_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
     """Per-axis keep vectors of a boolean mask, or None when the kept elements are not a sub-grid."""
     keeps = []

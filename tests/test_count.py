@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import helper
 
-import spa
 from graphs import Graph
 from spa import analysis, apply, count, io, normalize, plan, score
 
@@ -41,7 +39,7 @@ def test_grouped_strided_conv_and_conv_transpose():
 
 def test_gemm_and_batched_matmul():
     g = Graph()
-    h = g.op("Gemm", "x", g.weight(6, 5), transB=1)  # (2,5) x (5,6)
+    g.op("Gemm", "x", g.weight(6, 5), transB=1)  # (2,5) x (5,6)
     g.nodes[-1].output[0] = "h"
     g.op("MatMul", "a", "b")
     g.nodes[-1].output[0] = "y"

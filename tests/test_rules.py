@@ -35,7 +35,7 @@ def test_conv_chain_one_group_and_output_pinned():
     g = Graph()
     h = g.op("Relu", g.conv("x", 8, 16))
     g.nodes[-1].output[0] = h
-    y = g.conv(h, 16, 4)
+    g.conv(h, 16, 4)
     g.nodes[-1].output[0] = "y"
     model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
     assert _widths(model) == [16]  # the last conv feeds the output: its channels stay
