@@ -197,13 +197,15 @@ def _file_bytes(path: Path) -> int:
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
-def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None) -> tuple[float, int]:
+def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None, select: str = "all") -> tuple[float, int]:
     """Zero the parameters of randomly chosen coupled channels, prune exactly those, and return the
     relative output error against the zeroed, unpruned model (and how many classes were removed).
-    Exact surgery gives float rounding only."""
+    Exact surgery gives float rounding only. select: "all" groups, only "heads", or only "channels"."""
     work, _ = _load(model)
     normalize(work)
     analysis = analyze_model(work, input_shapes)
+    chosen = {"all": lambda g: True, "heads": lambda g: g.heads, "channels": lambda g: not g.heads}[select]
+    analysis.groups = [g for g in analysis.groups if chosen(g)]
     plan = make_plan(analysis, score(analysis, "random", seed), ratio, round_to=1)
     verification.zero_classes(analysis, plan.removed)
     reference = verification.session(io.clone(work))

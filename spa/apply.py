@@ -153,21 +153,33 @@ def _rewrite_shape_vector(s: _Surgery, node: ir.Node, index: int, entry, rank: i
     Entries align right with the output's axes (Reshape's shape has the output's rank anyway)."""
     value = node.inputs[index]
     if value.const_value is not None and value.is_initializer():
-        pieces = [(0, value)]
-        length = value.const_value.shape[0]
-    else:
-        pieces = shape_pieces(value)
-        length = sum(p.shape[0] for _, p in pieces)
-    for offset, piece in pieces:
-        if piece.const_value is None:
-            continue
-        old = piece.const_value.numpy()
-        new = np.array([entry(rank - length + offset + i, int(v)) for i, v in enumerate(old.reshape(-1))], dtype=old.dtype).reshape(old.shape)
-        if np.array_equal(new, old):
-            continue
-        target = value.producer() if piece is not value else node
-        slot = list(target.inputs).index(piece) if piece is not value else index
-        s.set_constant(target, slot, new)
+        old = value.const_value.numpy()
+        s.set_constant(node, index, _rewritten(old, entry, rank - old.shape[0]))
+        return
+    concat = value.producer()
+    pieces = shape_pieces(value)
+    if concat is None or concat.op_type != "Concat":
+        return  # a run-time vector that follows the pruning by itself
+    length = sum(p.shape[0] for _, p in pieces)
+    new_inputs = list(concat.inputs)
+    for slot, (offset, piece) in enumerate(pieces):  # by position: one constant may fill two slots
+        if piece.const_value is not None:
+            new_inputs[slot] = _rewritten(piece.const_value.numpy(), entry, rank - length + offset)
+    if all(not isinstance(n, np.ndarray) or np.array_equal(n, p.const_value.numpy()) for n, p in zip(new_inputs, concat.inputs)):
+        return
+    # The Concat may feed other reshapes (torch shares one per layer): this node gets its own.
+    own = ir.node("Concat", list(concat.inputs), attributes={"axis": concat.attributes.get_int("axis", 0)}, name=f"{concat.name}_{node.name}")
+    own.outputs[0].name = f"{value.name}_{node.name}"
+    s.analysis.model.graph.insert_after(concat, own)
+    node.replace_input_with(index, own.outputs[0])
+    for slot, new in enumerate(new_inputs):
+        if isinstance(new, np.ndarray):
+            s.set_constant(own, slot, new)
+
+
+def _rewritten(old: np.ndarray, entry, first_axis: int) -> np.ndarray:
+    flat = [entry(first_axis + i, int(v)) for i, v in enumerate(old.reshape(-1))]
+    return np.array(flat, dtype=old.dtype).reshape(old.shape)
 
 
 def _split(s: _Surgery, node: ir.Node) -> None:

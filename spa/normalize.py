@@ -37,8 +37,42 @@ def normalize(model: ir.Model) -> ir.Model:
         if not fold_constants(model):
             break
         infer_shapes(model)
+    drop_zero_initial_states(model)
     common_passes.RemoveUnusedNodesPass()(model)
     return model
+
+
+# Recurrent ops take initial_h (input 5) and initial_c (input 6); left out, they are zeros.
+_RECURRENT_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
+# Ops that keep a tensor all zeros whatever else they do to it.
+_ZERO_PRESERVING = {"Slice", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Transpose", "Expand", "Tile", "Concat"}
+
+
+def drop_zero_initial_states(model: ir.Model) -> int:
+    """Exporters build recurrent initial states as zeros at run time (ConstantOfShape or Expand,
+    sliced per layer); a zero state is the same as none, and none has no channel count to keep."""
+    dropped = 0
+    for node in model.graph:
+        for index in _RECURRENT_STATES.get(node.op_type, ()):
+            if index < len(node.inputs) and node.inputs[index] is not None and _all_zeros(node.inputs[index]):
+                node.replace_input_with(index, None)
+                dropped += 1
+    return dropped
+
+
+def _all_zeros(value: ir.Value) -> bool:
+    if value.const_value is not None:
+        return not value.const_value.numpy().any()
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type == "ConstantOfShape":
+        fill = producer.attributes.get("value")
+        return fill is None or not fill.value.numpy().any()
+    if producer.op_type in _ZERO_PRESERVING:
+        data = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
+        return all(_all_zeros(v) for v in data)
+    return False
 
 
 def opset_version(model: ir.Model) -> int:

@@ -531,49 +531,92 @@ def move(prop: Propagation, node: ir.Node) -> None:
 
 
 def _shape_input(prop: Propagation, node: ir.Node, index: int) -> np.ndarray:
-    """A non-data input: a constant, or a shape vector whose value is known for the analysis."""
+    """A non-data input: a constant, or a shape vector computed at run time (its analysis value is
+    the output's concrete shape; whether it follows a removal is checked after the op has run)."""
     value = node.inputs[index]
     if prop.is_constant(value):
         return value.const_value.numpy()
-    if node.op_type in ("Reshape", "Expand") and index == 1:
-        pieces = shape_pieces(value)
-        # The runtime shape can only follow a removal where a constant piece spells the dim.
-        if pieces is not None:
-            return _runtime_shape(prop, node)
+    if node.op_type in ("Reshape", "Expand") and index == 1 and shape_pieces(value) is not None:
+        return np.array(prop.shape(node.outputs[0]), dtype=np.int64)
     raise NotHandled(f"input {index} is computed at run time")
 
 
-def _runtime_shape(prop: Propagation, node: ir.Node) -> np.ndarray:
-    return np.array(prop.shape(node.outputs[0]), dtype=np.int64)
-
-
 def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray) -> bool:
-    """A shape computed at run time can follow a removal only where a constant piece spells the dim."""
+    """Every output axis that channels vary along must be spelled, in a shape computed at run time,
+    by a constant (rewritten by the surgery) or by a dim read from a tensor axis that carries the
+    very same channels (it follows the pruning by itself: torch's `x.size(1)`)."""
     if node.op_type not in ("Reshape", "Expand") or prop.is_constant(node.inputs[1]):
         return True
-    pieces = shape_pieces(node.inputs[1])
-    rank = labels.ndim
-    for axis in varying_axes(compress_labels(labels)):
-        axis = axis - rank + sum(p.shape[0] for _, p in pieces)  # Expand aligns shapes right
-        covering = [p for offset, p in pieces if offset <= axis < offset + p.shape[0]]
-        if not covering or not prop.is_constant(covering[0]):
+    entries = _shape_entries(prop, node.inputs[1])
+    out = compress_labels(labels)
+    for axis in varying_axes(out):
+        entry = entries[axis - out.ndim + len(entries)]  # Expand aligns shapes right
+        if entry == "constant":
+            continue
+        if entry is None or _channel_slices(prop.labels(entry[0]), entry[1]) != _channel_slices(out, axis):
             return False
     return True
 
 
-def shape_pieces(value: ir.Value) -> list[tuple[int, ir.Value]] | None:
-    """A shape vector built by Concat: (offset, piece) for each of its inputs, if every piece has a
-    known length. Constant pieces can be rewritten after pruning; the others follow the run time."""
-    producer = value.producer()
-    if producer is None or producer.op_type != "Concat" or value.shape is None:
+def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
+    if labels.shape[axis] == 1:
         return None
-    pieces, offset = [], 0
-    for piece in producer.inputs:
+    return [frozenset(np.unique(labels.take(k, axis=axis)).tolist()) for k in range(labels.shape[axis])]
+
+
+def _shape_entries(prop: Propagation, value: ir.Value) -> list:
+    """For each element of a shape vector: "constant", (tensor, axis) when it is that tensor's
+    dim at run time, or None."""
+    entries = []
+    for _, piece in shape_pieces(value):
+        length = piece.shape[0]
+        if prop.is_constant(piece):
+            entries += ["constant"] * length
+        else:
+            entries += _dims_of(prop, piece) or [None] * length
+    return entries
+
+
+def _dims_of(prop: Propagation, value: ir.Value) -> list | None:
+    """Trace a run-time integer vector back through Shape and the ops that pick its elements."""
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return None
+    if producer.op_type == "Shape":
+        source = producer.inputs[0]
+        rank = len(prop.shape(source))
+        start = producer.attributes.get_int("start", 0) % (rank + 1)
+        end = producer.attributes.get_int("end", rank)
+        end = end + rank if end < 0 else min(end, rank)
+        return [(source, a) for a in range(start, end)]
+    if producer.op_type in ("Cast", "Identity"):
+        return _dims_of(prop, producer.inputs[0])
+    if producer.op_type == "Concat":
+        parts = [[None] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else _dims_of(prop, v) for v in producer.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if producer.op_type in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape"):
+        source = _dims_of(prop, producer.inputs[0])
+        if source is None or not all(prop.is_constant(v) for v in producer.inputs[1:] if v is not None):
+            return None
+        others = [None if v is None else v.const_value.numpy() for v in producer.inputs[1:]]
+        picked = run_node(producer, [np.arange(len(source), dtype=np.int64), *others], prop.opset)[0]
+        return [source[int(i)] for i in picked.reshape(-1)]
+    return None
+
+
+def shape_pieces(value: ir.Value) -> list[tuple[int, ir.Value]] | None:
+    """A shape vector as (offset, piece) pieces: the inputs of the Concat that builds it, or the
+    vector itself; None unless every piece has a known length. Constant pieces can be rewritten
+    after pruning; the others are computed at run time."""
+    producer = value.producer()
+    pieces = list(producer.inputs) if producer is not None and producer.op_type == "Concat" else [value]
+    result, offset = [], 0
+    for piece in pieces:
         if piece is None or piece.shape is None or len(piece.shape) != 1 or not isinstance(piece.shape[0], int):
             return None
-        pieces.append((offset, piece))
+        result.append((offset, piece))
         offset += piece.shape[0]
-    return pieces
+    return result
 
 
 def _check_slice_steps(prop: Propagation, node: ir.Node) -> None:

@@ -6,10 +6,14 @@ given, else 1. The model's own input shapes are restored afterwards, symbolic di
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 
 from spa.errors import SpaError
 from spa.normalize import infer_shapes
+
+logger = logging.getLogger(__name__)
 
 
 def parse_input_shapes(text: str) -> dict[str, list[int]]:
@@ -41,10 +45,32 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
         for v in _all_values(graph):
             if v.shape is not None and all(isinstance(d, int) for d in v.shape):
                 shapes[v] = tuple(v.shape)
+        missing = [v for node in graph for v in node.outputs if v.name and v not in shapes and isinstance(v.type, ir.TensorType)]
+        if missing:
+            shapes.update(_shapes_from_a_run(model, missing, input_shapes))
         return shapes
     finally:
         for v, shape in original.items():
             v.shape = shape
+
+
+def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) -> dict[ir.Value, tuple[int, ...]]:
+    """Shapes that inference could not work out (Range, GatherND, ...), read off one onnxruntime
+    run on inputs of the same concrete shapes. Nothing if onnxruntime cannot run the model."""
+    from spa.verify import random_inputs, session
+
+    outputs = list(model.graph.outputs)
+    try:
+        model.graph.outputs.extend(values)
+        sess = session(model)
+        results = sess.run([v.name for v in values], random_inputs(sess, input_shapes))
+        return {v: tuple(r.shape) for v, r in zip(values, results)}
+    except Exception as e:  # custom ops, or a model onnxruntime refuses: those shapes stay unknown
+        logger.info("no shapes from onnxruntime: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return {}
+    finally:
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(outputs)
 
 
 def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:

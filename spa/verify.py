@@ -84,7 +84,7 @@ def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]]
         if dtype.kind == "f":
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[arg.name] = np.zeros(shape, dtype=dtype)  # ids, masks: 0 is valid for any vocabulary
+            feeds[arg.name] = np.ones(shape, dtype=dtype)  # ids and masks: 1 is valid for any vocabulary
     return feeds
 
 
