@@ -80,6 +80,7 @@ class Analysis:
     shapes: dict[ir.Value, tuple[int, ...]]  # concrete shapes used by the analysis
     barriers: list[Barrier]
     segments: list[np.ndarray]  # label sets of which at least one class must stay
+    scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
     groups: list[Group] = dataclasses.field(default_factory=list)
 
     def removed_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -111,6 +112,7 @@ class Propagation:
         self.barriers: list[Barrier] = []
         self.segments: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []  # labels of the batch axes of activation matmuls
+        self.scaled_dims: list = []  # (rules.ScaledDim, output value, axis): constants to rewrite
         self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
 
     # -- reading
@@ -255,6 +257,7 @@ def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, p
         shapes=shapes,
         barriers=prop.barriers,
         segments=prop.segments,
+        scaled_dims=prop.scaled_dims,
     )
     analysis.groups = _groups(analysis, prop.heads, prop.lossy_labels)
     return analysis

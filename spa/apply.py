@@ -42,6 +42,7 @@ def apply(analysis: Analysis, removed: np.ndarray) -> None:
         rewrite = _REWRITES.get(node.op_type)
         if rewrite is not None and node.domain in ("", "ai.onnx"):
             rewrite(surgery, node)
+    surgery.rewrite_scaled_dims()
     common_passes.RemoveUnusedNodesPass()(analysis.model)
     infer_shapes(analysis.model)
 
@@ -103,6 +104,18 @@ class _Surgery:
         if index >= len(node.inputs):
             node.resize_inputs(index + 1)
         node.replace_input_with(index, value)
+
+    def rewrite_scaled_dims(self) -> None:
+        """`batch * count` shapes: the constant count becomes the pruned extent over the batch."""
+        counts: dict[tuple[ir.Node, int], int] = {}
+        for entry, value, axis in self.analysis.scaled_dims:
+            extent, per = self.dims(value)[axis], self.analysis.shapes[entry.source][entry.axis]
+            count = extent // per
+            if counts.setdefault((entry.mul, entry.slot), count) != count or count * per != extent:
+                raise SurgeryError(f"a shared `dim * count` constant in {entry.mul.name} would need two values")
+        for (mul, slot), count in counts.items():
+            old = mul.inputs[slot].const_value.numpy()
+            self.set_constant(mul, slot, np.full_like(old, count))
 
     def changed(self, value: ir.Value) -> bool:
         return value in self.analysis.activations and self.analysis.activations[value].any() and self.dims(value) != list(self.analysis.shapes[value])

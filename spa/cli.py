@@ -69,7 +69,7 @@ def _threads(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-shapes", default="", metavar="SHAPES", help="fix symbolic input dims for the analysis: x:1,3,224,224 [y:...]")
+    p.add_argument("--input-shapes", nargs="+", default=[], metavar="NAME:DIMS", help="fix symbolic input dims for the analysis: x:1,3,224,224 [mask:1,128 ...]")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage; show tracebacks")
 
@@ -103,7 +103,7 @@ def _ratios(text: str) -> list[float]:
 def _run(args) -> int:
     from spa import api, bench, report
 
-    shapes = parse_input_shapes(args.input_shapes)
+    shapes = parse_input_shapes(" ".join(args.input_shapes))
     if args.json is not None and not args.json.parent.is_dir():
         raise SpaError(f"--json {args.json}: folder '{args.json.parent}' does not exist")
     if args.command == "analyze":
@@ -148,7 +148,7 @@ def _run(args) -> int:
         groups = result.analysis.groups
         if not groups:
             print("nothing to prune: every channel reaches an input, an output or a barrier (see `spa analyze`); the model is written unchanged in structure")
-        print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} channel classes removed in {result.seconds:.2f} s")
+        print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} units (channels or heads) removed in {result.seconds:.2f} s")
         if result.target is not None:
             t = result.target
             verdict = "met" if t["met"] else "NOT met (the most spa can remove)"

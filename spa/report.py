@@ -30,14 +30,22 @@ def table(before: Counts, after: Counts, latency: tuple[float, float] | None = N
     ]
     if latency is not None:
         rows.append(("latency", f"{latency[0]:.3f} ms", f"{latency[1]:.3f} ms", _ratio(latency[1], latency[0])))
-    for op in sorted(set(before.ops) | set(after.ops)):
+    ops = sorted(set(before.ops) | set(after.ops))
+    if len(ops) > _MAX_OP_ROWS:  # long graphs: the ops that changed and the ones that do the MACs
+        ops = [op for op in ops if before.ops.get(op) != after.ops.get(op) or op in _COMPUTE_OPS]
+    for op in ops:
         rows.append((f"  {op}", str(before.ops.get(op, 0)), str(after.ops.get(op, 0)), ""))
     header = ("", "before", "after", "after/before")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
     lines.insert(1, "-" * len(lines[0]))
-    lines.insert(6 + (latency is not None), "ops")
+    hidden = len(set(before.ops) | set(after.ops)) - len(ops)
+    lines.insert(6 + (latency is not None), "ops" + (f" ({hidden} other op types unchanged)" if hidden else ""))
     return "\n".join(lines)
+
+
+_MAX_OP_ROWS = 12
+_COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"}
 
 
 def _ratio(new: float | None, old: float | None) -> str:
@@ -93,7 +101,8 @@ def prune_report(result) -> dict:
 def analysis_listing(analysis: Analysis, name: str) -> str:
     groups = analysis.groups
     prunable = sum(len(g.classes) for g in groups)
-    lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable units (channels or heads), {len(analysis.barriers)} barriers", ""]
+    blocking = sum(b.blocked for b in analysis.barriers)
+    lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable units (channels or heads), {len(analysis.barriers)} barriers ({blocking} blocking channels)", ""]
     widths = [width_text(g) for g in groups]
     w = max([5, *map(len, widths)])
     lines.append(f"{'group':>5}  {'width':>{w}}  {'pinned':>6}  {'params':>6}  layers")

@@ -19,6 +19,7 @@ Ops without a rule are barriers (spa.analysis).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -549,13 +550,53 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
         return True
     entries = _shape_entries(prop, node.inputs[1])
     out = compress_labels(labels)
+    scaled = []
     for axis in varying_axes(out):
         entry = entries[axis - out.ndim + len(entries)]  # Expand aligns shapes right
         if entry == "constant":
             continue
-        if entry is None or _channel_slices(prop.labels(entry[0]), entry[1]) != _channel_slices(out, axis):
+        if entry == "fixed":  # a constant out of the surgery's reach: this axis must not shrink
+            prop.sets.union_along(out, [axis])
+            continue
+        if entry is None:
             return False
+        if isinstance(entry, ScaledDim):
+            how = _scaled_follows(prop, entry, out, axis)
+            if how is None:
+                return False
+            if how == "rewrite":
+                scaled.append((entry, node.outputs[0], axis))
+        elif _channel_slices(prop.labels(entry[0]), entry[1]) != _channel_slices(out, axis):
+            return False
+    prop.scaled_dims.extend(scaled)
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledDim:
+    """A run-time dim times a constant, as in `batch * heads` when heads merge into the batch
+    axis: the constant is the channel count the surgery rewrites."""
+
+    source: ir.Value
+    axis: int
+    mul: ir.Node
+    slot: int  # the Mul input that holds the constant
+
+
+def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: int) -> str | None:
+    """How `dim * count` keeps up with a removal along `axis`: "rewrite" when the dim carries no
+    channels and the channels repeat whole for each of its indices (batch * heads: the count is
+    rewritten); "follows" when the dim carries the channels and each repeats `count` times (kv
+    heads * repeats in grouped-query attention); None otherwise."""
+    source = prop.labels(entry.source)
+    count = int(entry.mul.inputs[entry.slot].const_value.numpy().reshape(-1)[0])
+    if source.shape[entry.axis] == 1:
+        per = prop.shape(entry.source)[entry.axis]
+        along = np.moveaxis(out, axis, 0)
+        blocks = along.reshape(per, along.shape[0] // per, *along.shape[1:])
+        return "rewrite" if bool((blocks == blocks[:1]).all()) else None
+    slices = _channel_slices(source, entry.axis)
+    return "follows" if [s for s in slices for _ in range(count)] == _channel_slices(out, axis) else None
 
 
 def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
@@ -565,8 +606,9 @@ def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
 
 
 def _shape_entries(prop: Propagation, value: ir.Value) -> list:
-    """For each element of a shape vector: "constant", (tensor, axis) when it is that tensor's
-    dim at run time, or None."""
+    """For each element of a shape vector: "constant" (a piece the surgery rewrites), "fixed" (a
+    constant deeper in the computation), (tensor, axis) when it is that tensor's dim at run time,
+    a ScaledDim, or None."""
     entries = []
     for _, piece in shape_pieces(value):
         length = piece.shape[0]
@@ -591,9 +633,24 @@ def _dims_of(prop: Propagation, value: ir.Value) -> list | None:
         return [(source, a) for a in range(start, end)]
     if producer.op_type in ("Cast", "Identity"):
         return _dims_of(prop, producer.inputs[0])
+    if producer.op_type == "Mul":
+        for slot in (0, 1):
+            factor, other = producer.inputs[slot], producer.inputs[1 - slot]
+            if prop.is_constant(factor) and factor.const_value.size == 1:
+                source = _dims_of(prop, other)
+                if source is not None and len(source) == 1 and isinstance(source[0], tuple):
+                    return [ScaledDim(source[0][0], source[0][1], producer, slot)]
+        return None
     if producer.op_type == "Concat":
-        parts = [[None] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else _dims_of(prop, v) for v in producer.inputs]
+        parts = [["fixed"] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else _dims_of(prop, v) for v in producer.inputs]
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if producer.op_type == "Where":
+        # torch's expand fix-up, Where(Equal(v, -1), 1, v), keeps v wherever v is a real dim.
+        test = producer.inputs[0].producer()
+        chosen = producer.inputs[2]
+        if test is not None and test.op_type == "Equal" and chosen in test.inputs and prop.is_constant(producer.inputs[1]):
+            return _dims_of(prop, chosen)
+        return None
     if producer.op_type in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape"):
         source = _dims_of(prop, producer.inputs[0])
         if source is None or not all(prop.is_constant(v) for v in producer.inputs[1:] if v is not None):

@@ -1,0 +1,60 @@
+"""Transformer and recurrent exports in models/transformers, both torch exporters: heads and FFN
+neurons pass the zero-channel test separately, and --ratio 0.5 keeps at most 0.75 of the MACs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+import spa
+
+MODELS = sorted((Path(__file__).parent.parent / "models" / "transformers").glob("*.onnx"))
+SEQ = 8  # a real sequence for the analysis and the checks: with 1, attention is degenerate
+SHAPES = {
+    "bert": {"input_ids": [2, SEQ], "attention_mask": [2, SEQ]},
+    "gpt2": {"input_ids": [2, SEQ]},
+    "llama": {"input_ids": [2, SEQ]},
+    "vit": {"pixel_values": [2, 3, 32, 32]},
+    "mha": {"x": [2, SEQ, 64]},
+    "lstm": {"x": [2, SEQ, 16]},
+    "gru": {"x": [2, SEQ, 16]},
+    "conv1d": {"x": [2, 16, SEQ]},
+}
+WITH_HEADS = {"bert", "gpt2", "llama", "vit", "mha"}
+
+
+def shapes(path: Path) -> dict:
+    return SHAPES[path.stem.split("_")[0]]
+
+
+def test_every_architecture_from_both_exporters():
+    names = {p.stem for p in MODELS}
+    assert {f"{a}_{e}" for a in SHAPES for e in ("dynamo", "legacy")} <= names
+
+
+@pytest.mark.parametrize("path", [p for p in MODELS if p.stem.split("_")[0] in WITH_HEADS], ids=lambda p: p.stem)
+def test_zero_heads(path):
+    analysis = spa.analyze(path, input_shapes=shapes(path))
+    assert sum(g.heads for g in analysis.groups) == (1 if "mha" in path.stem else 2)  # one attention per layer
+    error, removed = spa.zero_channel_check(path, input_shapes=shapes(path), select="heads")
+    assert removed > 0 and error <= 1e-4
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_zero_neurons_and_units(path):
+    error, removed = spa.zero_channel_check(path, input_shapes=shapes(path), select="channels")
+    assert removed > 0 and error <= 1e-4
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_half_ratio_is_valid_and_at_most_three_quarters_of_the_macs(path, tmp_path):
+    out = tmp_path / "p.onnx"
+    result = spa.prune(path, out, ratio=0.5, input_shapes=shapes(path))
+    assert result.after.macs <= 0.75 * result.before.macs
+    onnx.checker.check_model(str(out), full_check=True)
+    original, pruned = onnx.load(path, load_external_data=False), onnx.load(out)
+    assert list(original.graph.input) == list(pruned.graph.input)
+    assert [o.name for o in original.graph.output] == [o.name for o in pruned.graph.output]
+    assert [o.type for o in original.graph.output] == [o.type for o in pruned.graph.output]
