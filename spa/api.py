@@ -12,12 +12,14 @@ import onnx_ir as ir
 
 from spa import io, verify as verification
 from spa.analysis import Analysis, analyze as analyze_model
-from spa.apply import apply, pruned_shapes
+from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
 from spa.errors import SpaError
 from spa.normalize import normalize
 from spa.plan import Plan, default_round_to, make_plan
-from spa.score import CRITERIA, score
+from spa import calibration, statistics
+from spa.compensate import refit
+from spa.score import CRITERIA, DATA_CRITERIA, score, score_with_statistics
 
 @dataclasses.dataclass
 class PruneResult:
@@ -61,12 +63,14 @@ def prune(
     ratio: float = 0.5,
     round_to: int | None = None,
     ignore: list[str] | tuple[str, ...] = (),
-    importance: str = "l2",
+    importance: str = "auto",
     global_ranking: bool = False,
     max_group_ratio: float = 0.8,
     target_macs: float | None = None,
     target_params: float | None = None,
     prune_hidden: bool = False,
+    calibration=None,
+    compensate: bool | None = None,
     input_shapes: dict[str, list[int]] | None = None,
     verify: bool = True,
     seed: int = 0,
@@ -76,13 +80,19 @@ def prune(
     ratio: fraction of the channels of every prunable group to remove, in [0, 1).
     round_to: keep channel counts multiples of this (default: what the CPU's SIMD width rewards).
     ignore: glob patterns of node or initializer names to leave alone.
-    importance: "l2", "l1" (group magnitude) or "random".
+    importance: "auto" (the default: "obs" with calibration data, "l2" without), "l2", "l1" (group
+        magnitude), "random", or with calibration data "wanda" (|W| x input RMS) or "obs" (output
+        error of removing a channel, optimally compensated).
     global_ranking: rank channels across groups instead of removing `ratio` of each group; no group
         loses more than `max_group_ratio` of its channels.
     target_macs, target_params: search the ratio so that the model keeps at most this fraction of
         its MACs (params); `ratio` is then ignored.
     prune_hidden: also prune channels that normalizations (LayerNorm, RMSNorm) average over, such
         as a transformer's hidden size. Lossy: the statistics change, outputs are not preserved.
+    calibration: sample inputs (a .npy/.npz path, an array, a dict of arrays, or an onnxruntime
+        CalibrationDataReader), or "synthetic" for the data-free mode (see spa.calibration).
+    compensate: refit the layers that lost inputs (spa.compensate); default: when there is
+        calibration data.
     input_shapes: concrete shapes for symbolic input dims, used for the analysis only.
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
@@ -95,7 +105,11 @@ def prune(
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
-    scores = score(analysis, importance, seed)
+    data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
+    importance = ("obs" if data else "l2") if importance == "auto" else importance
+    if importance in DATA_CRITERIA and data is None:
+        raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
+    scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to
 
     def plan_for(r: float) -> Plan:
@@ -110,7 +124,10 @@ def prune(
         plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
+    keeps = weight_keeps(analysis, plan.removed)
     apply(analysis, plan.removed)
+    if data is not None and (compensate if compensate is not None else True) and len(plan.removed):
+        data.compensate(work, keeps)
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes) if verify else None
     if source is not None:
@@ -121,11 +138,27 @@ def prune(
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target)
 
 
+class _Calibrated:
+    """Calibration feeds, the consumers of the normalized model before surgery, and what they see."""
+
+    def __init__(self, model: ir.Model, source, input_shapes, seed: int):
+        self.original = io.clone(model)
+        self.feeds = calibration.batches(source, verification.session(self.original), input_shapes, seed)
+        self.consumers = statistics.consumers(self.original)
+
+    def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:
+        moments = statistics.collect(self.original, self.consumers, self.feeds)
+        return score_with_statistics(analysis, criterion, moments, self.consumers)
+
+    def compensate(self, pruned: ir.Model, keeps) -> None:
+        refit(self.original, pruned, self.consumers, self.feeds, keeps)
+
+
 def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params) -> None:
     if not 0.0 <= ratio < 1.0:
         raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
-    if importance not in CRITERIA:
-        raise SpaError(f"--importance must be one of {', '.join(CRITERIA)}, got {importance!r}")
+    if importance not in ("auto", *CRITERIA, *DATA_CRITERIA):
+        raise SpaError(f"--importance must be one of auto, {', '.join(CRITERIA + DATA_CRITERIA)}, got {importance!r}")
     if round_to is not None and round_to < 1:
         raise SpaError(f"--round-to must be a positive integer, got {round_to}")
     if not 0.0 < max_group_ratio < 1.0:
@@ -197,10 +230,11 @@ def _file_bytes(path: Path) -> int:
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
-def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None, select: str = "all") -> tuple[float, int]:
+def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None, select: str = "all", calibration=None) -> tuple[float, int]:
     """Zero the parameters of randomly chosen coupled channels, prune exactly those, and return the
     relative output error against the zeroed, unpruned model (and how many classes were removed).
-    Exact surgery gives float rounding only. select: "all" groups, only "heads", or only "channels"."""
+    Exact surgery gives float rounding only. select: "all" groups, only "heads", or only "channels".
+    calibration: also compensate (which must then change nothing)."""
     work, _ = _load(model)
     normalize(work)
     analysis = analyze_model(work, input_shapes)
@@ -209,7 +243,11 @@ def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: d
     plan = make_plan(analysis, score(analysis, "random", seed), ratio, round_to=1)
     verification.zero_classes(analysis, plan.removed)
     reference = verification.session(io.clone(work))
+    data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
+    keeps = weight_keeps(analysis, plan.removed)
     apply(analysis, plan.removed)
+    if data is not None:
+        data.compensate(work, keeps)
     pruned = verification.session(work)
     feeds = verification.random_inputs(reference, input_shapes, seed)
     error = verification.relative_error(reference.run(None, feeds), pruned.run(None, feeds))

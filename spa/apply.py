@@ -28,6 +28,12 @@ def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tup
     return shapes
 
 
+def weight_keeps(analysis: Analysis, removed: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Per initializer name, the per-axis keep vectors the surgery will apply."""
+    surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
+    return {value.name: keep for value, keep in surgery.initializer_keeps().items()}
+
+
 class SurgeryError(RuntimeError):
     """The plan cannot be carried out exactly. Always a bug in a rule: never written out."""
 

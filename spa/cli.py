@@ -13,7 +13,7 @@ from pathlib import Path
 from spa import __version__
 from spa.errors import SpaError
 from spa.plan import default_round_to
-from spa.score import CRITERIA
+from spa.score import CRITERIA, DATA_CRITERIA
 from spa.shapes import parse_input_shapes
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--ratio", type=float, default=0.5, help="fraction of each group's channels to remove (default 0.5)")
     prune.add_argument("--round-to", type=int, default=None, help=f"keep channel counts multiples of N (default here: {default_round_to()}, from the CPU's SIMD width)")
     prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
-    prune.add_argument("--importance", choices=CRITERIA, default="l2", help="channel importance criterion (default l2)")
+    prune.add_argument("--importance", choices=("auto", *CRITERIA, *DATA_CRITERIA), default="auto", help="channel importance: auto (obs with --calibration, else l2), l2, l1, random, wanda, obs")
+    prune.add_argument("--calibration", default=None, metavar="FILE|synthetic", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' for data-free")
+    prune.add_argument("--no-compensate", action="store_true", help="with --calibration: do not refit the layers that lost inputs")
     prune.add_argument("--seed", type=int, default=0, help="seed for --importance random")
     prune.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups instead of pruning each group by --ratio")
     prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with --global: the most any group may lose (default 0.8)")
@@ -137,6 +139,8 @@ def _run(args) -> int:
             target_macs=args.target_macs,
             target_params=args.target_params,
             prune_hidden=args.prune_hidden,
+            calibration=args.calibration,
+            compensate=False if args.no_compensate else None,
             input_shapes=shapes,
             verify=not args.no_verify,
             seed=args.seed,

@@ -1,0 +1,144 @@
+"""Repair the layers that lost inputs, so that a pruned model keeps its accuracy without training.
+
+Every consumer (spa.statistics) is refit, in graph order, so that on the calibration inputs its
+outputs match the original model's: least squares from the features it now reads (in the pruned
+model, upstream layers already refit) to the outputs it gave in the original model. A constant 1
+among the features makes the bias part of the fit, so the mean of a removed channel moves into the
+bias (a bias is added where the layer had none). The ridge term pulls towards the original weights
+of the kept inputs:
+
+    W' = (W C^T + lambda W_S) (P + lambda I)^-1,  P = E[x_p x_p^T],  C = E[x_p x_o^T]
+
+so where the removed inputs were zero and nothing upstream changed, W' = W_S exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.progress import Progress
+from spa.statistics import Consumer, Moments, exposing
+
+DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
+
+
+def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: list[dict], keeps: dict[str, list[np.ndarray]], damping: float = DAMPING) -> int:
+    """Refit the consumers of `pruned` (in place) towards `original`; returns how many were refit.
+
+    keeps: per weight name, the per-axis keep vectors the surgery applied."""
+    weights = {v.name: v for v in original.graph.initializers.values()}
+    bar = Progress(len(found), "compensate")
+    refit_count = 0
+    for i, consumer in enumerate(found):
+        node = _node_of(pruned, consumer)
+        if node is None:
+            continue
+        original_run = exposing(original, [consumer.input])
+        pruned_run = exposing(pruned, [consumer.input])
+        moments = Moments()
+        for feed in feeds:
+            x_p = consumer.features(pruned_run(feed)[consumer.input])
+            x_o = consumer.features(original_run(feed)[consumer.input])
+            moments.add(x_p, x_o)
+        target = _with_bias(consumer, _node_of(original, consumer), weights)  # (outputs, features + 1)
+        keep = keeps.get(consumer.weight)
+        if keep is not None:
+            target = target[keep[consumer.out_axis]]
+        prior = target[:, _kept_features(consumer, keep, target.shape[1] - 1)]
+        gram = moments.mean_gram()
+        damp = damping * float(np.mean(np.diag(gram))) or damping
+        rhs = moments.mean_cross() @ target.T + damp * prior.T
+        solved = np.linalg.solve(gram + damp * np.eye(len(gram)), rhs).T
+        _write(pruned, node, consumer, solved)
+        refit_count += 1
+        bar.update(i + 1)
+    bar.close()
+    return refit_count
+
+
+def _node_of(model: ir.Model, consumer: Consumer) -> ir.Node | None:
+    value = model.graph.initializers.get(consumer.weight)
+    if value is None:
+        return None
+    uses = [u.node for u in value.uses() if u.idx == 1]
+    return uses[0] if len(uses) == 1 else None
+
+
+def _with_bias(consumer: Consumer, node: ir.Node, weights: dict[str, ir.Value]) -> np.ndarray:
+    matrix = consumer.matrix(weights[consumer.weight].const_value.numpy().astype(np.float64))
+    alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+    bias = _bias(node, matrix.shape[0])
+    return np.concatenate([alpha * matrix, bias[:, None]], axis=1)
+
+
+def _bias(node: ir.Node, outputs: int) -> np.ndarray:
+    if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
+        return beta * np.broadcast_to(node.inputs[2].const_value.numpy().astype(np.float64).reshape(-1), (outputs,))
+    return np.zeros(outputs)
+
+
+def _kept_features(consumer: Consumer, keep: list[np.ndarray] | None, features: int) -> np.ndarray:
+    if keep is None:
+        kept = np.ones(features, dtype=bool)
+    else:
+        per_channel = keep[consumer.in_axis]
+        kernel = int(np.prod(consumer.conv["kernel"])) if consumer.kind == "conv" else 1
+        kept = np.repeat(per_channel, kernel)
+    return np.append(kept, True)
+
+
+def _write(model: ir.Model, node: ir.Node, consumer: Consumer, solved: np.ndarray) -> None:
+    weight = node.inputs[1]
+    old = weight.const_value.numpy()
+    matrix, bias = solved[:, :-1], solved[:, -1]
+    if node.op_type == "Gemm":
+        matrix = matrix / node.attributes.get_float("alpha", 1.0)
+    weight.const_value = ir.tensor(consumer.unmatrix(matrix, old.shape).astype(old.dtype), name=weight.name)
+    bias = bias.astype(old.dtype)
+    if node.op_type in ("Conv", "Gemm"):
+        if node.op_type == "Gemm":
+            bias = bias / node.attributes.get_float("beta", 1.0) if len(node.inputs) > 2 and node.inputs[2] is not None else bias
+            if len(node.inputs) <= 2 or node.inputs[2] is None:
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        _set_bias(model, node, bias)
+    elif np.any(bias):
+        _add_after(model, node, bias)
+
+
+def _set_bias(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
+    current = node.inputs[2] if len(node.inputs) > 2 else None
+    if current is not None and len(current.uses()) == 1:
+        current.const_value = ir.tensor(bias, name=current.name)
+        current.shape = ir.Shape(bias.shape)
+        return
+    name = f"{node.inputs[1].name}_bias"
+    value = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)), const_value=ir.tensor(bias, name=name))
+    model.graph.register_initializer(value)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, value)
+
+
+def _add_after(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
+    """A MatMul has no bias input: add one after it."""
+    out = node.outputs[0]
+    name = f"{node.inputs[1].name}_bias"
+    value = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)), const_value=ir.tensor(bias, name=name))
+    model.graph.register_initializer(value)
+    add = ir.node("Add", [out, value], name=f"{node.name}_bias")
+    model.graph.insert_after(node, add)
+    users = [u for u in out.uses() if u.node is not add]
+    for use in users:
+        use.node.replace_input_with(use.idx, add.outputs[0])
+    result = add.outputs[0]
+    result.type, result.shape = out.type, out.shape
+    if out.is_graph_output():  # the output keeps its name
+        index = list(model.graph.outputs).index(out)
+        name = out.name
+        out.name = f"{name}_before_bias"
+        result.name = name
+        model.graph.outputs[index] = result
+    else:
+        result.name = f"{out.name}_biased"

@@ -1,0 +1,166 @@
+"""What the layers see: second moments of every consumer's input, accumulated over calibration
+batches run in onnxruntime, one batch at a time (never all activations at once).
+
+A consumer is a layer with a weight that reads channels: Conv (group 1), Gemm, MatMul with a
+constant weight. Its features are the input vector (dense) or the im2col patch (conv), plus a
+constant 1 so that the bias takes part in every least-squares fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.analysis import Analysis
+from spa.progress import Progress
+from spa.verify import session
+
+
+@dataclasses.dataclass
+class Consumer:
+    node: str
+    input: str  # the activation it reads
+    weight: str  # its weight initializer: the consumer's identity across model copies
+    kind: str  # "conv" or "dense"
+    in_axis: int  # the weight's input-feature axis
+    out_axis: int
+    conv: dict | None = None  # kernel, strides, pads, dilations
+    feature_axis: int = -1  # the input's feature axis (dense; 0 for Gemm with transA)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Rows of input features, with a trailing 1: (samples, features + 1)."""
+        if self.kind == "dense":
+            rows = np.moveaxis(x, self.feature_axis, -1).reshape(-1, x.shape[self.feature_axis])
+        else:
+            rows = im2col(x, **self.conv, positions=POSITIONS_PER_SAMPLE)
+        return np.concatenate([rows.astype(np.float32), np.ones((len(rows), 1), np.float32)], axis=1)
+
+    def matrix(self, weight: np.ndarray) -> np.ndarray:
+        """The weight as (outputs, features), features in the order of `features`."""
+        w = np.moveaxis(weight, (self.out_axis, self.in_axis), (0, 1))
+        return w.reshape(w.shape[0], -1)
+
+    def unmatrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        moved = np.moveaxis(np.empty(shape, dtype=np.float32), (self.out_axis, self.in_axis), (0, 1)).shape
+        return np.moveaxis(matrix.reshape(moved), (0, 1), (self.out_axis, self.in_axis))
+
+
+# Conv statistics use the same evenly spaced output positions of every sample, at most this many:
+# bounded cost, and the sums do not depend on how samples are split into batches.
+POSITIONS_PER_SAMPLE = 32
+
+
+def im2col(x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int], dilations: list[int], positions: int | None = None) -> np.ndarray:
+    """Conv input patches (N, C, *spatial) -> (N * positions, C * prod(kernel)), channel-major."""
+    dims = len(kernel)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)])
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + dims)))
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, d) for d in dilations)
+    windows = windows[index]  # (N, C, *out, *kernel)
+    n, c = windows.shape[:2]
+    out = windows.shape[2 : 2 + dims]
+    windows = np.moveaxis(windows, 1, 1 + dims)  # (N, *out, C, *kernel)
+    total = int(np.prod(out))
+    step = max(1, -(-total // positions)) if positions else 1
+    windows = windows.reshape(n, total, c * int(np.prod(kernel)))[:, ::step]
+    return windows.reshape(-1, windows.shape[-1])
+
+
+def consumers(model: ir.Model) -> list[Consumer]:
+    found = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if w is None or w.const_value is None or x is None or x.const_value is not None or not w.name:
+            continue
+        rank = len(w.const_value.shape)
+        if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and rank in (3, 4):
+            kernel = list(w.const_value.shape[2:])
+            dims = len(kernel)
+            if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+                continue
+            conv = {
+                "kernel": kernel,
+                "strides": list(node.attributes.get_ints("strides", [1] * dims)),
+                "pads": list(node.attributes.get_ints("pads", [0] * 2 * dims)),
+                "dilations": list(node.attributes.get_ints("dilations", [1] * dims)),
+            }
+            found.append(Consumer(node.name, x.name, w.name, "conv", 1, 0, conv))
+        elif node.op_type == "Gemm" and rank == 2:
+            trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
+            found.append(Consumer(node.name, x.name, w.name, "dense", 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1))
+        elif node.op_type == "MatMul" and rank == 2:
+            found.append(Consumer(node.name, x.name, w.name, "dense", 0, 1))
+    return found
+
+
+def feature_classes(analysis: Analysis, consumer: Consumer, weight_shape: tuple[int, ...]) -> np.ndarray:
+    """The class (root label) of every input feature of a consumer; 0 where none."""
+    per_channel = np.zeros(weight_shape[consumer.in_axis], dtype=np.int64)
+    for m in analysis.members:
+        if m.value.name == consumer.weight and m.labels.shape[consumer.in_axis] > 1:
+            per_channel = analysis.sets.find(m.labels.reshape(-1))
+    kernel = int(np.prod(consumer.conv["kernel"])) if consumer.kind == "conv" else 1
+    return np.repeat(per_channel, kernel)
+
+
+class Moments:
+    """Running sums of a consumer's features: their count, and products with themselves or with
+    another model's features at the same place (for fitting one model to the other)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.gram: np.ndarray | None = None  # sum of x x^T
+        self.cross: np.ndarray | None = None  # sum of x y^T
+
+    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        self.count += len(x)
+        gram = (x.T @ x).astype(np.float64)  # products in float32, sums in float64
+        self.gram = gram if self.gram is None else self.gram + gram
+        if y is not None:
+            cross = (x.T @ y).astype(np.float64)
+            self.cross = cross if self.cross is None else self.cross + cross
+
+    def mean_gram(self) -> np.ndarray:
+        return self.gram / max(self.count, 1)
+
+    def mean_cross(self) -> np.ndarray:
+        return self.cross / max(self.count, 1)
+
+
+def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments]:
+    """Second moments of every consumer's features, in one pass over the calibration batches."""
+    run = exposing(model, sorted({c.input for c in found}))
+    moments = {c.weight: Moments() for c in found}
+    bar = Progress(len(feeds), label)
+    for i, feed in enumerate(feeds):
+        values = run(feed)
+        for c in found:
+            moments[c.weight].add(c.features(values[c.input]))
+        bar.update(i + 1)
+    bar.close()
+    return moments
+
+
+def exposing(model: ir.Model, names: list[str]):
+    """A function feed -> {name: value} for intermediate values (graph inputs come from the feed)."""
+    produced = {v.name: v for n in model.graph for v in n.outputs if v.name}
+    wanted = [n for n in names if n in produced]
+    outputs = list(model.graph.outputs)
+    try:
+        model.graph.outputs.extend(produced[n] for n in wanted if produced[n] not in outputs)
+        sess = session(model)
+    finally:
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(outputs)
+
+    def run(feed: dict) -> dict[str, np.ndarray]:
+        values = dict(zip(wanted, sess.run(wanted, feed))) if wanted else {}
+        values.update({n: feed[n] for n in names if n in feed})
+        return values
+
+    return run

@@ -1,0 +1,108 @@
+"""Compensation is exact where it must be, and statistics do not depend on batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import spa
+from graphs import Graph
+from spa import apply, compensate, io, normalize, statistics
+from spa.analysis import analyze
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    sess = spa.verify.session(io.clone(model))
+    return sess.run(None, {"x": x})[0]
+
+
+def _pruned_and_refit(model: onnx.ModelProto, removed_channels: list[int], feeds: list[dict]) -> tuple[ir.Model, ir.Model]:
+    """Remove the given output channels of the first layer, then refit its consumers, with a
+    vanishing ridge: the default ridge trades a little exactness for robustness."""
+    work = ir.serde.deserialize_model(model)
+    normalize.normalize(work)
+    analysis = analyze(work)
+    first = analysis.spaces[0].labels
+    removed = np.unique(analysis.sets.find(first[removed_channels]))
+    original = io.clone(work)
+    keeps = apply.weight_keeps(analysis, removed)
+    apply.apply(analysis, removed)
+    compensate.refit(original, work, statistics.consumers(original), feeds, keeps, damping=1e-7)
+    return original, work
+
+
+def test_channels_that_are_combinations_of_kept_ones_are_reconstructed_exactly():
+    """Outputs 6 and 7 of a linear layer are combinations of outputs 0..5: removing them and
+    refitting the next layer loses nothing."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 6)).astype(np.float32)
+    w1 = np.concatenate([w1, w1 @ rng.standard_normal((6, 2)).astype(np.float32)], axis=1)  # (16, 8)
+    g = Graph()
+    h = g.op("MatMul", "x", g.const(w1))
+    g.op("MatMul", h, g.weight(8, 4))
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": [64, 16]}, {"y": [64, 4]})
+    feeds = [{"x": rng.standard_normal((64, 16)).astype(np.float32)} for _ in range(4)]
+    original, pruned = _pruned_and_refit(model, [6, 7], feeds)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    assert np.allclose(_run(original, x), _run(pruned, x), rtol=1e-3, atol=1e-3)
+
+
+def test_a_constant_channel_is_absorbed_into_the_bias():
+    """Channel 3 of a conv output is constant (zero weights, bias 2): after removing it, the next
+    conv's new bias carries its contribution and the output is unchanged."""
+    rng = np.random.default_rng(1)
+    g = Graph()
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w[3] = 0
+    b = rng.standard_normal(8).astype(np.float32)
+    b[3] = 2.0
+    h = g.op("Conv", "x", g.const(w), g.const(b), pads=[1, 1, 1, 1])
+    g.op("Conv", h, g.weight(4, 8, 1, 1))  # no bias: one is added
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": [2, 3, 6, 6]}, {"y": [2, 4, 6, 6]})
+    feeds = [{"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(8)]
+    original, pruned = _pruned_and_refit(model, [3], feeds)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    assert np.allclose(_run(original, x), _run(pruned, x), rtol=1e-4, atol=1e-4)
+    conv = [n for n in pruned.graph if n.op_type == "Conv"][1]
+    assert len(conv.inputs) == 3 and conv.inputs[2] is not None
+
+
+def test_statistics_are_the_same_in_one_batch_or_many():
+    model = io.load("models/torch/resnet_legacy.onnx")
+    normalize.normalize(model)
+    found = statistics.consumers(model)
+    x = np.random.default_rng(2).standard_normal((12, 3, 32, 32)).astype(np.float32)
+    one = statistics.collect(model, found, [{"input": x}])
+    many = statistics.collect(model, found, [{"input": x[:5]}, {"input": x[5:6]}, {"input": x[6:]}])
+    for c in found:
+        assert one[c.weight].count == many[c.weight].count
+        assert np.allclose(one[c.weight].gram, many[c.weight].gram, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("calibration", ["synthetic", "arrays"])
+def test_zero_channel_test_holds_with_compensation(calibration):
+    data = "synthetic" if calibration == "synthetic" else np.random.default_rng(3).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    error, removed = spa.zero_channel_check("models/torch/mobilenetv2_dynamo.onnx", calibration=data)
+    assert removed > 0 and error <= 1e-4
+
+
+def test_calibration_reader_and_files(tmp_path):
+    """An onnxruntime CalibrationDataReader-like object, a .npy and a .npz all work."""
+    x = np.random.default_rng(4).standard_normal((40, 3, 32, 32)).astype(np.float32)
+
+    class Reader:
+        def __init__(self):
+            self.batches = iter([{"input": x[:20]}, {"input": x[20:]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", input=x)
+    for source in (Reader(), tmp_path / "x.npy", tmp_path / "x.npz"):
+        result = spa.prune("models/torch/vgg_legacy.onnx", ratio=0.3, calibration=source)
+        assert result.after.macs < result.before.macs
