@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spa: error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("spa: interrupted", file=sys.stderr)
+    except BrokenPipeError:  # `spa ... | head`: the reader has what it wanted; the work is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as e:  # a bug: still one line unless the user asked for details
         if args.verbose:
             traceback.print_exc()
