@@ -27,7 +27,19 @@ def load(path: str | os.PathLike) -> ir.Model:
     except Exception as e:  # protobuf gives no typed errors
         raise SpaError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     _check_external_data(model, path)
+    _check_versions(model, path)
     return model
+
+
+def _check_versions(model: ir.Model, path: Path) -> None:
+    """The onnx package here must know the model's IR version and default-domain opset."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise SpaError(f"{path}: IR version {model.ir_version} is newer than this onnx supports ({onnx.IR_VERSION}); upgrade onnx")
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is not None and opset > onnx.defs.onnx_opset_version():
+        raise SpaError(f"{path}: opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()}); upgrade onnx")
+    if opset is not None and opset < 7:
+        raise SpaError(f"{path}: opset {opset} is too old (spa needs 7 or newer); convert it with onnx.version_converter")
 
 
 def _first_line(e: Exception) -> str:

@@ -1,0 +1,116 @@
+"""Robust by default: unsupported versions, truncated files, control flow, functions, determinism."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import spa
+from graphs import Graph
+
+MODELS = Path(__file__).parent.parent / "models" / "torch"
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "spa", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: setattr(m, "ir_version", 99), "IR version 99"),
+        (lambda m: m.opset_import[0].__setattr__("version", 99), "opset 99"),
+        (lambda m: m.opset_import[0].__setattr__("version", 5), "opset 5 is too old"),
+    ],
+)
+def test_unsupported_versions_are_one_line(tmp_path, edit, message):
+    model = onnx.load(MODELS / "vgg_legacy.onnx")
+    edit(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 1 and message in run.stderr and run.stderr.count("\n") == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_truncated_file_is_one_line(tmp_path):
+    data = (MODELS / "vgg_legacy.onnx").read_bytes()
+    (tmp_path / "m.onnx").write_bytes(data[: len(data) // 3])
+    run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 1 and "not a readable ONNX model" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unwritable_output_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if (locked / "probe").exists() or _writable(locked):
+            pytest.skip("running as a user that can write anywhere")
+        run = _cli("prune", str(MODELS / "vgg_legacy.onnx"), str(locked / "out.onnx"))
+        assert run.returncode == 1 and "not writable" in run.stderr
+    finally:
+        locked.chmod(0o700)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        (folder / "probe").write_text("x")
+        (folder / "probe").unlink()
+        return True
+    except OSError:
+        return False
+
+
+def test_same_input_same_bytes(tmp_path):
+    for i in range(2):
+        spa.prune(MODELS / "shufflenet_dynamo.onnx", tmp_path / f"{i}.onnx", ratio=0.5)
+    assert (tmp_path / "0.onnx").read_bytes() == (tmp_path / "1.onnx").read_bytes()
+
+
+def _if_model() -> onnx.ModelProto:
+    """conv -> If(both branches read the conv output) -> conv; and a second, plain conv chain."""
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 3, 16))
+    then_graph = helper.make_graph([helper.make_node("Relu", [a], ["t"])], "then", [], [helper.make_tensor_value_info("t", 1, None)])
+    else_graph = helper.make_graph([helper.make_node("Neg", [a], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, None)])
+    g.nodes.append(helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph, name="if"))
+    b = g.conv("branch", 16, 4)
+    c = g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 4)
+    g.op("Add", b, c)
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(g.nodes, "m", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6]), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_control_flow_is_a_barrier_and_the_rest_prunes():
+    model = _if_model()
+    analysis = spa.analyze(model)
+    assert any(b.op == "If" for b in analysis.barriers)
+    assert sorted(g.width for g in analysis.groups) == [16]  # the chain the branches capture stays
+    result = spa.prune(model, ratio=0.5, round_to=1)  # verified valid
+    for cond in (True, False):
+        sess = spa.verify.session(result.model)
+        out = sess.run(None, {"x": np.ones((1, 3, 6, 6), np.float32), "cond": np.array(cond)})[0]
+        assert out.shape == (1, 4, 6, 6)
+
+
+def test_model_local_function_is_a_barrier():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 3, 16))
+    g.nodes.append(helper.make_node("Twice", [a], ["f"], domain="local", name="call"))
+    g.conv("f", 16, 4)
+    g.nodes[-1].output[0] = "y"
+    fn = onnx.helper.make_function("local", "Twice", ["i"], ["o"], [helper.make_node("Add", ["i", "i"], ["o"])], [helper.make_opsetid("", 17)])
+    graph = helper.make_graph(g.nodes, "m", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    analysis = spa.analyze(model)
+    assert any(b.op == "local::Twice" and b.blocked for b in analysis.barriers)
+    assert not analysis.groups  # the only prunable channels meet the call
+    spa.prune(model, ratio=0.5, round_to=1)  # still a valid model, written unchanged in structure
