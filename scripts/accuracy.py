@@ -29,12 +29,11 @@ MODELS = Path(__file__).parent.parent / "models" / "mnist"
 DATASET = {"vgg": "mnist", "resnet": "mnist", "mobilenetv2": "mnist", "mlp_mnist": "mnist", "mlp_digits": "digits"}
 # name -> options for spa.prune; "calib" stands for the 256 calibration images
 METHODS = {
-    "magnitude (no data)": {"importance": "l2"},
-    "magnitude + compensation (synthetic)": {"importance": "l2", "calibration": "synthetic"},
-    "default, no data": {},
+    "magnitude, no data (the default)": {"importance": "l2"},
+    "magnitude + compensation, synthetic (data-free)": {"importance": "l2", "calibration": "synthetic"},
     "magnitude + compensation (256 images)": {"importance": "l2", "calibration": "calib"},
     "wanda + compensation (256 images)": {"importance": "wanda", "calibration": "calib"},
-    "default with data: obs + compensation (256 images)": {"calibration": "calib"},
+    "obs + compensation (256 images; the default with data)": {"calibration": "calib"},
 }
 
 
@@ -52,13 +51,14 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated substrings of method names")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=Path("out/accuracy.json"))
+    parser.add_argument("--models-dir", type=Path, default=MODELS)
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = {k: v for k, v in METHODS.items() if args.methods is None or any(s in k for s in args.methods.split(","))}
     data = {"mnist": mnist_data.mnist(), "digits": mnist_data.digits()}
     results = {}
     for name in args.models.split(","):
-        path = MODELS / f"{name}.onnx"
+        path = args.models_dir / f"{name}.onnx"
         d = data[DATASET[name]]
         base = top1(path, d["test_x"], d["test_y"])
         print(f"\n## {name} ({DATASET[name]}): unpruned top-1 {base:.1f}%\n")
