@@ -81,7 +81,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse
 import logging
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -92,7 +91,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export_torch_models import _quiet, strip_stack_traces  # noqa: E402
+from export_torch_models import _quiet, op_counts, strip_stack_traces  # noqa: E402
 
 SEED = 0
 TOL = 1e-4
@@ -494,11 +493,6 @@ def export_and_verify(model, spec: Spec, args, path, kind, keep_stack_traces=Fal
                   f"({type(e).__name__}: {msg}); falling back to dynamic: {nxt}",
                   file=sys.stderr)
     raise AssertionError("unreachable")
-
-
-def op_counts(path) -> Counter:
-    m = onnx.load(path, load_external_data=False)
-    return Counter(n.op_type for n in m.graph.node)
 
 
 def main(argv=None) -> int:
