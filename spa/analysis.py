@@ -210,13 +210,29 @@ class Propagation:
             elif any(v not in self.shapes for v in inputs) or any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
                 self.barrier(node, "shape unknown")
             else:
-                try:
-                    rule(self, node)
-                except rules.NotHandled as e:
-                    self.barrier(node, str(e))
+                self._apply_rule(rule, node)
         self._keep_sub_grids()
         self._pin_foreign_uses()
         self._pin_subgraph_captures()
+
+    def _apply_rule(self, rule, node: ir.Node) -> None:
+        """Run a rule; if it does not cover the node (or fails on an odd one), the node becomes a
+        barrier and whatever the rule recorded for it is pinned: never half-understood."""
+        members, spaces = len(self.members), len(self.spaces)
+        try:
+            rule(self, node)
+        except rules.NotHandled as e:
+            reason = str(e)
+        except Exception as e:  # an odd node (bad attributes, mismatched shapes): leave it alone
+            logger.info("rule for %s (%s) failed: %s", node.name, node.op_type, e)
+            reason = f"not understood ({type(e).__name__})"
+        else:
+            return
+        for m in self.members[members:]:
+            self.sets.pin(m.labels)
+        for s in self.spaces[spaces:]:
+            self.sets.pin(s.labels)
+        self.barrier(node, reason)
 
     def _pin_foreign_uses(self) -> None:
         # A weight used anywhere the rules did not account for (a barrier, a second role) stays whole.

@@ -68,7 +68,11 @@ class _Surgery:
         return [k if len(k) == size else np.full(size, bool(k.all())) for k, size in zip(keeps, shape)]
 
     def activation_keeps(self, value: ir.Value) -> list[np.ndarray]:
-        return self.keeps(self.analysis.activations[value], self.analysis.shapes[value])
+        shape = self.analysis.shapes.get(value)
+        if shape is None:
+            raise SurgeryError(f"no shape known for '{value.name}'")
+        labels = self.analysis.activations.get(value)
+        return [np.ones(d, dtype=bool) for d in shape] if labels is None else self.keeps(labels, shape)
 
     def dims(self, value: ir.Value) -> list[int]:
         return [int(k.sum()) for k in self.activation_keeps(value)]

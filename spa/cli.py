@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from spa import __version__
@@ -80,6 +81,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+    if not args.verbose:
+        warnings.simplefilter("ignore")  # library warnings would break the one-line errors
     try:
         return _run(args)
     except SpaError as e:

@@ -50,9 +50,9 @@ def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
     op = node.op_type
     out = shapes.get(node.outputs[0]) if node.outputs else None
     if op in ("Conv", "ConvTranspose"):
-        w = shapes.get(node.inputs[1])
+        w = shapes.get(node.inputs[1]) if len(node.inputs) > 1 else None
         x = shapes.get(node.inputs[0])
-        if w is None or out is None or x is None:
+        if w is None or out is None or x is None or len(w) < 3:
             return 0
         kernel = math.prod(w[2:])
         if op == "Conv":  # each output element reads in/groups channels x kernel
@@ -60,13 +60,13 @@ def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
         return math.prod(x) * w[1] * kernel  # each input element writes out/groups channels x kernel
     if op == "Gemm":
         a = shapes.get(node.inputs[0])
-        if a is None or out is None:
+        if a is None or out is None or len(a) != 2:
             return 0
         k = a[0] if node.attributes.get_int("transA", 0) else a[1]
         return math.prod(out) * k
     if op == "MatMul":
         a = shapes.get(node.inputs[0])
-        if a is None or out is None:
+        if a is None or out is None or not a:
             return 0
         return math.prod(out) * a[-1]
     return 0

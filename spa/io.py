@@ -28,7 +28,37 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise SpaError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     _check_external_data(model, path)
     _check_versions(model, path)
+    _check_structure(path)
+    _check_tensors(model, path)
     return model
+
+
+def _check_tensors(model: ir.Model, path: Path) -> None:
+    """Every initializer's data must fit its shape (the checker does not look)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        try:
+            if isinstance(tensor, ir.ExternalTensor):
+                expected = tensor.nbytes
+                end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else expected)
+                if (tensor.length is not None and tensor.length != expected) or end > Path(tensor.path).stat().st_size:
+                    raise ValueError("external data does not match the shape")
+            else:
+                tensor.numpy()
+        except Exception as e:
+            raise SpaError(f"{path}: tensor '{value.name}' does not match its shape {list(tensor.shape)} ({_first_line(e)})") from None
+
+
+def _check_structure(path: Path) -> None:
+    """onnx's full checker on the input (the output must pass it too): a broken file gets a clear error here, not a crash
+    deep in the analysis."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise SpaError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+    proto = onnx.load(path, load_external_data=False)
+    if not proto.graph.output:
+        raise SpaError(f"{path}: the graph has no outputs")
 
 
 def _check_versions(model: ir.Model, path: Path) -> None:
@@ -48,9 +78,15 @@ def _first_line(e: Exception) -> str:
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
+    folder = path.resolve().parent
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.path).is_file():
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = Path(tensor.location)
+        if location.is_absolute() or folder not in (folder / location).resolve().parents:
+            raise SpaError(f"{path}: external data location '{tensor.location}' is outside the model's folder")
+        if not Path(tensor.path).is_file():
             raise SpaError(f"{path}: external data file '{tensor.location}' is missing")
 
 

@@ -59,6 +59,8 @@ def rule_for(node: ir.Node) -> Rule | None:
 
 
 def creates_channels(node: ir.Node, prop: Propagation) -> bool:
+    if len(node.inputs) < 2:
+        return False
     if rule_for(node) in (conv, gemm, matmul, recurrent):
         return prop.is_constant(node.inputs[1])
     return node.op_type == "Gather" and prop.is_constant(node.inputs[0]) and not prop.is_constant(node.inputs[1])
@@ -218,7 +220,10 @@ def recurrent(prop: Propagation, node: ir.Node) -> None:
     if not (prop.is_constant(w) and prop.is_constant(rec)) or (bias is not None and not prop.is_constant(bias)):
         raise NotHandled("weights are not constants")
     gates = _GATES[node.op_type]
-    hidden = prop.new_space(node, node.attributes.get_int("hidden_size"))
+    size = node.attributes.get_int("hidden_size", 0)
+    if tuple(rec.const_value.shape[1:]) != (gates * size, size):
+        raise NotHandled("hidden_size does not match the recurrence weight")
+    hidden = prop.new_space(node, size)
     inputs = _channel_vector(prop, x, -1)
     rows = np.tile(hidden, gates).reshape(1, -1, 1)
     prop.member(node, 1, rows)

@@ -74,6 +74,10 @@ def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) ->
 
 
 def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:
+    if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
+        raise SpaError(f"input '{value.name}' has a negative dim: {list(value.shape)}")
+    if given is not None and any(d < 1 for d in given):
+        raise SpaError(f"--input-shapes {value.name}: dims must be positive, got {given}")
     if value.shape is None:
         if given is None:
             raise SpaError(f"input '{value.name}' has no shape: give one with --input-shapes {value.name}:D1,D2,...")

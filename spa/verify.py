@@ -16,6 +16,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+ort.set_default_logger_severity(4)  # onnxruntime's own log lines would break the one-line errors
+
 from spa.errors import SpaError
 from spa.io import _PROTO_LIMIT, _inline_external_tensors, save
 
@@ -46,7 +48,7 @@ def _serialize(model: ir.Model) -> bytes | None:
 def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; keep stderr to one line
     serialized = serialized if serialized is not None else _serialize(model)
     if serialized is not None:
         return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
@@ -99,7 +101,10 @@ def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, i
         sess = session(pruned, serialized=serialized)
     except Exception as e:
         raise SpaError(f"onnxruntime cannot open the pruned model: {str(e).strip().splitlines()[0]}") from None
-    outputs = sess.run(None, random_inputs(sess, input_shapes))
+    try:
+        outputs = sess.run(None, random_inputs(sess, input_shapes))
+    except Exception as e:
+        raise SpaError(f"the pruned model fails to run in onnxruntime: {str(e).strip().splitlines()[0]}") from None
     for out, arg, expected in zip(outputs, sess.get_outputs(), expected_shapes):
         if expected is not None and out.shape != tuple(expected):
             raise SpaError(f"pruned model's output '{arg.name}' has shape {out.shape}, the original {tuple(expected)}")
