@@ -170,6 +170,9 @@ class Propagation:
         """Input `index` of `node` is an initializer whose elements belong to `labels`."""
         value = node.inputs[index]
         labels = compress(np.asarray(labels, dtype=np.int64))
+        shape = tuple(value.const_value.shape)
+        if labels.ndim != len(shape) or any(n not in (1, d) for n, d in zip(labels.shape, shape)):
+            raise rules.NotHandled(f"parameter '{value.name}' {list(shape)} does not match its channels")
         self._param_uses.setdefault(value, set()).add((node, index))
         if not labels.any():
             return

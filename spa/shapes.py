@@ -43,7 +43,7 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
         infer_shapes(model, keep_signature=False)
         shapes = {}
         for v in _all_values(graph):
-            if v.shape is not None and all(isinstance(d, int) for d in v.shape):
+            if v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape):
                 shapes[v] = tuple(v.shape)
         missing = [v for node in graph for v in node.outputs if v.name and v not in shapes and isinstance(v.type, ir.TensorType)]
         if missing:
