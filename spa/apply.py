@@ -133,9 +133,9 @@ class _Surgery:
 
 def _conv(s: _Surgery, node: ir.Node) -> None:
     groups = node.attributes.get_int("group", 1)
-    if groups == 1:
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if groups == 1 or weight is None or len(weight.shape) < 3 or not s.changed(node.inputs[0]):
         return
-    weight = node.inputs[1].const_value
     if node.op_type == "Conv":
         new_groups = s.dims(node.inputs[0])[1] // weight.shape[1]
     else:

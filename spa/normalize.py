@@ -95,11 +95,11 @@ def fold_constants(model: ir.Model) -> int:
             continue
         if any(out.is_graph_output() for out in node.outputs):
             continue
-        known = _static_shape(node) if node.op_type == "Shape" else _picked_static_dims(node, opset)
-        values = None if known is not None else _constant_inputs(node)
-        if known is None and values is None:
-            continue
         try:
+            known = _static_shape(node) if node.op_type == "Shape" else _picked_static_dims(node, opset)
+            values = None if known is not None else _constant_inputs(node)
+            if known is None and values is None:
+                continue
             results = known if known is not None else run_node(node, values, opset)
         except Exception as e:  # the reference evaluator lacks a few ops; leave those nodes alone
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, e)
