@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mnist_data  # noqa: E402
+from export_torch_models import conv_bn  # noqa: E402
 
 SEED = 0
 NUM_CLASSES = 10
@@ -78,20 +79,6 @@ TOL = 1e-4  # max |torch - onnxruntime| on the test logits
 # --------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------
-
-
-def conv_bn(cin, cout, k=3, stride=1, groups=1, act="relu"):
-    layers = [
-        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
-    if act == "relu":
-        layers.append(nn.ReLU(inplace=True))
-    elif act == "relu6":
-        layers.append(nn.ReLU6(inplace=True))
-    elif act is not None:
-        raise ValueError(act)
-    return nn.Sequential(*layers)
 
 
 class VGG(nn.Module):
