@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -39,6 +40,20 @@ class PruneResult:
         return prune_report(self)
 
 
+def _corrupt_model_errors(fn):
+    """A model that loads and passes the checker can still hold tensors onnx-ir cannot write back
+    (a flipped byte): say so in one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ir.serde.SerdeError as e:
+            raise SpaError(f"the model cannot be serialized again, is it corrupt? ({str(e).splitlines()[0][:160]})") from None
+
+    return wrapper
+
+
 def _load(model) -> tuple[ir.Model, Path | None]:
     if isinstance(model, (str, os.PathLike)):
         return io.load(model), Path(model)
@@ -49,6 +64,7 @@ def _load(model) -> tuple[ir.Model, Path | None]:
     raise SpaError(f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
 
 
+@_corrupt_model_errors
 def analyze(model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False) -> Analysis:
     """Groups of coupled channels and the barriers of a model (a path, ModelProto or onnx_ir.Model)."""
     work, _ = _load(model)
@@ -56,6 +72,7 @@ def analyze(model, input_shapes: dict[str, list[int]] | None = None, prune_hidde
     return analyze_model(work, input_shapes, prune_hidden)
 
 
+@_corrupt_model_errors
 def prune(
     model,
     output: str | os.PathLike | None = None,

@@ -100,6 +100,8 @@ def fold_constants(model: ir.Model) -> int:
             values = None if known is not None else _constant_inputs(node)
             if known is None and values is None:
                 continue
+            if node.op_type == "ConstantOfShape" and values and np.prod(values[0]) * 8 > _MAX_FOLDED_BYTES:
+                continue
             results = known if known is not None else run_node(node, values, opset)
         except Exception as e:  # the reference evaluator lacks a few ops; leave those nodes alone
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, e)

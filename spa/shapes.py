@@ -7,6 +7,7 @@ given, else 1. The model's own input shapes are restored afterwards, symbolic di
 from __future__ import annotations
 
 import logging
+import math
 
 import onnx_ir as ir
 
@@ -14,6 +15,9 @@ from spa.errors import SpaError
 from spa.normalize import infer_shapes
 
 logger = logging.getLogger(__name__)
+
+# No real tensor at the analysis' shapes comes near this (2**36 elements is 256 GiB of float32).
+_MAX_ELEMENTS = 2**36
 
 
 def parse_input_shapes(text: str) -> dict[str, list[int]]:
@@ -45,6 +49,9 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
         for v in _all_values(graph):
             if v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape):
                 shapes[v] = tuple(v.shape)
+        for v, shape in shapes.items():
+            if math.prod(shape) > _MAX_ELEMENTS:
+                raise SpaError(f"tensor '{v.name}' would have {math.prod(shape):,} elements {list(shape)}: is the model corrupt?")
         missing = [v for node in graph for v in node.outputs if v.name and v not in shapes and isinstance(v.type, ir.TensorType)]
         if missing:
             shapes.update(_shapes_from_a_run(model, missing, input_shapes))
