@@ -29,14 +29,15 @@ FFN groups of 1536 neurons.
     python scripts/sentence_encoder.py [--heldout 512] [--ratios 0.1 0.25 0.4 0.5]
         [--methods l2 obs wanda synthetic] [--bucketed]
 
-Run time on 2 CPU cores: the 16 prunes dominate, not the evaluation (each held-out pass is ~7 s).
-"l2" takes ~2 s a prune, the calibrated ones ~170 s each (OBS statistics, then the compensation,
-which runs the whole model twice per refit layer), "synthetic" ~210 s (256 synthetic samples):
-about 37 minutes in all. Quicker: `--ratios 0.25 0.5 --methods l2 obs` (~6 minutes), or
---bucketed, which feeds the same 128 calibration sentences as length-sorted batches of 32 padded
-only to their longest sentence (an onnxruntime-style CalibrationDataReader) instead of (128, 64)
-arrays: 2.3x fewer calibration tokens, ~67 s a calibrated prune, and no statistics from [PAD]
-positions (68% of the padded arrays' tokens).
+Run time on 2 CPU cores (measured): the 16 prunes dominate, not the evaluation (~7 s a held-out
+pass). "l2" takes ~2 s a prune; the calibrated ones 120-170 s each (the OBS/wanda statistics, then
+the compensation, which runs the whole model twice for each of the 36 refit layers); "synthetic"
+200-250 s (256 synthetic samples): about 36 minutes in all. Quicker: `--ratios 0.25 0.5 --methods
+l2 obs` (~6 minutes), or --bucketed, which feeds the same 128 calibration sentences as
+length-sorted batches of 32, each padded only to its longest sentence (an onnxruntime-style
+CalibrationDataReader), instead of (128, 64) arrays: 2.3x fewer calibration tokens, no statistics
+from [PAD] positions (68% of the padded arrays' tokens), 65-80 s a calibrated prune, and slightly
+higher cosines (`--bucketed --methods obs wanda`: ~10 minutes).
 """
 
 from __future__ import annotations
