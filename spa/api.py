@@ -164,8 +164,10 @@ class _Calibrated:
         self.consumers = statistics.consumers(self.original)
 
     def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:
-        moments = statistics.collect(self.original, self.consumers, self.feeds)
-        return score_with_statistics(analysis, criterion, moments, self.consumers)
+        # A depthwise conv loses its outputs with its inputs: no error to weigh, only a refit.
+        readers = [c for c in self.consumers if c.kind != "depthwise"]
+        moments = statistics.collect(self.original, readers, self.feeds)
+        return score_with_statistics(analysis, criterion, moments, readers)
 
     def compensate(self, pruned: ir.Model, keeps) -> None:
         refit(self.original, pruned, self.consumers, self.feeds, keeps)

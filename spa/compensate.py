@@ -36,25 +36,53 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
             continue
         original_run = exposing(original, [consumer.input])
         pruned_run = exposing(pruned, [consumer.input])
+        keep = keeps.get(consumer.weight)
+        kept_channels = _kept_channels(consumer, keep)
         moments = Moments()
         for feed in feeds:
             x_p = consumer.features(pruned_run(feed)[consumer.input])
             x_o = consumer.features(original_run(feed)[consumer.input])
-            moments.add(x_p, x_o)
+            moments.add(x_p, x_o[:, kept_channels] if kept_channels is not None else x_o)
         target = _with_bias(consumer, _node_of(original, consumer), weights)  # (outputs, features + 1)
-        keep = keeps.get(consumer.weight)
         if keep is not None:
             target = target[keep[consumer.out_axis]]
-        prior = target[:, _kept_features(consumer, keep, target.shape[1] - 1)]
-        gram = moments.mean_gram()
-        damp = damping * float(np.mean(np.diag(gram))) or damping
-        rhs = moments.mean_cross() @ target.T + damp * prior.T
-        solved = np.linalg.solve(gram + damp * np.eye(len(gram)), rhs).T
+        if consumer.kind == "depthwise":
+            solved = _solve_depthwise(moments, target, consumer, keep, damping)
+        else:
+            prior = target[:, _kept_features(consumer, keep, target.shape[1] - 1)]
+            solved = _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
         _write(pruned, node, consumer, solved)
         refit_count += 1
         bar.update(i + 1)
     bar.close()
     return refit_count
+
+
+def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: float) -> np.ndarray:
+    """Solve (gram + lambda I) x = cross + lambda prior, lambda relative to gram's mean diagonal;
+    batched over leading axes."""
+    size = gram.shape[-1]
+    damp = damping * np.trace(gram, axis1=-2, axis2=-1)[..., None, None] / size
+    damp = np.where(damp > 0, damp, damping)
+    return np.linalg.solve(gram + damp * np.eye(size), cross + damp * prior)
+
+
+def _kept_channels(consumer: Consumer, keep: list[np.ndarray] | None) -> np.ndarray | None:
+    """A depthwise conv's kept input channels, which its moments pair with the pruned model's."""
+    if consumer.kind != "depthwise" or keep is None:
+        return None
+    return keep[consumer.out_axis].reshape(consumer.groups, -1).any(axis=1)
+
+
+def _solve_depthwise(moments: Moments, target: np.ndarray, consumer: Consumer, keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
+    """Each output channel refit from its own input channel's patch: one small ridge per channel."""
+    gram, cross = moments.mean_gram(), moments.mean_cross()  # (kept channels, patch + 1, patch + 1)
+    outputs = np.flatnonzero(keep[consumer.out_axis]) if keep is not None else np.arange(len(target))
+    channels = outputs // (len(keep[consumer.out_axis]) // consumer.groups if keep is not None else len(target) // len(gram))
+    kept = np.flatnonzero(_kept_channels(consumer, keep)) if keep is not None else np.arange(len(gram))
+    position = np.searchsorted(kept, channels)
+    prior = target[:, :, None]
+    return _ridge(gram[position], cross[position] @ prior, prior, damping)[:, :, 0]
 
 
 def _node_of(model: ir.Model, consumer: Consumer) -> ir.Node | None:

@@ -58,13 +58,18 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     """Data-aware importance from the consumers' input statistics (spa.statistics).
 
     wanda: sum over a class's input features of |W| times the feature's RMS (Wanda, on channels).
-    obs: the increase of each consumer's output error when the class's features are removed and the
-    rest are optimally compensated (Optimal Brain Surgeon, for a group of features):
-    tr(W_R ([H^-1]_RR)^-1 W_R^T), summed over the consumers of the class, each consumer normalized
-    by its mean. Classes that no consumer reads keep their magnitude score, scaled down."""
+    obs: Optimal Brain Surgeon on whole channels, greedy: a group's classes are removed one chunk at
+    a time, each time the chunk whose removal (with the rest optimally compensated) adds the least
+    output error, tr(W_R ([H^-1]_RR)^-1 W_R^T) summed over the group's consumers, each normalized
+    by its mean first-step error; then the consumers' weights and inverse Hessians are updated as
+    if the chunk were gone. A class scores the error accumulated when it was removed, so the
+    lowest scores are the channels that are best removed together, not one by one.
+    Classes that no consumer reads keep their magnitude score, scaled down."""
     from spa.statistics import feature_classes
 
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
+    readers: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # group id -> consumers
+    group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
     for consumer in found:
         weight = next((m.value.const_value.numpy() for m in analysis.members if m.value.name == consumer.weight), None)
         if weight is None:
@@ -74,24 +79,79 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
             continue
         matrix = consumer.matrix(weight.astype(np.float64))
         gram = moments[consumer.weight].mean_gram()
-        per_class = np.zeros(len(totals))
-        present = np.unique(classes[classes != 0])
         if criterion == "wanda":
             rms = np.sqrt(np.maximum(np.diag(gram)[:-1], 0))
-            per_class += np.bincount(classes, weights=np.abs(matrix).sum(axis=0) * rms, minlength=len(totals))
-        else:
-            damp = damping * float(np.mean(np.diag(gram))) or damping
-            inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
-            for c in present:
-                rows = np.flatnonzero(classes == c)
-                block = np.linalg.inv(inverse[np.ix_(rows, rows)])
-                w = matrix[:, rows]
-                per_class[c] = float(np.einsum("oi,ij,oj->", w, block, w))
-        mean = per_class[present].mean()
-        if mean > 0:
-            totals += per_class / mean
+            per_class = np.bincount(classes, weights=np.abs(matrix).sum(axis=0) * rms, minlength=len(totals))
+            mean = per_class[np.unique(classes[classes != 0])].mean()
+            if mean > 0:
+                totals += per_class / mean
+            continue
+        damp = damping * float(np.mean(np.diag(gram))) or damping
+        inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
+        features = np.append(classes, 0)  # the constant feature belongs to no class
+        matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
+        for gid in {group_of[c] for c in np.unique(classes) if c in group_of}:
+            readers.setdefault(gid, []).append((matrix, inverse, features))
+    for group in analysis.groups:
+        if group.id in readers:
+            totals[group.classes] += _greedy_obs(group.classes, readers[group.id])
     fallback = np.zeros(len(totals))
     for c, v in score(analysis, "l2").items():
         fallback[c] = v
     totals = np.where(totals > 0, totals, 1e-3 * fallback)
     return _per_group(analysis, totals)
+
+
+GREEDY_STEPS = 32  # chunks per group: bounds the cost at a few inverse-sized updates per consumer
+
+
+def _greedy_obs(classes: np.ndarray, readers: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Accumulated error at which each class of a group is removed (0 for classes no consumer reads)."""
+    state = [(w.copy(), h.copy(), f) for w, h, f in readers]
+    read = np.zeros(len(classes), dtype=bool)
+    for _, _, f in state:
+        read |= np.isin(classes, f)
+    remaining = list(classes[read])
+    norms = None
+    accumulated, result = 0.0, {}
+    chunk = max(1, -(-len(remaining) // GREEDY_STEPS))
+    while remaining:
+        errors = np.zeros(len(remaining))
+        per_consumer = [_removal_errors(w, h, f, remaining) for w, h, f in state]
+        if norms is None:
+            norms = [max(e.mean(), 1e-30) for e in per_consumer]
+        for e, n in zip(per_consumer, norms):
+            errors += e / n
+        order = np.argsort(errors, kind="stable")[:chunk]
+        removed = [remaining[i] for i in order]
+        accumulated += float(errors[order].sum())
+        for c in removed:
+            result[c] = accumulated
+        remaining = [c for c in remaining if c not in set(removed)]
+        for w, h, f in state:
+            rows = np.flatnonzero(np.isin(f, removed))
+            if len(rows):
+                _remove_features(w, h, rows)
+    return np.array([result.get(int(c), 0.0) for c in classes])
+
+
+def _removal_errors(w: np.ndarray, h: np.ndarray, features: np.ndarray, candidates: list[int]) -> np.ndarray:
+    errors = np.zeros(len(candidates))
+    for i, c in enumerate(candidates):
+        rows = np.flatnonzero(features == c)
+        if len(rows):
+            block = np.linalg.inv(h[np.ix_(rows, rows)])
+            part = w[:, rows]
+            errors[i] = float(np.einsum("oi,ij,oj->", part, block, part))
+    return errors
+
+
+def _remove_features(w: np.ndarray, h: np.ndarray, rows: np.ndarray) -> None:
+    """OBS update in place: compensate the weights for removing `rows`, and the inverse Hessian of
+    the features that remain (Schur complement); the removed rows become zero."""
+    block = np.linalg.inv(h[np.ix_(rows, rows)])
+    w -= (w[:, rows] @ block) @ h[rows, :]
+    h -= h[:, rows] @ block @ h[rows, :]
+    w[:, rows] = 0.0
+    h[rows, :] = 0.0
+    h[:, rows] = 0.0

@@ -1,9 +1,10 @@
 """What the layers see: second moments of every consumer's input, accumulated over calibration
 batches run in onnxruntime, one batch at a time (never all activations at once).
 
-A consumer is a layer with a weight that reads channels: Conv (group 1), Gemm, MatMul with a
-constant weight. Its features are the input vector (dense) or the im2col patch (conv), plus a
-constant 1 so that the bias takes part in every least-squares fit.
+A consumer is a layer with a weight that reads channels: Conv, Gemm, MatMul with a constant
+weight. Its features are the input vector (dense) or the im2col patch (conv), plus a constant 1 so
+that the bias takes part in every least-squares fit. A depthwise conv reads each channel alone: its
+features are one patch per channel, and its moments one small matrix per channel.
 """
 
 from __future__ import annotations
@@ -23,19 +24,23 @@ class Consumer:
     node: str
     input: str  # the activation it reads
     weight: str  # its weight initializer: the consumer's identity across model copies
-    kind: str  # "conv" or "dense"
+    kind: str  # "conv", "depthwise" (one input channel per group) or "dense"
     in_axis: int  # the weight's input-feature axis
     out_axis: int
     conv: dict | None = None  # kernel, strides, pads, dilations
     feature_axis: int = -1  # the input's feature axis (dense; 0 for Gemm with transA)
+    groups: int = 1  # a depthwise conv's groups: its input channels
 
     def features(self, x: np.ndarray) -> np.ndarray:
-        """Rows of input features, with a trailing 1: (samples, features + 1)."""
+        """Rows of input features, with a trailing 1: (samples, features + 1); for a depthwise conv
+        (samples, channels, kernel + 1)."""
         if self.kind == "dense":
             rows = np.moveaxis(x, self.feature_axis, -1).reshape(-1, x.shape[self.feature_axis])
         else:
             rows = im2col(x, **self.conv, positions=POSITIONS_PER_SAMPLE)
-        return np.concatenate([rows.astype(np.float32), np.ones((len(rows), 1), np.float32)], axis=1)
+        if self.kind == "depthwise":
+            rows = rows.reshape(len(rows), x.shape[1], -1)
+        return np.concatenate([rows.astype(np.float32), np.ones((*rows.shape[:-1], 1), np.float32)], axis=-1)
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         """The weight as (outputs, features), features in the order of `features`."""
@@ -78,7 +83,9 @@ def consumers(model: ir.Model) -> list[Consumer]:
         if w is None or w.const_value is None or x is None or x.const_value is not None or not w.name:
             continue
         rank = len(w.const_value.shape)
-        if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and rank in (3, 4):
+        groups = node.attributes.get_int("group", 1)
+        depthwise = groups > 1 and w.const_value.shape[1] == 1
+        if node.op_type == "Conv" and (groups == 1 or depthwise) and rank in (3, 4):
             kernel = list(w.const_value.shape[2:])
             dims = len(kernel)
             if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
@@ -89,7 +96,7 @@ def consumers(model: ir.Model) -> list[Consumer]:
                 "pads": list(node.attributes.get_ints("pads", [0] * 2 * dims)),
                 "dilations": list(node.attributes.get_ints("dilations", [1] * dims)),
             }
-            found.append(Consumer(node.name, x.name, w.name, "conv", 1, 0, conv))
+            found.append(Consumer(node.name, x.name, w.name, "depthwise" if depthwise else "conv", 1, 0, conv, groups=groups))
         elif node.op_type == "Gemm" and rank == 2:
             trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
             found.append(Consumer(node.name, x.name, w.name, "dense", 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1))
@@ -110,7 +117,8 @@ def feature_classes(analysis: Analysis, consumer: Consumer, weight_shape: tuple[
 
 class Moments:
     """Running sums of a consumer's features: their count, and products with themselves or with
-    another model's features at the same place (for fitting one model to the other)."""
+    another model's features at the same place (for fitting one model to the other). Features of
+    shape (samples, blocks, size) give one product per block (a depthwise conv's channels)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -119,10 +127,10 @@ class Moments:
 
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         self.count += len(x)
-        gram = (x.T @ x).astype(np.float64)  # products in float32, sums in float64
+        gram = _products(x, x)
         self.gram = gram if self.gram is None else self.gram + gram
         if y is not None:
-            cross = (x.T @ y).astype(np.float64)
+            cross = _products(x, y)
             self.cross = cross if self.cross is None else self.cross + cross
 
     def mean_gram(self) -> np.ndarray:
@@ -130,6 +138,12 @@ class Moments:
 
     def mean_cross(self) -> np.ndarray:
         return self.cross / max(self.count, 1)
+
+
+def _products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x^T y, per block for 3-D features; products in float32, sums in float64."""
+    product = x.T @ y if x.ndim == 2 else np.einsum("nbi,nbj->bij", x, y)
+    return product.astype(np.float64)
 
 
 def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments]:

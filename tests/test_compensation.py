@@ -71,6 +71,28 @@ def test_a_constant_channel_is_absorbed_into_the_bias():
     assert len(conv.inputs) == 3 and conv.inputs[2] is not None
 
 
+def test_obs_removes_redundant_channels_one_at_a_time():
+    """Hidden channels 0 and 1 are copies, 2..5 independent. Either copy alone is free to remove,
+    both together are not: greedy OBS removes one copy, then the cheapest independent channels."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((8, 6)).astype(np.float32)
+    w1[:, 1] = w1[:, 0]
+    w2 = rng.standard_normal((6, 4)).astype(np.float32)
+    w2[2:] *= np.array([[0.1], [1.0], [1.0], [1.0]], dtype=np.float32)  # channel 2 matters least
+    g = Graph()
+    h = g.op("MatMul", "x", g.const(w1))
+    h = g.op("Relu", h)
+    g.op("MatMul", h, g.const(w2))
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["n", 8]}, {"y": ["n", 4]})
+    data = rng.standard_normal((256, 8)).astype(np.float32)
+    result = spa.prune(model, ratio=0.5, round_to=1, calibration=data)
+    kept = next(v for v in result.model.graph.initializers.values() if v.const_value.shape[0] == 8)
+    kept_columns = kept.const_value.numpy().T.tolist()
+    assert sum(np.allclose(c, w1[:, 0]) for c in kept_columns) == 1  # one copy stays
+    assert not any(np.allclose(c, w1[:, 2]) for c in kept_columns)
+
+
 def test_statistics_are_the_same_in_one_batch_or_many():
     model = io.load("models/torch/resnet_legacy.onnx")
     normalize.normalize(model)
