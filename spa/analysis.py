@@ -46,6 +46,16 @@ class Member:
 
 
 @dataclasses.dataclass
+class Normalization:
+    """An op that computes statistics over channels (LayerNorm, a mean over the channel axis):
+    those channels stay, unless hidden-size pruning is asked for (lossy)."""
+
+    node: str
+    op: str
+    channels: int
+
+
+@dataclasses.dataclass
 class Barrier:
     node: str
     op: str
@@ -79,6 +89,7 @@ class Analysis:
     activations: dict[ir.Value, np.ndarray]  # compressed label arrays of activations
     shapes: dict[ir.Value, tuple[int, ...]]  # concrete shapes used by the analysis
     barriers: list[Barrier]
+    normalizations: list[Normalization]
     segments: list[np.ndarray]  # label sets of which at least one class must stay
     scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
     groups: list[Group] = dataclasses.field(default_factory=list)
@@ -103,6 +114,7 @@ class Propagation:
         self.model = model
         self.lossy = lossy  # let statistics over channels change (hidden-size pruning)
         self.lossy_labels: list[np.ndarray] = []
+        self.normalizations: list[Normalization] = []
         self.opset = opset_version(model)
         self.shapes = shapes
         self.sets = LabelSets()
@@ -181,6 +193,10 @@ class Propagation:
                 self.sets.union(m.labels, labels)  # a weight shared by two layers ties them
                 return
         self.members.append(Member(value, labels, node.name or ""))
+
+    def normalized(self, node: ir.Node, labels: np.ndarray) -> None:
+        """`node` computes statistics over the channels of `labels`, which therefore stay."""
+        self.normalizations.append(Normalization(node.name or "", _op_name(node), int(labels.size)))
 
     def barrier(self, node: ir.Node, reason: str) -> None:
         """Leave the node alone: pin every channel that reaches it; its outputs carry none."""
@@ -275,6 +291,7 @@ def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, p
         activations=prop.activations,
         shapes=shapes,
         barriers=prop.barriers,
+        normalizations=prop.normalizations,
         segments=prop.segments,
         scaled_dims=prop.scaled_dims,
     )

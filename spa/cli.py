@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with --global: the most any group may lose (default 0.8)")
     prune.add_argument("--target-macs", type=float, default=None, metavar="F", help="prune until at most the fraction F of the MACs remains (searches the ratio)")
     prune.add_argument("--target-params", type=float, default=None, metavar="F", help="prune until at most the fraction F of the params remains")
-    prune.add_argument("--prune-hidden", action="store_true", help="also prune channels that LayerNorm/RMSNorm normalize over (a transformer's hidden size): lossy")
+    _prune_hidden(prune)
     _common(prune)
     prune.add_argument("--no-verify", action="store_true", help="skip the checker and onnxruntime checks of the result")
     prune.add_argument("--bench", action="store_true", help="time the original and the pruned model (interleaved) and add the latency to the table")
@@ -64,8 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="list the groups of coupled channels and the barriers")
     analyze.add_argument("input", type=Path, help="the model to analyze (.onnx)")
+    _prune_hidden(analyze)
     _common(analyze)
     return parser
+
+
+def _prune_hidden(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune-hidden", action="store_true", help="also prune channels that LayerNorm/RMSNorm normalize over (a transformer's hidden size): lossy")
 
 
 def _threads(p: argparse.ArgumentParser) -> None:
@@ -116,7 +121,7 @@ def _run(args) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         raise SpaError(f"--json {args.json}: folder '{args.json.parent}' does not exist")
     if args.command == "analyze":
-        analysis = api.analyze(args.input, input_shapes=shapes)
+        analysis = api.analyze(args.input, input_shapes=shapes, prune_hidden=args.prune_hidden)
         print(report.analysis_listing(analysis, str(args.input)))
         data = report.analysis_report(analysis)
     elif args.command == "bench":
@@ -170,6 +175,9 @@ def _run(args) -> int:
         lossy = [g for g in groups if g.lossy and len(result.plan.by_group[g.id])]
         if lossy:
             print(f"lossy: {len(lossy)} group(s) pruned across a normalization (--prune-hidden); outputs change, check accuracy")
+        kept = report.normalizations_line(result.analysis)
+        if kept and not args.prune_hidden:
+            print(kept)
         blocked = [b for b in result.analysis.barriers if b.blocked]
         if blocked:
             print(f"left alone: {len(blocked)} barrier op(s) ({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`")

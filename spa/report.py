@@ -83,6 +83,18 @@ def barriers(analysis: Analysis) -> list[dict]:
     return [{"node": b.node, "op": b.op, "reason": b.reason, "blocked_channels": b.blocked} for b in analysis.barriers]
 
 
+def normalizations(analysis: Analysis) -> list[dict]:
+    return [{"node": n.node, "op": n.op, "channels": n.channels} for n in analysis.normalizations]
+
+
+def normalizations_line(analysis: Analysis) -> str | None:
+    """One line on the channels kept because normalizations average over them, or None."""
+    if not analysis.normalizations:
+        return None
+    ops = sorted({n.op for n in analysis.normalizations})
+    return f"kept: channels that {len(analysis.normalizations)} normalization(s) ({', '.join(ops)}) average over; --prune-hidden prunes them (lossy)"
+
+
 def prune_report(result) -> dict:
     return {
         "before": counts_dict(result.before),
@@ -95,6 +107,7 @@ def prune_report(result) -> dict:
         "verify": None if result.verdict is None else {"checker": "passed", "onnxruntime_output_shapes": [list(s) for s in result.verdict.output_shapes]},
         "groups": kept_channels(result.analysis, result.plan.removed),
         "barriers": barriers(result.analysis),
+        "normalizations": normalizations(result.analysis),
     }
 
 
@@ -114,11 +127,14 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
         for b in analysis.barriers:
             blocked = "channels pinned" if b.blocked else "no channels reach it"
             lines.append(f"  {b.node or '(unnamed)'} [{b.op}]: {b.reason}; {blocked}")
+    if analysis.normalizations:
+        lines += ["", "normalizations (their channels stay; --prune-hidden prunes them, lossy):"]
+        lines += [f"  {n.node or '(unnamed)'} [{n.op}]: averages over {n.channels} channel(s)" for n in analysis.normalizations]
     return "\n".join(lines)
 
 
 def analysis_report(analysis: Analysis) -> dict:
-    return {"groups": kept_channels(analysis, np.zeros(0, np.int64)), "barriers": barriers(analysis)}
+    return {"groups": kept_channels(analysis, np.zeros(0, np.int64)), "barriers": barriers(analysis), "normalizations": normalizations(analysis)}
 
 
 def sweep_table(rows: list[dict], threads: int) -> str:

@@ -81,8 +81,6 @@ def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) ->
 
 
 def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:
-    if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
-        raise SpaError(f"input '{value.name}' has a negative dim: {list(value.shape)}")
     if given is not None and any(d < 1 for d in given):
         raise SpaError(f"--input-shapes {value.name}: dims must be positive, got {given}")
     if value.shape is None:
@@ -93,10 +91,11 @@ def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:
         if len(given) != len(value.shape):
             raise SpaError(f"--input-shapes {value.name}: {len(given)} dims given, the input has {len(value.shape)}")
         for have, want in zip(value.shape, given):
-            if isinstance(have, int) and have != want:
+            if isinstance(have, int) and have >= 0 and have != want:
                 raise SpaError(f"--input-shapes {value.name}: dim {want} contradicts the model's fixed dim {have}")
         return given
-    return [d if isinstance(d, int) else 1 for d in value.shape]
+    # Some converters write -1 for a dynamic dim: it is as unknown as a symbolic one.
+    return [d if isinstance(d, int) and d >= 0 else 1 for d in value.shape]
 
 
 def _all_values(graph: ir.Graph):

@@ -262,6 +262,36 @@ def test_ops_across_channels_pin_them(op, attrs):
     assert _widths(model) == []  # normalizing over channels: removing one changes the others
 
 
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_a_mean_over_channels_keeps_them_and_says_so(keepdims):
+    """A LayerNorm written out in basic ops (jax2onnx, tf2onnx): the channels it averages over stay,
+    the analysis lists the normalization, and the first conv still prunes."""
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.conv(a, 16, 16)
+    mean = g.op("ReduceMean", b, axes=[1], keepdims=keepdims)
+    if not keepdims:
+        mean = g.op("Unsqueeze", mean, g.const(np.array([1], np.int64)))
+    g.op("Sub", b, mean)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": IMG[:1] + [16] + IMG[2:]})
+    analysis = spa.analyze(model)
+    assert [g.width for g in analysis.groups] == [16]
+    assert [(n.op, n.channels) for n in analysis.normalizations] == [("ReduceMean", 16)]
+    _zero_check(model)
+
+
+def test_a_dim_of_minus_one_is_dynamic():
+    """Paddle's converters write -1 for a dynamic dim: spa treats it like a symbolic one and keeps it."""
+    g = Graph()
+    g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 4)
+    _out(g, None)
+    model = g.model({"x": [-1, 3, 6, 6]}, {"y": [-1, 4, 6, 6]})
+    pruned = _pruned(model)
+    assert [d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim] == [-1, 3, 6, 6]
+    _zero_check(model)
+
+
 def test_unknown_op_is_a_barrier_and_listed():
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
