@@ -1,7 +1,7 @@
 """Model size figures: parameters, MACs, FLOPs, file size, op counts.
 
-MACs count Conv, ConvTranspose, Gemm and MatMul (attention matmuls too), bias excluded;
-FLOPs = 2 x MACs. Parameters are the elements of floating-point initializers.
+MACs count Conv, ConvTranspose, Gemm and MatMul (attention matmuls too), and the input and
+recurrent matrix products of LSTM, GRU and RNN at every step; bias excluded; FLOPs = 2 x MACs. Parameters are the elements of floating-point initializers.
 """
 
 from __future__ import annotations
@@ -69,4 +69,9 @@ def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
         if a is None or out is None or not a:
             return 0
         return math.prod(out) * a[-1]
+    if op in ("LSTM", "GRU", "RNN"):
+        x, w, r = (shapes.get(v) if v is not None else None for v in node.inputs[:3])
+        if x is None or w is None or r is None or len(x) != 3:
+            return 0
+        return x[0] * x[1] * (math.prod(w) + math.prod(r))  # steps x batch, whatever the layout
     return 0

@@ -33,6 +33,8 @@ def normalize(model: ir.Model) -> ir.Model:
     common_passes.TopologicalSortPass()(model)
     # Folding a Shape computation can make later shapes static, which lets more fold.
     infer_shapes(model)
+    if push_casts_into_concats(model):
+        infer_shapes(model)
     for _ in range(_MAX_FOLD_ROUNDS):
         if not fold_constants(model):
             break
@@ -40,6 +42,36 @@ def normalize(model: ir.Model) -> ir.Model:
     drop_zero_initial_states(model)
     common_passes.RemoveUnusedNodesPass()(model)
     return model
+
+
+_INTEGERS = {ir.DataType.INT32, ir.DataType.INT64}
+
+
+def push_casts_into_concats(model: ir.Model) -> int:
+    """Cast(Concat(pieces)) -> Concat(Cast(piece), ...) for integer vectors. Exporters that build
+    shapes in int32 (tf2onnx) cast the finished vector to int64 for Reshape; cast piece by piece, the
+    constant pieces fold and the surgery can rewrite the channel counts they spell."""
+    graph = model.graph
+    pushed = 0
+    for node in list(graph):
+        concat = node.inputs[0].producer() if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None else None
+        if concat is None or concat.op_type != "Concat" or node.domain not in ("", "ai.onnx") or concat.domain not in ("", "ai.onnx"):
+            continue
+        out, vector = node.outputs[0], node.inputs[0]
+        if out.is_graph_output() or vector.type is None or vector.type.dtype not in _INTEGERS or vector.shape is None or len(vector.shape) != 1:
+            continue
+        to = ir.DataType(node.attributes.get_int("to"))
+        if to not in _INTEGERS:
+            continue
+        casts = [ir.node("Cast", [piece], attributes={"to": to}, name=f"{node.name}_{i}") for i, piece in enumerate(concat.inputs)]
+        joined = ir.node("Concat", [c.outputs[0] for c in casts], attributes={"axis": 0}, name=f"{node.name}_concat")
+        for i, c in enumerate(casts):
+            c.outputs[0].name, c.outputs[0].type = f"{out.name}_{i}", ir.TensorType(to)
+        joined.outputs[0].name, joined.outputs[0].type, joined.outputs[0].shape = f"{out.name}_pieces", ir.TensorType(to), out.shape
+        graph.insert_before(node, [*casts, joined])
+        out.replace_all_uses_with(joined.outputs[0])
+        pushed += 1
+    return pushed
 
 
 # Recurrent ops take initial_h (input 5) and initial_c (input 6); left out, they are zeros.

@@ -37,6 +37,17 @@ def test_grouped_strided_conv_and_conv_transpose():
     assert c.macs == conv + transposed
 
 
+@pytest.mark.parametrize("op,gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+def test_recurrent_macs_count_every_step(op, gates):
+    """Per step and batch row: gates x hidden x (input + hidden), both directions."""
+    g = Graph()
+    steps, batch, size, hidden = 5, 2, 6, 4
+    g.op(op, "x", g.weight(2, gates * hidden, size), g.weight(2, gates * hidden, hidden), hidden_size=hidden, direction="bidirectional")
+    g.nodes[-1].output[0] = "y"
+    c = counts(g.model({"x": [steps, batch, size]}, {"y": [steps, 2, batch, hidden]}))
+    assert c.macs == steps * batch * 2 * gates * hidden * (size + hidden)
+
+
 def test_gemm_and_batched_matmul():
     g = Graph()
     g.op("Gemm", "x", g.weight(6, 5), transB=1)  # (2,5) x (5,6)

@@ -292,6 +292,22 @@ def test_a_dim_of_minus_one_is_dynamic():
     _zero_check(model)
 
 
+def test_nhwc_flatten_with_an_int32_shape_prunes_the_last_conv():
+    """tf2onnx's Flatten: Transpose to NHWC, then Reshape to (batch, H*W*C) with the shape built in
+    int32 and cast to int64. The constant H*W*C is rewritten; each channel is its own unit."""
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    t = g.op("Transpose", a, perm=[0, 2, 3, 1])
+    dims = g.op("Cast", g.op("Shape", a), to=onnx.TensorProto.INT32)
+    batch = g.op("Slice", dims, g.const(np.array([0], np.int32)), g.const(np.array([1], np.int32)))
+    shape = g.op("Cast", g.op("Concat", batch, g.const(np.array([6 * 6 * 16], np.int32)), axis=0), to=onnx.TensorProto.INT64)
+    g.op("MatMul", g.op("Reshape", t, shape), g.weight(6 * 6 * 16, 4))
+    _out(g, None)
+    model = g.model({"x": ["n", 8, 6, 6]}, {"y": ["n", 4]})
+    assert [len(g.classes) for g in spa.analyze(model).groups] == [16]
+    _zero_check(model, removed_at_least=8)
+
+
 def test_unknown_op_is_a_barrier_and_listed():
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
