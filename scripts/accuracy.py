@@ -30,10 +30,11 @@ DATASET = {"vgg": "mnist", "resnet": "mnist", "mobilenetv2": "mnist", "mlp_mnist
 # name -> options for spa.prune; "calib" stands for the 256 calibration images
 METHODS = {
     "magnitude, no data (the default)": {"importance": "l2"},
-    "magnitude + compensation, synthetic (data-free)": {"importance": "l2", "calibration": "synthetic"},
+    "obs + compensation, synthetic (data-free)": {"calibration": "synthetic"},
     "magnitude + compensation (256 images)": {"importance": "l2", "calibration": "calib"},
     "wanda + compensation (256 images)": {"importance": "wanda", "calibration": "calib"},
     "obs + compensation (256 images; the default with data)": {"calibration": "calib"},
+    "obs + compensation, global ranking (256 images)": {"calibration": "calib", "global_ranking": True},
 }
 
 
