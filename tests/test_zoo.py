@@ -1,0 +1,33 @@
+"""Every committed model from the other frameworks' exporters (TensorFlow/Keras via tf2onnx,
+JAX/Flax via jax2onnx, PaddlePaddle via paddle2onnx, scikit-learn via skl2onnx, and ONNX files
+shipped in PyPI packages) passes the coverage benchmark's bar: it prunes at ratio 0.5 to a valid
+model (checker, onnxruntime, same inputs and outputs) that keeps at most 70% of its MACs, and the
+zero-channel test is exact. The PyTorch exports are tested in test_models and test_transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+# Loaded by path: the name `coverage` belongs to coverage.py, which pytest-cov may have imported.
+_spec = importlib.util.spec_from_file_location("zoo_coverage", ROOT / "scripts" / "coverage.py")
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
+
+FOLDERS = ("tensorflow", "jax", "paddle", "sklearn", "packaged")
+MODELS = sorted(p for folder in FOLDERS for p in (ROOT / "models" / folder).glob("*.onnx"))
+
+
+def test_every_framework_has_at_least_two_models():
+    for folder in FOLDERS:
+        assert len([p for p in MODELS if p.parent.name == folder]) >= 2, folder
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_zoo_model_prunes_to_a_valid_smaller_model(path):
+    row = coverage.measure(path, [coverage.PASS_RATIO])
+    assert row["failures"] == []
+    assert row["groups"] >= 1
