@@ -116,8 +116,9 @@ def prune(
     start = time.perf_counter()
     _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params)
     work, source = _load(model)
+    large = io.is_large(work)  # then verified on shared weights and written with external data
     if output is not None:
-        _check_output_path(source, Path(output))
+        _check_output_path(source, Path(output), external=large)
     expected_signature = verification.signature(work)
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
@@ -146,11 +147,11 @@ def prune(
     if data is not None and (compensate if compensate is not None else True) and len(plan.removed):
         data.compensate(work, keeps)
     after = count(work, shapes=planned_shapes)
-    verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes) if verify else None
+    verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
     if source is not None:
         before.file_bytes = _file_bytes(source)
     if output is not None:
-        io.save(work, output, serialized=verdict.serialized if verdict else None)
+        io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
         after.file_bytes = _file_bytes(Path(output))
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target)
 
@@ -236,17 +237,24 @@ def sweep(model, ratios: list[float], threads: int = 1, input_shapes=None, **opt
     return rows
 
 
-def _check_output_path(source: Path | None, output: Path) -> None:
+def _check_output_path(source: Path | None, output: Path, external: bool = False) -> None:
     if source is not None and output.resolve() == source.resolve():
         raise SpaError(f"{output}: output path is the input path; spa never overwrites its input")
+    data = output.with_name(output.name + ".data")
+    if external and source is not None and data.resolve() in {p.resolve() for p in _data_files(source)}:
+        raise SpaError(f"{output}: its external data file '{data}' is the input's; choose another output name")
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The external data files a model references."""
+    proto = onnx.load(path, load_external_data=False)
+    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
+    return [path.parent / loc for loc in locations]
 
 
 def _file_bytes(path: Path) -> int:
     """The model file plus the external data files it references."""
-    total = path.stat().st_size
-    proto = onnx.load(path, load_external_data=False)
-    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    return path.stat().st_size + sum(p.stat().st_size for p in _data_files(path) if p.is_file())
 
 
 def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None, select: str = "all", calibration=None) -> tuple[float, int]:

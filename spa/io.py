@@ -13,6 +13,11 @@ from spa.errors import SpaError
 
 # Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
 _PROTO_LIMIT = 2**31 - 64 * 2**20
+# Models with more weight bytes than this are large: their weights are never serialized in memory
+# (the verification shares them with onnxruntime, spa.verify._skeleton) and the pruned model keeps
+# them in external data. Serializing costs two copies (the proto, its bytes) and onnxruntime a
+# third; external data is written one tensor at a time, and external tensors stay memory-mapped.
+LARGE_BYTES = 2**30
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -94,10 +99,15 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = None) -> None:
+def is_large(model: ir.Model) -> bool:
+    return weight_bytes(model) > LARGE_BYTES
+
+
+def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = None, external: bool | None = None) -> None:
     """Write atomically: a temporary file in the same folder, then a rename.
 
-    Weights go to `<name>.data` beside the model when the file would pass protobuf's 2 GB limit.
+    Weights go to `<name>.data` beside the model when `external` is true, or (the default) when
+    the file would pass protobuf's 2 GB limit; external data is written one tensor at a time.
     `serialized`, the model already serialized (by the verification), saves doing it again.
     """
     path = Path(path)
@@ -106,8 +116,10 @@ def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = No
         raise SpaError(f"{path}: output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise SpaError(f"{path}: output folder '{folder}' is not writable")
-    external = weight_bytes(model) > _PROTO_LIMIT
+    external = weight_bytes(model) > _PROTO_LIMIT if external is None else external
     data_name = path.name + ".data"
+    if external:
+        _check_data_target(model, folder / data_name, path)
     fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx", dir=folder)
     os.close(fd)
     tmp = Path(tmp)
@@ -136,6 +148,16 @@ def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = No
         for leftover in (tmp, tmp_data):
             if leftover.exists():
                 leftover.unlink()
+
+
+def _check_data_target(model: ir.Model, data: Path, path: Path) -> None:
+    """The output's data file must not replace a file that the model's weights are still read from
+    (the input's external data)."""
+    target = data.resolve()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == target:
+            raise SpaError(f"{path}: its external data file '{data}' is the input's; choose another output name")
 
 
 def _inline_external_tensors(model: ir.Model) -> None:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 ort.set_default_logger_severity(4)  # onnxruntime's own log lines would break the one-line errors
 
 from spa.errors import SpaError
-from spa.io import _PROTO_LIMIT, _inline_external_tensors, save
+from spa.io import _PROTO_LIMIT, _inline_external_tensors, is_large
 
 
 @dataclasses.dataclass
@@ -45,32 +45,111 @@ def _serialize(model: ir.Model) -> bytes | None:
     return proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
 
 
-def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None) -> ort.InferenceSession:
+def _options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # errors come back as exceptions; keep stderr to one line
-    serialized = serialized if serialized is not None else _serialize(model)
+    return options
+
+
+def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, lean: bool | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of `model`.
+
+    lean: share the weights with onnxruntime instead of serializing them (see `_skeleton`); the
+    default is lean for large models (`spa.io.is_large`). A lean session runs without graph
+    optimizations and without prepacked weights, so it costs no copy of the weights.
+    """
+    if serialized is None and not (is_large(model) if lean is None else lean):
+        serialized = _serialize(model)
     if serialized is not None:
-        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-    folder = tempfile.mkdtemp(prefix="spa-")
-    path = Path(folder) / "model.onnx"
-    save(model, path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized, _options(threads), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="spa-") as folder:
+        path, shared = _skeleton(model, Path(folder))
+        return _lean_session(path, shared, threads)
 
 
 def check(model: ir.Model, serialized: bytes | None = None) -> None:
     """onnx's full checker (with shape inference); raise SpaError on failure."""
-    serialized = serialized if serialized is not None else _serialize(model)
+    if serialized is None and not is_large(model):
+        serialized = _serialize(model)
+    if serialized is not None:
+        _check(serialized)
+        return
+    with tempfile.TemporaryDirectory(prefix="spa-") as folder:
+        path, _ = _skeleton(model, Path(folder))
+        _check(str(path))
+
+
+def _check(model: bytes | str) -> None:
     try:
-        if serialized is not None:
-            onnx.checker.check_model(serialized, full_check=True)
-        else:
-            with tempfile.TemporaryDirectory(prefix="spa-") as folder:
-                path = Path(folder) / "model.onnx"
-                save(model, path)
-                onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise SpaError(f"pruned model fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+
+
+# Weights onnxruntime can take from memory as they are (numpy dtypes it maps one to one).
+_SHAREABLE = {
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+}
+_SHARE_MIN_BYTES = 1024  # smaller tensors (shape constants and the like) stay in the graph
+_PLACEHOLDER = "weights.data"
+
+
+def _skeleton(model: ir.Model, folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Write `model` to `folder/model.onnx` without its weights: every large initializer points
+    into `weights.data`, a sparse file of zeros that takes no disk space, and comes back as an
+    array to hand to onnxruntime (`_lean_session`).
+
+    The checker only reads the graph and checks that the data file is there; onnxruntime uses the
+    shared arrays, memory-mapped external data included, without copying them. Nothing is
+    serialized in memory but the graph, so a model over 2 GB costs no second copy of its weights.
+    The model is left as it was; its external tensors stay memory-mapped.
+    """
+    shared: dict[str, np.ndarray] = {}
+    replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    offset = 0
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype not in _SHAREABLE or tensor.nbytes <= _SHARE_MIN_BYTES:
+                continue
+            shared[value.name] = np.ascontiguousarray(tensor.numpy())
+            replaced.append((value, tensor))
+            value.const_value = ir.ExternalTensor(_PLACEHOLDER, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=folder)
+            offset += tensor.nbytes
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in replaced:
+            value.const_value = tensor
+    path = folder / "model.onnx"
+    onnx.save(proto, path)
+    with open(folder / _PLACEHOLDER, "wb") as f:
+        f.truncate(offset)
+    return path, shared
+
+
+def _lean_session(path: Path, shared: dict[str, np.ndarray], threads: int) -> ort.InferenceSession:
+    """A session of a skeleton (`_skeleton`) that runs on the shared arrays. Graph optimizations
+    would read the placeholder zeros instead of the shared weights (constant folding), and
+    prepacking copies the weights: both are off."""
+    options = _options(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
+    for name, value in values.items():
+        options.add_initializer(name, value)
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess._spa_shared = values  # onnxruntime borrows the arrays: they live as long as the session
+    return sess
+
+
+def _opened(make) -> ort.InferenceSession:
+    try:
+        return make()
+    except Exception as e:
+        raise SpaError(f"onnxruntime cannot open the pruned model: {str(e).strip().splitlines()[0]}") from None
 
 
 def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -90,17 +169,23 @@ def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]]
     return feeds
 
 
-def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, input_shapes: dict[str, list[int]] | None = None) -> Verdict:
+def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, input_shapes: dict[str, list[int]] | None = None, lean: bool | None = None) -> Verdict:
     """Raise SpaError unless `pruned` keeps the signature, passes the full checker, opens in
-    onnxruntime and gives outputs of the expected concrete shapes on random inputs."""
+    onnxruntime and gives outputs of the expected concrete shapes on random inputs.
+
+    lean (default: for large models): check a skeleton of the model and run it on shared weights
+    (`_skeleton`) instead of serializing it; the verdict then carries no serialized model."""
     if signature(pruned) != expected_signature:
         raise SpaError(f"pruned model changed the inputs or outputs: {expected_signature} -> {signature(pruned)}")
-    serialized = _serialize(pruned)
-    check(pruned, serialized)
-    try:
-        sess = session(pruned, serialized=serialized)
-    except Exception as e:
-        raise SpaError(f"onnxruntime cannot open the pruned model: {str(e).strip().splitlines()[0]}") from None
+    serialized = None if (is_large(pruned) if lean is None else lean) else _serialize(pruned)
+    if serialized is not None:
+        _check(serialized)
+        sess = _opened(lambda: session(pruned, serialized=serialized))
+    else:
+        with tempfile.TemporaryDirectory(prefix="spa-") as folder:
+            path, shared = _skeleton(pruned, Path(folder))
+            _check(str(path))
+            sess = _opened(lambda: _lean_session(path, shared, 1))
     try:
         outputs = sess.run(None, random_inputs(sess, input_shapes))
     except Exception as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 
 import spa
 from spa import io
@@ -48,3 +49,43 @@ def test_pruned_model_runs_with_a_larger_batch(tmp_path):
     session = spa.verify.session(ir.load(out))
     (y,) = session.run(None, {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)})
     assert y.shape == (3, 10)
+
+
+TRANSFORMERS = Path(__file__).parent.parent / "models" / "transformers"
+
+
+def test_large_model_is_verified_on_shared_weights_and_keeps_external_data(tmp_path, monkeypatch):
+    # The same pruning as for a small model; only the verification and the container change.
+    small = tmp_path / "small.onnx"
+    spa.prune(TRANSFORMERS / "llama_dynamo.onnx", small, ratio=0.5)
+    monkeypatch.setattr(io, "LARGE_BYTES", 1000)
+    large = tmp_path / "large" / "pruned.onnx"
+    large.parent.mkdir()
+    result = spa.prune(TRANSFORMERS / "llama_dynamo.onnx", large, ratio=0.5)
+    assert result.verdict.serialized is None
+    assert sorted(p.name for p in large.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
+    onnx.checker.check_model(str(large), full_check=True)
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(small).graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(large).graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_lean_session_runs_on_the_weights_in_place():
+    model = io.load(TRANSFORMERS / "llama_dynamo.onnx")
+    reference = spa.verify.session(io.load(TRANSFORMERS / "llama_dynamo.onnx"))
+    lean = spa.verify.session(model, lean=True)
+    feeds = spa.verify.random_inputs(reference)
+    assert spa.verify.relative_error(reference.run(None, feeds), lean.run(None, feeds)) < 1e-5
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values() if v.const_value.nbytes > 1024)
+
+
+def test_output_data_file_never_replaces_the_inputs(tmp_path, monkeypatch):
+    # a.onnx keeps its weights in resnet_dynamo.onnx.data: an output named resnet_dynamo.onnx would write over them.
+    for name, target in (("resnet_dynamo.onnx", "a.onnx"), ("resnet_dynamo.onnx.data", "resnet_dynamo.onnx.data")):
+        (tmp_path / target).write_bytes((MODELS / name).read_bytes())
+    before = (tmp_path / "resnet_dynamo.onnx.data").read_bytes()
+    monkeypatch.setattr(io, "LARGE_BYTES", 1000)
+    with pytest.raises(spa.SpaError, match="is the input's"):
+        spa.prune(tmp_path / "a.onnx", tmp_path / "resnet_dynamo.onnx", ratio=0.5)
+    assert (tmp_path / "resnet_dynamo.onnx.data").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "resnet_dynamo.onnx.data"]
