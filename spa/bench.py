@@ -19,7 +19,7 @@ import onnxruntime as ort
 from spa import io
 from spa.errors import SpaError
 from spa.progress import Progress
-from spa.verify import random_inputs, session
+from spa.verify import random_inputs, session, session_options
 
 
 @dataclasses.dataclass
@@ -51,6 +51,16 @@ def load_inputs(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str
     return {n: feeds[n] for n in names}
 
 
+def _timed_session(model, threads: int) -> ort.InferenceSession:
+    """A file goes to onnxruntime as it is (it reads external data itself), with the graph
+    optimizations and prepacked weights a deployment gets; in-memory models over spa.io's large
+    threshold get a lean session (no optimizations), so time large models from files."""
+    if isinstance(model, ir.Model):
+        return session(model, threads=threads)
+    io.load(model)  # the same checks and one-line errors as every command
+    return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+
+
 def benchmark(
     models: list,
     names: list[str] | None = None,
@@ -68,7 +78,7 @@ def benchmark(
     """
     if not models:
         raise SpaError("nothing to benchmark")
-    sessions = [session(m if isinstance(m, ir.Model) else io.load(m), threads=threads) for m in models]
+    sessions = [_timed_session(m, threads) for m in models]
     names = names or [str(m) if not isinstance(m, ir.Model) else f"model {i}" for i, m in enumerate(models)]
     feeds = load_inputs(inputs, sessions[0]) if inputs else random_inputs(sessions[0], input_shapes)
     for sess in sessions:

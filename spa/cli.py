@@ -159,7 +159,7 @@ def _run(args) -> int:
         )
         latency = None
         if args.bench:
-            timings = bench.benchmark([args.input, result.model], ["before", "after"], args.threads, input_shapes=shapes)
+            timings = bench.benchmark([args.input, args.output], ["before", "after"], args.threads, input_shapes=shapes)
             latency = (timings[0].median_ms, timings[1].median_ms)
         groups = result.analysis.groups
         if not groups:

@@ -45,7 +45,7 @@ def _serialize(model: ir.Model) -> bytes | None:
     return proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
 
 
-def _options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # errors come back as exceptions; keep stderr to one line
@@ -62,7 +62,7 @@ def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, 
     if serialized is None and not (is_large(model) if lean is None else lean):
         serialized = _serialize(model)
     if serialized is not None:
-        return ort.InferenceSession(serialized, _options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized, session_options(threads), providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="spa-") as folder:
         path, shared = _skeleton(model, Path(folder))
         return _lean_session(path, shared, threads)
@@ -134,7 +134,7 @@ def _lean_session(path: Path, shared: dict[str, np.ndarray], threads: int) -> or
     """A session of a skeleton (`_skeleton`) that runs on the shared arrays. Graph optimizations
     would read the placeholder zeros instead of the shared weights (constant folding), and
     prepacking copies the weights: both are off."""
-    options = _options(threads)
+    options = session_options(threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
