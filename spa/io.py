@@ -88,6 +88,8 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
             continue
+        if not isinstance(tensor.location, str):  # bytes that are not UTF-8 (a corrupt file)
+            raise SpaError(f"{path}: external data location {tensor.location!r} is not a valid file name")
         location = Path(tensor.location)
         if location.is_absolute() or folder not in (folder / location).resolve().parents:
             raise SpaError(f"{path}: external data location '{tensor.location}' is outside the model's folder")

@@ -87,3 +87,12 @@ def test_missing_external_data_is_one_line(tmp_path):
     run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
     assert run.returncode == 1 and "external data" in run.stderr and run.stderr.count("\n") == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_external_data_location_that_is_not_utf8_is_one_line(tmp_path):
+    data = (MODELS / "vgg_dynamo.onnx").read_bytes()
+    assert data.count(b"vgg_dynamo.onnx.data") >= 1
+    (tmp_path / "m.onnx").write_bytes(data.replace(b"vgg_dynamo.onnx.data", b"vgg_dynamo.onnx.dat\xff"))
+    run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "out.onnx").exists()
