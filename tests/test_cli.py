@@ -94,5 +94,5 @@ def test_external_data_location_that_is_not_utf8_is_one_line(tmp_path):
     assert data.count(b"vgg_dynamo.onnx.data") >= 1
     (tmp_path / "m.onnx").write_bytes(data.replace(b"vgg_dynamo.onnx.data", b"vgg_dynamo.onnx.dat\xff"))
     run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "not a valid file name" in run.stderr, run.stderr
     assert not (tmp_path / "out.onnx").exists()
