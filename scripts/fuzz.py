@@ -12,13 +12,18 @@ classifies what happened:
   clean error  exit 1, exactly one line on stderr starting with "spa: error:", no OUT
   BUG          anything else: a traceback, "spa: internal error:", exit 0 with an invalid OUT,
                OUT (or a .spa-* temp file) left behind, a timeout, the input modified, ...
+  timeout/killed  the worker process running the case died (the OOM killer, a crash in native
+               code) or had no result 2 x --timeout + 120 s after it started (a hang that the
+               case's own timeout could not interrupt): it is killed, the case reported and its
+               mutated model saved, and a fresh worker carries on
 
     python scripts/fuzz.py --cases 300 --seed 1 --jobs 2 [--in-process] [--out out/fuzz]
 
 Deterministic given --seed: case i draws its seed model, mutation, mutation seed and ratio from
 random.Random(f"{seed}:{i}"). The default runs the CLI in a subprocess per case (what a user
-runs); --in-process calls spa.cli.main in long-lived worker processes, 20x faster at the median
-(0.1-0.2 s against 3.3 s per case with 2 jobs on 2 cores), for big runs. Every BUG is saved
+runs); --in-process calls spa.cli.main in the worker processes (one case at a time each, a
+fresh worker after 200), 20x faster at the median (0.1-0.2 s against 3.3 s per case with 2 jobs
+on 2 cores), for big runs. Every BUG is saved
 under OUT/bugs/<case>/ (the mutated model, its external data if any, stderr, the stderr of a
 rerun with -v, case.json) and listed, one line each; bugs are then grouped into classes by the
 exception and the innermost spa frame of the -v traceback. --report FILE.jsonl reprints a run.
@@ -768,6 +773,131 @@ def _init_worker():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+KILLED = "timeout/killed"  # the worker died on the case (OOM killer, a native crash) or outlived its deadline
+CASES_PER_WORKER = 200  # then a fresh worker: in-process runs leak a little per case
+
+
+def _serve(conn, in_process: bool, timeout: float, bugs_dir: str, mem_limit_gb: float | None) -> None:
+    """A worker process: run the cases sent on `conn`, one at a time, until it gets None."""
+    _init_worker()
+    with contextlib.suppress(EOFError, KeyboardInterrupt):
+        while (case := conn.recv()) is not None:
+            conn.send(_worker((case, in_process, timeout, bugs_dir, mem_limit_gb)))
+
+
+def run_cases(cases: list[Case], jobs: int, in_process: bool, timeout: float, bugs_dir: str, mem_limit_gb: float | None, rerun: str, deadline: float | None = None):
+    """Yield the cases' results as they come, from `jobs` worker processes that get one case at a
+    time. A worker that dies (the OOM killer, a segfault in native code) or has no result after
+    the case's deadline (its own timeouts cannot interrupt native code) is killed: that case is
+    reported as KILLED, its mutated model saved, and a fresh worker carries on."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")
+    deadline = deadline or 2 * timeout + 120  # the run, the -v rerun of a BUG, the checks
+    todo = collections.deque(cases)
+    workers: dict = {}  # parent end of the pipe -> [process, case or None, start time, cases done]
+
+    def spawn():
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_serve, args=(child, in_process, timeout, bugs_dir, mem_limit_gb), daemon=True)
+        p.start()
+        child.close()
+        workers[parent] = [p, None, 0.0, 0]
+        return parent
+
+    def stop(conn, kill=False):
+        p = workers.pop(conn)[0]
+        with contextlib.suppress(OSError):
+            p.kill() if kill else conn.send(None)
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        conn.close()
+
+    def assign(conn):
+        w = workers[conn]
+        w[1], w[2] = todo.popleft(), time.monotonic()
+        try:
+            conn.send(w[1])
+        except OSError:  # died while idle: not this case's doing, it goes back to the queue
+            todo.appendleft(w[1])
+            stop(conn, kill=True)
+            spawn()
+
+    try:
+        for _ in range(min(jobs, len(cases))):
+            spawn()
+        while workers:
+            for conn, w in list(workers.items()):  # idle workers: a case each, else retire
+                if conn in workers and w[1] is None:
+                    if todo and w[3] < CASES_PER_WORKER:
+                        assign(conn)
+                    else:
+                        stop(conn)
+                        if todo:
+                            assign(spawn())
+            if not workers:
+                break
+            ready = wait(list(workers) + [w[0].sentinel for w in workers.values()], timeout=min(5, deadline))
+            for conn, w in list(workers.items()):
+                p, case, started, _ = w
+                if case is None:
+                    continue
+                result = None
+                if conn in ready or p.sentinel in ready:
+                    with contextlib.suppress(EOFError, OSError):
+                        if conn.poll():
+                            result = conn.recv()
+                if result is not None:
+                    w[1], w[3] = None, w[3] + 1
+                    yield result
+                elif not p.is_alive() or time.monotonic() - started > deadline:
+                    seconds = time.monotonic() - started
+                    code = p.exitcode
+                    if code is None:
+                        why = f"no result after {seconds:.0f} s (deadline {deadline:.0f} s): worker killed"
+                    elif code < 0:
+                        sig = signal.Signals(-code).name if -code in signal.valid_signals() else "?"
+                        why = f"worker died on signal {-code} ({sig}) after {seconds:.1f} s"
+                    else:
+                        why = f"worker exited with {code} after {seconds:.1f} s"
+                    stop(conn, kill=True)
+                    yield _killed(case, why, seconds, Path(bugs_dir), rerun)
+                    if todo:
+                        assign(spawn())
+    finally:
+        for conn in list(workers):
+            stop(conn, kill=True)
+
+
+def _killed(case: Case, why: str, seconds: float, bugs: Path, rerun: str) -> Result:
+    """The Result of a case whose worker died, with its mutated model saved for a rerun."""
+    name, mutated = "-", None
+    for candidate in case.mutations:
+        with contextlib.suppress(NotApplicable):
+            mutated, name = apply_mutation(Path(case.seed_model), candidate, case.mutation_seed), candidate
+            break
+    seed_model = Path(case.seed_model)
+    r = Result(case.index, seed_model.name, name, KILLED, why, None, "", seconds, mutated.note if mutated else "", case.ratio, case.mutation_seed)
+    if mutated is None:
+        return r
+    where = bugs / f"case{r.index:06d}-{name}-{seed_model.stem}"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / seed_model.name).write_bytes(mutated.data)
+    if mutated.copy_external and mutated.data:
+        with contextlib.suppress(Exception):
+            for f in external_files(seed_model):
+                shutil.copyfile(f, where / f.name)
+    info = dataclasses.asdict(r)
+    info["repro"] = f"spa prune {seed_model.name} out.onnx --ratio {r.ratio} -v"
+    info["rerun"] = f"{rerun} --start {r.index} --cases 1"
+    (where / "case.json").write_text(json.dumps(info, indent=1))
+    r.saved = str(where)
+    return r
+
+
 def bug_class(r: Result) -> str:
     """A bug's class: the exception type and the innermost spa frame of the -v traceback
     (spa/apply.py:71 activation_keeps), else the reason with names and numbers abstracted."""
@@ -864,23 +994,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no seed models")
     bugs_dir = args.out / "bugs"
     cases = [make_case(args.seed, i, seeds) for i in range(args.start, args.start + args.cases)]
-    work = [(c, args.in_process, args.timeout, str(bugs_dir), args.mem_limit_gb) for c in cases]
+    rerun = f"python scripts/fuzz.py --seed {args.seed}" + " --in-process" * args.in_process  # how to rerun one case
+    rerun += f" --mutations {args.mutations}" * bool(args.mutations) + f" --models '{args.models}'" * bool(args.models)
     mode = "in-process" if args.in_process else "subprocess"
     print(f"fuzz: {len(cases)} cases, seed {args.seed}, {len(seeds)} seed models, {len(MUTATIONS)} mutations, {args.jobs} job(s), {mode}", flush=True)
 
     results: list[Result] = []
     start = time.perf_counter()
-    if args.jobs <= 1:
-        _init_worker()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        it = map(_worker, work)
-        pool = None
-    else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        pool = ctx.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=200 if args.in_process else None)
-        it = pool.imap_unordered(_worker, work)
+    it = run_cases(cases, max(1, args.jobs), args.in_process, args.timeout, str(bugs_dir), args.mem_limit_gb, rerun)
     try:
         for r in it:
             results.append(r)
@@ -892,8 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: summary of the cases run so far", flush=True)
     finally:
-        if pool is not None:
-            pool.terminate()
+        it.close()  # kills the workers
     elapsed = time.perf_counter() - start
     results.sort(key=lambda r: r.index)
 

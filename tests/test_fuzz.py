@@ -46,3 +46,14 @@ def test_mutated_model_prunes_or_fails_cleanly(seed_model, mutation, mutation_se
         f"{mutation} (seed {mutation_seed}) on {seed_model.name} at ratio {case.ratio}: {result.note}\n"
         f"{result.reason}\n--- spa -v:\n{result.verbose_stderr[-3000:]}"
     )
+
+
+def test_a_case_past_its_deadline_is_killed_reported_and_the_run_goes_on(tmp_path):
+    """A worker that hangs (or dies) costs its case only: reported as KILLED with its reproducer
+    saved, and a fresh worker takes the next case (a Pool would wait for the lost result forever)."""
+    cases = [fuzz.Case(i, str(SEEDS[0]), ["truncate_bytes"], i, 0.3) for i in range(2)]
+    results = list(fuzz.run_cases(cases, 1, True, 120, str(tmp_path), None, "python scripts/fuzz.py --seed 0", deadline=0.01))
+    assert sorted(r.index for r in results) == [0, 1]
+    for r in results:
+        assert r.outcome == fuzz.KILLED and "no result after" in r.reason, r
+        assert (Path(r.saved) / SEEDS[0].name).is_file() and (Path(r.saved) / "case.json").is_file()
