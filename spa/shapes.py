@@ -64,14 +64,19 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
 def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) -> dict[ir.Value, tuple[int, ...]]:
     """Shapes that inference could not work out (Range, GatherND, ...), read off one onnxruntime
     run on inputs of the same concrete shapes. Nothing if onnxruntime cannot run the model."""
-    from spa.verify import random_inputs, session
+    from spa.verify import isolated, random_inputs, session
 
     outputs = list(model.graph.outputs)
     try:
         model.graph.outputs.extend(values)
         sess = session(model)
-        results = sess.run([v.name for v in values], random_inputs(sess, input_shapes))
-        return {v: tuple(r.shape) for v, r in zip(values, results)}
+        feeds = random_inputs(sess, input_shapes)
+        names = [v.name for v in values]
+        shown = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        shapes = isolated(lambda: [r.shape for r in sess.run(names, feeds)], f"running the model on inputs {shown} (give other sizes with --input-shapes)")
+        return dict(zip(values, map(tuple, shapes)))
+    except SpaError:
+        raise
     except Exception as e:  # custom ops, or a model onnxruntime refuses: those shapes stay unknown
         logger.info("no shapes from onnxruntime: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return {}

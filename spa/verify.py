@@ -8,8 +8,13 @@ with one comparison.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
+import os
+import pickle
+import signal
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import onnx
@@ -20,6 +25,45 @@ ort.set_default_logger_severity(4)  # onnxruntime's own log lines would break th
 
 from spa.errors import SpaError
 from spa.io import _PROTO_LIMIT, _inline_external_tensors, is_large
+
+
+T = TypeVar("T")
+
+
+def isolated(run: Callable[[], T], doing: str) -> T:
+    """run() in a forked child process. onnxruntime can die of a native fault (an integer division
+    by zero on a degenerate shape: SIGFPE) that no `except` catches; in a child, that becomes a
+    one-line SpaError and spa lives on. The result must pickle; an exception comes back as a
+    RuntimeError with its type and first line. Where there is no fork, run() runs here."""
+    if not hasattr(os, "fork"):
+        return run()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            os.close(read)
+            faulthandler.disable()  # a crash is reported by the parent, in one line
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            try:
+                payload = pickle.dumps((True, run()))
+            except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent
+                payload = pickle.dumps((False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        payload = pipe.read()  # before waiting: a large result would fill the pipe
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        raise SpaError(f"onnxruntime crashed ({signal.Signals(os.WTERMSIG(status)).name}) while {doing}")
+    if not payload:
+        raise SpaError(f"onnxruntime's process ended without a result (exit {os.waitstatus_to_exitcode(status)}) while {doing}")
+    ok, value = pickle.loads(payload)
+    if not ok:
+        raise RuntimeError(value)
+    return value
 
 
 @dataclasses.dataclass
@@ -186,14 +230,18 @@ def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, i
             path, shared = _skeleton(pruned, Path(folder))
             _check(str(path))
             sess = _opened(lambda: _lean_session(path, shared, 1))
+    feeds = random_inputs(sess, input_shapes)
+    shapes_of_inputs = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
     try:
-        outputs = sess.run(None, random_inputs(sess, input_shapes))
+        output_shapes = isolated(lambda: [o.shape for o in sess.run(None, feeds)], f"running the pruned model on inputs {shapes_of_inputs}")
+    except SpaError:
+        raise
     except Exception as e:
         raise SpaError(f"the pruned model fails to run in onnxruntime: {str(e).strip().splitlines()[0]}") from None
-    for out, arg, expected in zip(outputs, sess.get_outputs(), expected_shapes):
-        if expected is not None and out.shape != tuple(expected):
-            raise SpaError(f"pruned model's output '{arg.name}' has shape {out.shape}, the original {tuple(expected)}")
-    return Verdict(output_shapes=[o.shape for o in outputs], serialized=serialized)
+    for shape, arg, expected in zip(output_shapes, sess.get_outputs(), expected_shapes):
+        if expected is not None and shape != tuple(expected):
+            raise SpaError(f"pruned model's output '{arg.name}' has shape {shape}, the original {tuple(expected)}")
+    return Verdict(output_shapes=output_shapes, serialized=serialized)
 
 
 def zero_classes(analysis, classes: np.ndarray) -> None:

@@ -46,6 +46,19 @@ def test_truncated_file_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_a_native_crash_in_onnxruntime_is_one_line(tmp_path):
+    """Found by the fuzzer: without its pads, an AveragePool of Inception V1 makes onnxruntime die
+    of SIGFPE when the model runs. spa runs onnxruntime in a forked child: one line, exit 1."""
+    model = onnx.load(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_inception_v1.onnx")
+    pool = next(n for n in model.graph.node if n.name == "n138")
+    del pool.attribute[:]
+    pool.attribute.extend([helper.make_attribute("kernel_shape", [7, 7]), helper.make_attribute("strides", [1, 1])])
+    onnx.save(model, tmp_path / "m.onnx")
+    run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "onnxruntime crashed (SIGFPE)" in run.stderr, run.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_unwritable_output_folder(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
