@@ -1,6 +1,6 @@
 """Fuzz `spa prune`: mutate valid models and check that every case ends well.
 
-Every case takes a seed model (the committed models/torch and models/transformers models and
+Every case takes a seed model (every committed model in models/, from all the exporters, and
 the onnx wheel's light_* backend test models), applies one mutation (drop a node or an
 initializer, change an attribute, an initializer or an input shape, rewire an input, set the
 opset, truncate or flip bytes, empty the file, delete the external data, duplicate an output name,
@@ -62,7 +62,7 @@ DEFAULT_MEM_GB = 8.0
 
 def seed_models() -> list[Path]:
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-    models = sorted((REPO / "models" / "torch").glob("*.onnx")) + sorted((REPO / "models" / "transformers").glob("*.onnx"))
+    models = sorted((REPO / "models").glob("*/*.onnx"))  # every exporter of the zoo
     return models + sorted(light.glob("light_*.onnx"))
 
 
