@@ -170,7 +170,7 @@ def _constant_inputs_from(node: ir.Node, first: int) -> list[np.ndarray | None] 
 
 def _static_shape(node: ir.Node) -> list[np.ndarray] | None:
     shape = node.inputs[0].shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    if shape is None or not all(_static(d) for d in shape):
         return None
     dims = list(shape)
     start = node.attributes.get_int("start", 0)
@@ -193,9 +193,13 @@ def _picked_static_dims(node: ir.Node, opset: int) -> list[np.ndarray] | None:
     dims = dims[slice(source.attributes.get_int("start", 0), source.attributes.get_int("end", len(dims)))]
     picked = run_node(node, [np.arange(len(dims), dtype=np.int64), *others], opset)[0]
     values = [dims[int(i)] for i in picked.reshape(-1)]
-    if not all(isinstance(d, int) for d in values):
+    if not all(_static(d) for d in values):
         return None
     return [np.array(values, dtype=np.int64).reshape(picked.shape)]
+
+
+def _static(dim) -> bool:
+    return isinstance(dim, int) and dim >= 0  # -1 is some converters' way to say "dynamic"
 
 
 def infer_shapes(model: ir.Model, keep_signature: bool = True) -> None:
@@ -211,6 +215,13 @@ def infer_shapes(model: ir.Model, keep_signature: bool = True) -> None:
                 out.shape = None
     # The signature is the user's contract: inference must not rename or fill symbolic dims.
     signature = [(v, v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)] if keep_signature else []
+    # Some converters write -1 for a dynamic dim; onnx's C++ inference can abort on it (an assertion
+    # in a clamp, found by the fuzzer), so it is unknown for the inference's duration.
+    negative = [(v, v.shape) for v in (*model.graph.inputs, *model.graph.outputs) if v.shape is not None and any(isinstance(d, int) and d < 0 for d in v.shape)]
+    for value, shape in negative:
+        value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in shape])
     common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    for value, shape in negative:
+        value.shape = shape
     for value, shape, type_ in signature:
         value.shape, value.type = shape, type_

@@ -59,6 +59,17 @@ def test_a_native_crash_in_onnxruntime_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_a_dynamic_dim_written_as_minus_one_survives_shape_inference(tmp_path):
+    """Found by the fuzzer: magika's batch dim set to -1 made onnx's C++ shape inference abort (a
+    Shape folded to [-1, 2048], then a clamp). -1 is dynamic: never folded, unknown to inference."""
+    model = onnx.load(Path(__file__).parent.parent / "models" / "packaged" / "magika_standard_v3_3.onnx")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(model, tmp_path / "m.onnx")
+    run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert onnx.load(tmp_path / "out.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+
+
 def test_unwritable_output_folder(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
