@@ -127,7 +127,8 @@ def _greedy_obs(classes: np.ndarray, readers: list[tuple[np.ndarray, np.ndarray,
         accumulated += float(errors[order].sum())
         for c in removed:
             result[c] = accumulated
-        remaining = [c for c in remaining if c not in set(removed)]
+        gone = set(removed)
+        remaining = [c for c in remaining if c not in gone]
         for w, h, f in state:
             rows = np.flatnonzero(np.isin(f, removed))
             if len(rows):
