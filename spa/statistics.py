@@ -165,15 +165,18 @@ def exposing(model: ir.Model, names: list[str]):
     produced = {v.name: v for n in model.graph for v in n.outputs if v.name}
     wanted = [n for n in names if n in produced]
     outputs = list(model.graph.outputs)
-    try:
-        model.graph.outputs.extend(produced[n] for n in wanted if produced[n] not in outputs)
-        sess = session(model)
-    finally:
-        model.graph.outputs.clear()
-        model.graph.outputs.extend(outputs)
+    sess = None
+    if wanted:
+        try:  # the wanted values become the only outputs, and the session runs what they need
+            model.graph.outputs.clear()
+            model.graph.outputs.extend(produced[n] for n in wanted)
+            sess = session(model, only_for=wanted)
+        finally:
+            model.graph.outputs.clear()
+            model.graph.outputs.extend(outputs)
 
     def run(feed: dict) -> dict[str, np.ndarray]:
-        values = dict(zip(wanted, sess.run(wanted, feed))) if wanted else {}
+        values = dict(zip(wanted, sess.run(wanted, feed))) if sess is not None else {}
         values.update({n: feed[n] for n in names if n in feed})
         return values
 

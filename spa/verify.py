@@ -83,10 +83,27 @@ def signature(model: ir.Model) -> tuple[list, list]:
     return inputs, [describe(v) for v in model.graph.outputs]
 
 
-def _serialize(model: ir.Model) -> bytes | None:
+def _serialize(model: ir.Model, outputs: list[str] | None = None) -> bytes | None:
     _inline_external_tensors(model)
     proto = ir.serde.serialize_model(model)
+    if outputs is not None:
+        _keep_nodes_for(proto.graph, outputs)
     return proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
+
+
+def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:
+    """Drop the nodes that `outputs` do not depend on: onnxruntime runs every node of a graph,
+    needed or not (an early layer's input costs the whole model otherwise). Graphs with subgraphs
+    stay whole: their nodes read outer values that the node inputs do not list."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    needed, kept = set(outputs), []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -96,15 +113,16 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, lean: bool | None = None) -> ort.InferenceSession:
+def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, lean: bool | None = None, only_for: list[str] | None = None) -> ort.InferenceSession:
     """An onnxruntime session of `model`.
 
     lean: share the weights with onnxruntime instead of serializing them (see `_skeleton`); the
     default is lean for large models (`spa.io.is_large`). A lean session runs without graph
     optimizations and without prepacked weights, so it costs no copy of the weights.
+    only_for: output names; the session keeps only the nodes they need (not on the lean path).
     """
     if serialized is None and not (is_large(model) if lean is None else lean):
-        serialized = _serialize(model)
+        serialized = _serialize(model, only_for)
     if serialized is not None:
         return ort.InferenceSession(serialized, session_options(threads), providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="spa-") as folder:
