@@ -99,9 +99,11 @@ def prune(
     ignore: glob patterns of node or initializer names to leave alone.
     importance: "auto" (the default: "obs" with calibration data, "l2" without), "l2", "l1" (group
         magnitude), "random", or with calibration data "wanda" (|W| x input RMS) or "obs" (output
-        error of removing a channel, optimally compensated).
+        error of removing a channel, optimally compensated; greedy, with the weights updated as
+        channels go).
     global_ranking: rank channels across groups instead of removing `ratio` of each group; no group
-        loses more than `max_group_ratio` of its channels.
+        loses more than `max_group_ratio` of its channels. With calibration data, the better
+        choice for transformers (layers differ in how much they can lose).
     target_macs, target_params: search the ratio so that the model keeps at most this fraction of
         its MACs (params); `ratio` is then ignored.
     prune_hidden: also prune channels that normalizations (LayerNorm, RMSNorm) average over, such
