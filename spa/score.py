@@ -60,15 +60,17 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     wanda: sum over a class's input features of |W| times the feature's RMS (Wanda, on channels).
     obs: Optimal Brain Surgeon on whole channels, greedy: a group's classes are removed one chunk at
     a time, each time the chunk whose removal (with the rest optimally compensated) adds the least
-    output error, tr(W_R ([H^-1]_RR)^-1 W_R^T) summed over the group's consumers, each normalized
-    by its mean first-step error; then the consumers' weights and inverse Hessians are updated as
-    if the chunk were gone. A class scores the error accumulated when it was removed, so the
-    lowest scores are the channels that are best removed together, not one by one.
-    Classes that no consumer reads keep their magnitude score, scaled down."""
+    output error, tr(W_R ([H^-1]_RR)^-1 W_R^T), as a fraction of the consumer's output energy
+    tr(W H W^T), summed over the group's consumers; then the consumers' weights and inverse Hessians
+    are updated as if the chunk were gone. A class scores the error accumulated when it was
+    removed, so the lowest scores are the channels that are best removed together, not one by one.
+    Fractions of output energy compare across layers, so obs scores are not rescaled per group:
+    global ranking weighs them as they are. Classes that no consumer reads keep their magnitude
+    score, scaled down."""
     from spa.statistics import feature_classes
 
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
-    readers: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # group id -> consumers
+    readers: dict[int, list[tuple]] = {}  # group id -> (weights, inverse Hessian, feature classes, energy)
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
     for consumer in found:
         weight = next((m.value.const_value.numpy() for m in analysis.members if m.value.name == consumer.weight), None)
@@ -90,36 +92,40 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
         inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
         features = np.append(classes, 0)  # the constant feature belongs to no class
         matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
+        energy = max(float(np.einsum("oi,ij,oj->", matrix, gram, matrix)), 1e-30)
         for gid in {group_of[c] for c in np.unique(classes) if c in group_of}:
-            readers.setdefault(gid, []).append((matrix, inverse, features))
+            readers.setdefault(gid, []).append((matrix, inverse, features, energy))
     for group in analysis.groups:
         if group.id in readers:
             totals[group.classes] += _greedy_obs(group.classes, readers[group.id])
     fallback = np.zeros(len(totals))
     for c, v in score(analysis, "l2").items():
         fallback[c] = v
-    totals = np.where(totals > 0, totals, 1e-3 * fallback)
-    return _per_group(analysis, totals)
+    if criterion == "wanda":
+        return _per_group(analysis, np.where(totals > 0, totals, 1e-3 * fallback))
+    # Unread classes go first, in magnitude order, below every read class of their group.
+    floor = min((totals[c] for g in analysis.groups for c in g.classes if totals[c] > 0), default=1.0)
+    totals = np.where(totals > 0, totals, 1e-3 * floor * fallback / max(fallback.max(), 1e-30))
+    return {int(c): float(totals[c]) for g in analysis.groups for c in g.classes}
 
 
 GREEDY_STEPS = 32  # chunks per group: bounds the cost at a few inverse-sized updates per consumer
 
 
-def _greedy_obs(classes: np.ndarray, readers: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Accumulated error at which each class of a group is removed (0 for classes no consumer reads)."""
-    state = [(w.copy(), h.copy(), f) for w, h, f in readers]
+def _greedy_obs(classes: np.ndarray, readers: list[tuple]) -> np.ndarray:
+    """Accumulated error at which each class of a group is removed, as a fraction of each
+    consumer's output energy (0 for classes no consumer reads)."""
+    state = [(w.copy(), h.copy(), f) for w, h, f, _ in readers]
+    norms = [energy for *_, energy in readers]
     read = np.zeros(len(classes), dtype=bool)
     for _, _, f in state:
         read |= np.isin(classes, f)
     remaining = list(classes[read])
-    norms = None
     accumulated, result = 0.0, {}
     chunk = max(1, -(-len(remaining) // GREEDY_STEPS))
     while remaining:
         errors = np.zeros(len(remaining))
         per_consumer = [_removal_errors(w, h, f, remaining) for w, h, f in state]
-        if norms is None:
-            norms = [max(e.mean(), 1e-30) for e in per_consumer]
         for e, n in zip(per_consumer, norms):
             errors += e / n
         order = np.argsort(errors, kind="stable")[:chunk]
