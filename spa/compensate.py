@@ -26,36 +26,42 @@ DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
 def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: list[dict], keeps: dict[str, list[np.ndarray]], damping: float = DAMPING) -> int:
     """Refit the consumers of `pruned` (in place) towards `original`; returns how many were refit.
 
-    keeps: per weight name, the per-axis keep vectors the surgery applied."""
+    keeps: per weight name, the per-axis keep vectors the surgery applied. Consumers that read the
+    same value (a transformer's Q, K and V) are refit from one pass: none of them changes it."""
     weights = {v.name: v for v in original.graph.initializers.values()}
-    bar = Progress(len(found), "compensate")
+    readers: dict[str, list[Consumer]] = {}
+    for consumer in found:  # in graph order of the first reader, so upstream refits come first
+        if _node_of(pruned, consumer) is not None:
+            readers.setdefault(consumer.input, []).append(consumer)
+    bar = Progress(len(readers), "compensate")
     refit_count = 0
-    for i, consumer in enumerate(found):
-        node = _node_of(pruned, consumer)
-        if node is None:
-            continue
-        original_run = exposing(original, [consumer.input])
-        pruned_run = exposing(pruned, [consumer.input])
-        keep = keeps.get(consumer.weight)
-        kept_channels = _kept_channels(consumer, keep)
-        moments = Moments()
+    for i, (value, group) in enumerate(readers.items()):
+        original_run = exposing(original, [value])
+        pruned_run = exposing(pruned, [value])
+        moments = {c.weight: Moments() for c in group}
         for feed in feeds:
-            x_p = consumer.features(pruned_run(feed)[consumer.input])
-            x_o = consumer.features(original_run(feed)[consumer.input])
-            moments.add(x_p, x_o[:, kept_channels] if kept_channels is not None else x_o)
-        target = _with_bias(consumer, _node_of(original, consumer), weights)  # (outputs, features + 1)
-        if keep is not None:
-            target = target[keep[consumer.out_axis]]
-        if consumer.kind == "depthwise":
-            solved = _solve_depthwise(moments, target, consumer, keep, damping)
-        else:
-            prior = target[:, _kept_features(consumer, keep, target.shape[1] - 1)]
-            solved = _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
-        _write(pruned, node, consumer, solved)
-        refit_count += 1
+            x_p, x_o = pruned_run(feed)[value], original_run(feed)[value]
+            for c in group:
+                kept_channels = _kept_channels(c, keeps.get(c.weight))
+                features = c.features(x_o)
+                moments[c.weight].add(c.features(x_p), features[:, kept_channels] if kept_channels is not None else features)
+        for c in group:
+            _write(pruned, _node_of(pruned, c), c, _solve(c, moments[c.weight], _node_of(original, c), weights, keeps.get(c.weight), damping))
+            refit_count += 1
         bar.update(i + 1)
     bar.close()
     return refit_count
+
+
+def _solve(consumer: Consumer, moments: Moments, original_node: ir.Node, weights: dict[str, ir.Value], keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
+    """The consumer's new (outputs, features + 1) matrix, bias last."""
+    target = _with_bias(consumer, original_node, weights)  # (outputs, features + 1)
+    if keep is not None:
+        target = target[keep[consumer.out_axis]]
+    if consumer.kind == "depthwise":
+        return _solve_depthwise(moments, target, consumer, keep, damping)
+    prior = target[:, _kept_features(consumer, keep, target.shape[1] - 1)]
+    return _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
 
 
 def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: float) -> np.ndarray:
