@@ -18,7 +18,7 @@ from spa.count import Counts, count
 from spa.errors import SpaError
 from spa.normalize import normalize
 from spa.plan import Plan, default_round_to, make_plan
-from spa import calibration, statistics
+from spa import calibration as calibration_source, statistics
 from spa.compensate import refit
 from spa.score import CRITERIA, DATA_CRITERIA, score, score_with_statistics
 
@@ -33,11 +33,27 @@ class PruneResult:
     seconds: float
     ratio: float  # the ratio used: given, or found for a target
     target: dict | None = None  # {"kind", "target", "reached"} when pruned to a target
+    method: Method | None = None
 
     def report(self) -> dict:
         from spa.report import prune_report
 
         return prune_report(self)
+
+
+@dataclasses.dataclass
+class Method:
+    """How the channels were chosen and the layers repaired."""
+
+    importance: str
+    calibration: str | None  # "data", "synthetic" (data-free) or None
+    compensated: bool
+    note: str | None = None  # why the data-free default was not used
+
+    def describe(self) -> str:
+        source = {"data": "calibration data", "synthetic": "synthetic calibration (data-free)", None: "no data"}[self.calibration]
+        text = f"importance {self.importance}, {source}, " + ("layers refit" if self.compensated else "no refit")
+        return text + (f"; data-free refit skipped: {self.note} (--calibration synthetic forces it)" if self.note else "")
 
 
 def _corrupt_model_errors(fn):
@@ -97,7 +113,8 @@ def prune(
     ratio: fraction of the channels of every prunable group to remove, in [0, 1).
     round_to: keep channel counts multiples of this (default: what the CPU's SIMD width rewards).
     ignore: glob patterns of node or initializer names to leave alone.
-    importance: "auto" (the default: "obs" with calibration data, "l2" without), "l2", "l1" (group
+    importance: "auto" (the default: "obs" with calibration data or, without, with synthetic data
+        where that is cheap enough (spa.calibration.why_not_data_free); else "l2"), "l2", "l1" (group
         magnitude), "random", or with calibration data "wanda" (|W| x input RMS) or "obs" (output
         error of removing a channel, optimally compensated; greedy, with the weights updated as
         channels go).
@@ -111,7 +128,7 @@ def prune(
     calibration: sample inputs (a .npy/.npz path, an array, a dict of arrays, or an onnxruntime
         CalibrationDataReader), or "synthetic" for the data-free mode (see spa.calibration).
     compensate: refit the layers that lost inputs (spa.compensate); default: when there is
-        calibration data.
+        calibration data, synthetic included.
     input_shapes: concrete shapes for symbolic input dims, used for the analysis only.
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
@@ -125,10 +142,18 @@ def prune(
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
+    note = None
+    if calibration is None and importance == "auto":
+        readers = [c.input for c in statistics.consumers(work)]
+        note = calibration_source.why_not_data_free(work, analysis.shapes, readers, large)
+        calibration = "synthetic" if note is None else None
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     importance = ("obs" if data else "l2") if importance == "auto" else importance
     if importance in DATA_CRITERIA and data is None:
         raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
+    compensating = data is not None and (compensate if compensate is not None else True)
+    kind = None if data is None else "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data"
+    method = Method(importance, kind, compensating, note)
     scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to
 
@@ -146,7 +171,7 @@ def prune(
     planned_shapes = pruned_shapes(analysis, plan.removed)
     keeps = weight_keeps(analysis, plan.removed)
     apply(analysis, plan.removed)
-    if data is not None and (compensate if compensate is not None else True) and len(plan.removed):
+    if compensating and len(plan.removed):
         data.compensate(work, keeps)
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
@@ -155,7 +180,7 @@ def prune(
     if output is not None:
         io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
         after.file_bytes = _file_bytes(Path(output))
-    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target)
+    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
 
 
 class _Calibrated:
@@ -163,7 +188,16 @@ class _Calibrated:
 
     def __init__(self, model: ir.Model, source, input_shapes, seed: int):
         self.original = io.clone(model)
-        self.feeds = calibration.batches(source, verification.session(self.original), input_shapes, seed)
+        try:
+            sess = verification.session(self.original)
+        except Exception as e:  # onnxruntime raises untyped errors
+            raise SpaError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
+        self.feeds = calibration_source.batches(source, sess, input_shapes, seed)
+        # Once in a child process: a native crash there is an error line, not the end of spa.
+        try:
+            verification.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
+        except RuntimeError as e:
+            raise SpaError(f"onnxruntime fails to run the model on the calibration data: {e}") from None
         self.consumers = statistics.consumers(self.original)
 
     def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
+from spa.count import node_macs
 from spa.errors import SpaError
 from spa.verify import random_inputs
 
@@ -16,7 +18,7 @@ SYNTHETIC_SAMPLES = 256
 
 
 def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Feeds for the calibration runs, BATCH samples each.
+    """Feeds for the calibration runs, BATCH samples each (or the batch size the model fixes).
 
     source: a .npy file (one input) or .npz (keyed by input name); an array or a dict of arrays
     (samples along axis 0); an onnxruntime.quantization CalibrationDataReader (anything with
@@ -43,7 +45,12 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
     if missing:
         raise SpaError(f"calibration data has no array for input(s) {sorted(missing)}")
     count = len(next(iter(source.values())))
-    return [{n: np.asarray(source[n][i : i + BATCH]) for n in names} for i in range(0, count, BATCH)]
+    step, fixed = _batch_size(sess)
+    if fixed:  # the model takes whole batches only
+        count -= count % step
+    if count == 0:
+        raise SpaError(f"calibration data has no samples{f' (the model takes batches of {step})' if fixed else ''}")
+    return [{n: np.asarray(source[n][i : i + step]) for n in names} for i in range(0, count, step)]
 
 
 def _load(path: Path, names: list[str]) -> dict[str, np.ndarray] | np.ndarray:
@@ -58,11 +65,18 @@ def _load(path: Path, names: list[str]) -> dict[str, np.ndarray] | np.ndarray:
         raise SpaError(f"--calibration {path}: cannot read it ({e})") from None
 
 
+def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
+    """Samples per run: BATCH, or the batch size the model fixes in its inputs' first dim (True)."""
+    fixed = {a.shape[0] for a in sess.get_inputs() if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0}
+    return (min(fixed), True) if fixed else (BATCH, False)
+
+
 def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict[str, np.ndarray]]:
     feeds = []
-    for i in range(SYNTHETIC_SAMPLES // BATCH):
-        shapes = {a.name: [BATCH, *[d if isinstance(d, int) and d > 0 else 1 for d in a.shape[1:]]] for a in sess.get_inputs()}
-        shapes.update({k: [BATCH, *v[1:]] for k, v in (input_shapes or {}).items()})
+    batch, _ = _batch_size(sess)
+    for i in range(-(-SYNTHETIC_SAMPLES // batch)):
+        shapes = {a.name: [batch, *[d if isinstance(d, int) and d > 0 else 1 for d in a.shape[1:]]] for a in sess.get_inputs()}
+        shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
         feeds.append({k: _pink(v, seed + i) if v.dtype.kind == "f" else v for k, v in random_inputs(sess, shapes, seed + i).items()})
     return feeds
 
@@ -93,3 +107,34 @@ def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
     reduce = tuple(range(1, noise.ndim))
     shaped = (shaped - shaped.mean(axis=reduce, keepdims=True)) / (shaped.std(axis=reduce, keepdims=True) + 1e-12)
     return shaped.astype(noise.dtype)
+
+
+# Without calibration data, spa runs the data-free refit by default while it costs at most this
+# many multiply-accumulates: about 10-30 s on two cores. Above it (a ResNet-50 at 224x224 needs
+# ~50 T, 9 minutes) the default is a plain prune by magnitude, and a note says how to ask for it.
+DATA_FREE_BUDGET_MACS = 1e12
+
+
+def data_free_work(model: ir.Model, shapes: dict, readers: list[str]) -> int:
+    """Multiply-accumulates of the data-free mode: one statistics pass over SYNTHETIC_SAMPLES
+    inputs, then for every value the refit reads, a pass of the original and the pruned model up
+    to it (bounded by the MACs of every node before it in graph order)."""
+    before, upstream = 0, {}
+    for node in model.graph:
+        for value in node.outputs:
+            upstream[value.name] = before
+        before += node_macs(node, shapes)
+    return SYNTHETIC_SAMPLES * (before + 2 * sum(upstream.get(name, 0) for name in set(readers)))
+
+
+def why_not_data_free(model: ir.Model, shapes: dict, readers: list[str], large: bool) -> str | None:
+    """Why the data-free mode is not the default for this model, or None when it is."""
+    if large:
+        return "the model is too large to run twice in memory"
+    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    if any(v.dtype is None or not v.dtype.is_floating_point() for v in inputs):
+        return "synthetic data cannot stand in for integer inputs (token ids)"
+    work = data_free_work(model, shapes, readers)
+    if work > DATA_FREE_BUDGET_MACS:
+        return f"the data-free refit would take {work / 1e12:.0f} T multiply-accumulates"
+    return None

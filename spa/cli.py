@@ -169,6 +169,7 @@ def _run(args) -> int:
             t = result.target
             verdict = "met" if t["met"] else "NOT met (the most spa can remove)"
             print(f"target: {t['kind']} <= {t['target']:g} of the original; reached {t['reached']:.3f}, {verdict}")
+        print(f"method: {result.method.describe()}")
         print(report.table(result.before, result.after, latency))
         if latency is not None:
             print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")

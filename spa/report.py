@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from spa.analysis import Analysis
@@ -104,6 +106,7 @@ def prune_report(result) -> dict:
             "macs": result.after.macs / result.before.macs if result.before.macs else None,
         },
         "seconds": round(result.seconds, 3),
+        "method": None if result.method is None else dataclasses.asdict(result.method),
         "verify": None if result.verdict is None else {"checker": "passed", "onnxruntime_output_shapes": [list(s) for s in result.verdict.output_shapes]},
         "groups": kept_channels(result.analysis, result.plan.removed),
         "barriers": barriers(result.analysis),

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.analysis import Analysis
+from spa.errors import SpaError
 from spa.progress import Progress
 from spa.verify import session
 
@@ -40,6 +41,8 @@ class Consumer:
             rows = im2col(x, **self.conv, positions=POSITIONS_PER_SAMPLE)
         if self.kind == "depthwise":
             rows = rows.reshape(len(rows), x.shape[1], -1)
+        if not np.isfinite(rows).all():
+            raise SpaError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2)")
         return np.concatenate([rows.astype(np.float32), np.ones((*rows.shape[:-1], 1), np.float32)], axis=-1)
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
@@ -176,7 +179,10 @@ def exposing(model: ir.Model, names: list[str]):
             model.graph.outputs.extend(outputs)
 
     def run(feed: dict) -> dict[str, np.ndarray]:
-        values = dict(zip(wanted, sess.run(wanted, feed))) if sess is not None else {}
+        try:
+            values = dict(zip(wanted, sess.run(wanted, feed))) if sess is not None else {}
+        except Exception as e:  # onnxruntime raises untyped errors
+            raise SpaError(f"onnxruntime fails to run the model on the calibration data: {str(e).strip().splitlines()[0]}") from None
         values.update({n: feed[n] for n in names if n in feed})
         return values
 

@@ -144,3 +144,30 @@ def test_synthetic_samples_have_the_spectrum_of_natural_images():
     assert low > 100 * high
     vectors = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
     assert np.array_equal(_pink(vectors, seed=0), vectors)  # nothing long enough to shape
+
+
+def test_default_without_data_is_the_data_free_refit_where_it_is_cheap(monkeypatch):
+    result = spa.prune("models/mnist/vgg.onnx", ratio=0.3, round_to=1)
+    assert result.method == spa.api.Method("obs", "synthetic", True, None)
+    monkeypatch.setattr(spa.calibration, "DATA_FREE_BUDGET_MACS", 1e6)
+    result = spa.prune("models/mnist/vgg.onnx", ratio=0.3, round_to=1)
+    assert (result.method.importance, result.method.calibration, result.method.compensated) == ("l2", None, False)
+    assert "multiply-accumulates" in result.method.note
+
+
+def test_default_without_data_is_magnitude_for_integer_inputs():
+    result = spa.prune("models/transformers/bert_legacy.onnx", ratio=0.3)
+    assert result.method.importance == "l2" and "integer inputs" in result.method.note
+
+
+def test_a_model_with_a_fixed_batch_takes_calibration_in_batches_of_its_size():
+    """Batches of the model's own size; samples that do not fill one are left out."""
+    from spa import calibration, verify
+
+    fixed = io.load("models/mnist/vgg.onnx")
+    fixed.graph.inputs[0].shape = ir.Shape([4, *fixed.graph.inputs[0].shape[1:]])
+    sess = verify.session(fixed)
+    x = np.zeros((10, *sess.get_inputs()[0].shape[1:]), np.float32)
+    feeds = calibration.batches(x, sess)
+    assert [f[sess.get_inputs()[0].name].shape[0] for f in feeds] == [4, 4]
+    assert len(calibration.batches("synthetic", sess)) == calibration.SYNTHETIC_SAMPLES // 4

@@ -42,9 +42,12 @@ def randomized(path: Path) -> ir.Model:
     return model
 
 
+@pytest.mark.parametrize("calibration", [None, "synthetic"], ids=["no-data", "data-free"])
 @pytest.mark.parametrize("path", TORCH, ids=lambda p: p.stem)
-def test_zero_channels_torch(path):
-    error, removed = spa.zero_channel_check(path, ratio=0.5)
+def test_zero_channels_torch(path, calibration):
+    """Under both defaults: without data (magnitude) and data-free (synthetic refit, which must
+    then change nothing)."""
+    error, removed = spa.zero_channel_check(path, ratio=0.5, calibration=calibration)
     assert removed > 0
     assert error <= 1e-4
 
