@@ -29,8 +29,8 @@ MODELS = Path(__file__).parent.parent / "models" / "mnist"
 DATASET = {"vgg": "mnist", "resnet": "mnist", "mobilenetv2": "mnist", "mlp_mnist": "mnist", "mlp_digits": "digits"}
 # name -> options for spa.prune; "calib" stands for the 256 calibration images
 METHODS = {
-    "magnitude, no data (the default)": {"importance": "l2"},
-    "obs + compensation, synthetic (data-free)": {"calibration": "synthetic"},
+    "magnitude, no data": {"importance": "l2"},
+    "obs + compensation, synthetic (data-free; the default without data)": {},
     "magnitude + compensation (256 images)": {"importance": "l2", "calibration": "calib"},
     "wanda + compensation (256 images)": {"importance": "wanda", "calibration": "calib"},
     "obs + compensation (256 images; the default with data)": {"calibration": "calib"},
@@ -76,7 +76,7 @@ def main() -> None:
                 result = spa.prune(path, ratio=r, round_to=1, **options)
                 acc = top1(result.model, d["test_x"], d["test_y"])
                 macs = result.after.macs / result.before.macs
-                rows.append({"ratio": r, "top1": acc, "macs": macs, "seconds": time.perf_counter() - start})
+                rows.append({"ratio": r, "top1": acc, "macs": macs, "seconds": time.perf_counter() - start, "method": result.method.describe()})
                 cells.append(f"{acc:.1f} ({macs:.2f})")
             results[name]["methods"][method] = rows
             print(f"| {method} | " + " | ".join(cells) + " |", flush=True)

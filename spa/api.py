@@ -144,8 +144,7 @@ def prune(
     before = count(work, shapes=analysis.shapes)
     note = None
     if calibration is None and importance == "auto":
-        readers = [c.input for c in statistics.consumers(work)]
-        note = calibration_source.why_not_data_free(work, analysis.shapes, readers, large)
+        note = calibration_source.why_not_data_free(work, analysis.shapes, statistics.consumers(work), large)
         calibration = "synthetic" if note is None else None
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     importance = ("obs" if data else "l2") if importance == "auto" else importance

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import onnxruntime as ort
 
 from spa.count import node_macs
 from spa.errors import SpaError
+from spa.statistics import POSITIONS_PER_SAMPLE
 from spa.verify import random_inputs
 
 BATCH = 32
@@ -115,26 +117,41 @@ def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
 DATA_FREE_BUDGET_MACS = 1e12
 
 
-def data_free_work(model: ir.Model, shapes: dict, readers: list[str]) -> int:
-    """Multiply-accumulates of the data-free mode: one statistics pass over SYNTHETIC_SAMPLES
-    inputs, then for every value the refit reads, a pass of the original and the pruned model up
-    to it (bounded by the MACs of every node before it in graph order)."""
+def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
+    """Multiply-accumulates of the data-free mode over SYNTHETIC_SAMPLES inputs: a statistics pass,
+    then for every value the refit reads, a pass of the original and the pruned model up to it
+    (bounded by the MACs of every node before it in graph order); and twice the products of every
+    consumer's features with themselves (statistics, refit)."""
     before, upstream = 0, {}
     for node in model.graph:
         for value in node.outputs:
             upstream[value.name] = before
         before += node_macs(node, shapes)
-    return SYNTHETIC_SAMPLES * (before + 2 * sum(upstream.get(name, 0) for name in set(readers)))
+    passes = before + 2 * sum(upstream.get(name, 0) for name in {c.input for c in consumers})
+    values = {v.name: v for v in shapes}
+    products = 0
+    for c in consumers:
+        shape = shapes.get(values.get(c.input))
+        if shape is None:
+            continue
+        if c.kind == "dense":
+            features = shape[c.feature_axis]
+            rows = math.prod(shape) // max(features, 1)
+        else:
+            features = shape[1] * math.prod(c.conv["kernel"]) // (shape[1] if c.kind == "depthwise" else 1)
+            rows = min(POSITIONS_PER_SAMPLE, math.prod(shape[2:])) * (shape[1] if c.kind == "depthwise" else 1)
+        products += 2 * rows * features**2
+    return SYNTHETIC_SAMPLES * (passes + products)
 
 
-def why_not_data_free(model: ir.Model, shapes: dict, readers: list[str], large: bool) -> str | None:
+def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool) -> str | None:
     """Why the data-free mode is not the default for this model, or None when it is."""
     if large:
         return "the model is too large to run twice in memory"
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     if any(v.dtype is None or not v.dtype.is_floating_point() for v in inputs):
         return "synthetic data cannot stand in for integer inputs (token ids)"
-    work = data_free_work(model, shapes, readers)
+    work = data_free_work(model, shapes, consumers)
     if work > DATA_FREE_BUDGET_MACS:
-        return f"the data-free refit would take {work / 1e12:.0f} T multiply-accumulates"
+        return f"the data-free refit would take {work / 1e12:.1f} T multiply-accumulates"
     return None

@@ -23,7 +23,9 @@ def test_prune_prints_table_and_writes_json(tmp_path):
     assert run.returncode == 0, run.stderr
     for row in ("params", "MACs", "FLOPs", "file size", "Conv"):
         assert row in run.stdout
+    assert "method: importance obs, synthetic calibration (data-free), layers refit" in run.stdout
     data = json.loads(report.read_text())
+    assert data["method"] == {"importance": "obs", "calibration": "synthetic", "compensated": True, "note": None}
     assert data["after"]["macs"] < data["before"]["macs"]
     assert data["after"]["flops"] == 2 * data["after"]["macs"]
     assert data["groups"] and all("kept" in layer for g in data["groups"] for layer in g["layers"])
