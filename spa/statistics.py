@@ -10,6 +10,7 @@ features are one patch per channel, and its moments one small matrix per channel
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -187,3 +188,60 @@ def exposing(model: ir.Model, names: list[str]):
         return values
 
     return run
+
+
+def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndarray]:
+    """Data-free: the mean of every input channel of the consumers that read a BatchNormalization,
+    directly or through one Relu or Clip. In inference a BN outputs gamma (y - mu) / sigma + beta,
+    whose distribution over the training data has mean beta and standard deviation |gamma|; taken
+    as Gaussian, a Relu or Clip of it has a closed-form mean. Per weight name, one mean per input
+    channel; consumers that read anything else are not in the result."""
+    means = {}
+    for c in found:
+        if c.kind == "depthwise":  # loses its outputs with its inputs: nothing to absorb
+            continue
+        value = next((v for n in model.graph for v in n.outputs if v.name == c.input), None)
+        node = value.producer() if value is not None else None
+        bounds = (-np.inf, np.inf)
+        if node is not None and node.op_type in ("Relu", "Clip"):
+            bounds = _clip_bounds(node)
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if node is None or node.op_type != "BatchNormalization" or len(node.outputs) != 1 or np.isnan(bounds).any():
+            continue
+        gamma, beta = (node.inputs[i].const_value if node.inputs[i] is not None else None for i in (1, 2))
+        if gamma is None or beta is None:
+            continue
+        means[c.weight] = _clipped_gaussian_mean(beta.numpy().astype(np.float64), np.abs(gamma.numpy().astype(np.float64)), *bounds)
+    return means
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float]:
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    low = node.attributes.get_float("min", -np.inf)
+    high = node.attributes.get_float("max", np.inf)
+    for i, default in ((1, low), (2, high)):
+        bound = node.inputs[i] if len(node.inputs) > i else None
+        if bound is not None:
+            if bound.const_value is None:
+                return np.nan, np.nan  # a bound only known at run time: no closed form
+            value = float(bound.const_value.numpy())
+            low, high = (value, high) if i == 1 else (low, value)
+    return low, high
+
+
+def _clipped_gaussian_mean(mu: np.ndarray, sigma: np.ndarray, low: float, high: float) -> np.ndarray:
+    """E[clip(z, low, high)] for z ~ N(mu, sigma^2), per channel."""
+    sigma = np.maximum(sigma, 1e-12)
+    erf = np.vectorize(math.erf)
+
+    def cdf(t):
+        return 0.5 * (1 + erf(t / math.sqrt(2)))
+
+    def pdf(t):
+        return np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+
+    a, b = (low - mu) / sigma, (high - mu) / sigma
+    below = low * cdf(a) if np.isfinite(low) else 0.0
+    above = high * (1 - cdf(b)) if np.isfinite(high) else 0.0
+    return below + above + mu * (cdf(b) - cdf(a)) + sigma * (pdf(a) - pdf(b))

@@ -171,3 +171,49 @@ def test_a_model_with_a_fixed_batch_takes_calibration_in_batches_of_its_size():
     feeds = calibration.batches(x, sess)
     assert [f[sess.get_inputs()[0].name].shape[0] for f in feeds] == [4, 4]
     assert len(calibration.batches("synthetic", sess)) == calibration.SYNTHETIC_SAMPLES // 4
+
+
+def test_batchnorm_means_are_those_of_a_clipped_gaussian():
+    rng = np.random.default_rng(5)
+    mu, sigma = np.array([0.5, -1.0, 3.0]), np.array([1.0, 2.0, 4.0])
+    z = mu + sigma * rng.standard_normal((400_000, 3))
+    for low, high in [(0.0, np.inf), (0.0, 6.0), (-np.inf, np.inf)]:
+        assert np.allclose(statistics._clipped_gaussian_mean(mu, sigma, low, high), np.clip(z, low, high).mean(axis=0), atol=0.02)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_without_data_a_constant_batchnorm_channel_is_absorbed_into_the_bias(activation):
+    """A BatchNormalization channel with gamma 0 outputs beta, whatever its input: pruned without
+    data, the next conv's bias absorbs relu(beta) (clip(beta, 0, 6)) and the outputs do not change."""
+    rng = np.random.default_rng(6)
+    g = Graph()
+    h = g.conv("x", 3, 8)
+    gamma, beta = rng.uniform(0.5, 1.5, 8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    gamma[[2, 5]], beta[[2, 5]] = 0.0, [1.5, 7.0]
+    h = g.op("BatchNormalization", h, g.const(gamma), g.const(beta), g.const(np.zeros(8, np.float32)), g.const(np.ones(8, np.float32)))
+    h = g.op("Relu", h) if activation == "Relu" else g.op("Clip", h, g.const(np.float32(0)), g.const(np.float32(6)))
+    g.op("Conv", h, g.weight(4, 8, 3, 3), pads=[1, 1, 1, 1])
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["n", 3, 8, 8]}, {"y": ["n", 4, 8, 8]})
+    constant = [2, 5]  # remove exactly these
+    original = io.clone(ir.serde.deserialize_model(model))
+    work = ir.serde.deserialize_model(model)
+    normalize.normalize(work)
+    analysis = analyze(work)
+    removed = np.unique(analysis.sets.find(analysis.spaces[0].labels[constant]))
+    found = statistics.consumers(work)
+    keeps = apply.weight_keeps(analysis, removed)
+    shifts = compensate.mean_shifts(work, found, statistics.batchnorm_means(work, found), keeps)
+    apply.apply(analysis, removed)
+    assert compensate.shift_biases(work, found, shifts) == 1
+    # Padding: at the border a removed channel's constant is missing from the patch; inside, exact.
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert np.allclose(_run(original, x)[..., 1:-1, 1:-1], _run(work, x)[..., 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_default_without_data_absorbs_batchnorm_means_where_the_refit_is_too_costly(monkeypatch):
+    monkeypatch.setattr(spa.calibration, "DATA_FREE_BUDGET_MACS", 1e6)
+    result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.3)
+    assert (result.method.calibration, result.method.compensated) == ("batchnorm", True)
+    result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.3, compensate=False)
+    assert (result.method.calibration, result.method.compensated) == (None, False)
