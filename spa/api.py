@@ -175,12 +175,7 @@ def prune(
         plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
-    keeps = weight_keeps(analysis, plan.removed)
-    shifts = mean_shifts(work, consumers, means, keeps)  # from the weights the surgery removes
-    apply(analysis, plan.removed)
-    if data is not None and compensating and len(plan.removed):
-        data.compensate(work, keeps)
-    shift_biases(work, consumers, shifts)
+    _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means)
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
     if source is not None:
@@ -189,6 +184,18 @@ def prune(
         io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
         after.file_bytes = _file_bytes(Path(output))
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
+
+
+def _remove_and_repair(analysis: Analysis, removed, consumers: list[statistics.Consumer], data: _Calibrated | None, means: dict) -> None:
+    """The surgery, then the repair: a refit from calibration data, or the removed channels'
+    BatchNormalization means moved into the biases (computed before the surgery removes them)."""
+    model = analysis.model
+    keeps = weight_keeps(analysis, removed)
+    shifts = mean_shifts(model, consumers, means, keeps)
+    apply(analysis, removed)
+    if data is not None and len(removed):
+        data.compensate(model, keeps)
+    shift_biases(model, consumers, shifts)
 
 
 class _Calibrated:
@@ -316,13 +323,8 @@ def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: d
     verification.zero_classes(analysis, plan.removed)
     reference = verification.session(io.clone(work))
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
-    keeps = weight_keeps(analysis, plan.removed)
     consumers = statistics.consumers(work)
-    shifts = mean_shifts(work, consumers, statistics.batchnorm_means(work, consumers), keeps) if data is None else {}
-    apply(analysis, plan.removed)
-    if data is not None:
-        data.compensate(work, keeps)
-    shift_biases(work, consumers, shifts)
+    _remove_and_repair(analysis, plan.removed, consumers, data, statistics.batchnorm_means(work, consumers) if data is None else {})
     pruned = verification.session(work)
     feeds = verification.random_inputs(reference, input_shapes, seed)
     error = verification.relative_error(reference.run(None, feeds), pruned.run(None, feeds))
