@@ -99,8 +99,8 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results)
     columns = min(len(names), 4)
-    rows = -(-len(names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), dpi=110, squeeze=False)
+    grid_rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4 * columns, 3.6 * grid_rows + 0.8), dpi=110, squeeze=False)
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
@@ -113,8 +113,9 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     for row in axes:
         row[0].set_ylabel("top-1 % (no fine-tuning)")
-    axes.flat[len(names) - 1].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.8 / (3.6 * grid_rows + 0.8), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
