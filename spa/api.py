@@ -150,7 +150,7 @@ def prune(
     before = count(work, shapes=analysis.shapes)
     consumers, note = statistics.consumers(work), None
     if calibration is None and importance == "auto":
-        note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large)
+        note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
         calibration = "synthetic" if note is None else None
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     importance = ("obs" if data else "l2") if importance == "auto" else importance

@@ -74,6 +74,9 @@ def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
 
 
 def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict[str, np.ndarray]]:
+    for a in sess.get_inputs():
+        if a.name not in (input_shapes or {}) and any(not isinstance(d, int) or d <= 0 for d in a.shape[1:]):
+            raise SpaError(f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them with --input-shapes")
     feeds = []
     batch, _ = _batch_size(sess)
     for i in range(-(-SYNTHETIC_SAMPLES // batch)):
@@ -144,13 +147,16 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
     return SYNTHETIC_SAMPLES * (passes + products)
 
 
-def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool) -> str | None:
+def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool, input_shapes: dict | None = None) -> str | None:
     """Why the data-free mode is not the default for this model, or None when it is."""
     if large:
         return "the model is too large to run twice in memory"
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     if any(v.dtype is None or not v.dtype.is_floating_point() for v in inputs):
         return "synthetic data cannot stand in for integer inputs (token ids)"
+    for v in inputs:  # noise of size 1 along an image's height says nothing about the model
+        if v.name not in (input_shapes or {}) and (v.shape is None or any(not isinstance(d, int) or d <= 0 for d in list(v.shape)[1:])):
+            return f"input '{v.name}' has symbolic dims beyond the batch; --input-shapes gives them"
     work = data_free_work(model, shapes, consumers)
     if work > DATA_FREE_BUDGET_MACS:
         return f"the data-free refit would take {work / 1e12:.1f} T multiply-accumulates"

@@ -217,3 +217,13 @@ def test_default_without_data_absorbs_batchnorm_means_where_the_refit_is_too_cos
     assert (result.method.calibration, result.method.compensated) == ("batchnorm", True)
     result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.3, compensate=False)
     assert (result.method.calibration, result.method.compensated) == (None, False)
+
+
+def test_symbolic_image_dims_need_input_shapes_for_the_data_free_refit(tmp_path):
+    """Noise of height 1 says nothing about an image model: without --input-shapes the default
+    falls back and says why, and an explicit synthetic calibration is an error."""
+    path = "models/transformers/conv1d_legacy.onnx"  # input (batch, 16, seq)
+    assert "--input-shapes" in spa.prune(path, ratio=0.3).method.note
+    with pytest.raises(spa.SpaError, match="symbolic dims"):
+        spa.prune(path, ratio=0.3, calibration="synthetic")
+    assert spa.prune(path, ratio=0.3, input_shapes={"x": [1, 16, 64]}).method.calibration == "synthetic"
