@@ -133,8 +133,9 @@ def prune(
         as a transformer's hidden size. Lossy: the statistics change, outputs are not preserved.
     calibration: sample inputs (a .npy/.npz path, an array, a dict of arrays, or an onnxruntime
         CalibrationDataReader), or "synthetic" for the data-free mode (see spa.calibration).
-    compensate: refit the layers that lost inputs (spa.compensate); default: when there is
-        calibration data, synthetic included.
+    compensate: repair the layers that lost inputs (spa.compensate): a refit with calibration
+        data (synthetic included), else where BatchNormalization survives its channels' means move
+        into the next biases. Default True; False does neither.
     input_shapes: concrete shapes for symbolic input dims, used for the analysis only.
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """

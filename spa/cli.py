@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
     prune.add_argument("--importance", choices=("auto", *CRITERIA, *DATA_CRITERIA), default="auto", help="channel importance: auto (obs with --calibration; without, obs on synthetic data where that is cheap, else l2), l2, l1, random, wanda, obs")
     prune.add_argument("--calibration", default=None, metavar="FILE|synthetic", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' for data-free")
-    prune.add_argument("--no-compensate", action="store_true", help="do not refit the layers that lost inputs (with calibration data, synthetic included)")
+    prune.add_argument("--no-compensate", action="store_true", help="do not repair the layers that lost inputs (no refit from calibration data, no BatchNormalization means)")
     prune.add_argument("--seed", type=int, default=0, help="seed for --importance random")
     prune.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups instead of pruning each group by --ratio")
     prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with --global: the most any group may lose (default 0.8)")
