@@ -73,15 +73,15 @@ THREADS = os.cpu_count() or 1
 
 # name -> extra keyword arguments of spa.prune (besides ratio, round_to=1, input_shapes)
 METHODS = {
-    "l2 (no data)": lambda calib: {"importance": "l2"},
+    "l2 (no data; the default without data: integer inputs)": lambda calib: {"importance": "l2"},
     "obs + compensation (default, calibration)": lambda calib: {"calibration": calib},
     "wanda + compensation (calibration)": lambda calib: {"importance": "wanda", "calibration": calib},
     "obs + compensation, global ranking (calibration)": lambda calib: {"calibration": calib, "global_ranking": True},
-    "synthetic (data-free default)": lambda calib: {"calibration": "synthetic"},
+    "obs + compensation, synthetic (data-free; token ids are ones)": lambda calib: {"calibration": "synthetic"},
 }
-METHOD_KEYS = {"l2": "l2 (no data)", "obs": "obs + compensation (default, calibration)",
+METHOD_KEYS = {"l2": "l2 (no data; the default without data: integer inputs)", "obs": "obs + compensation (default, calibration)",
                "wanda": "wanda + compensation (calibration)",
-               "obs-global": "obs + compensation, global ranking (calibration)", "synthetic": "synthetic (data-free default)"}
+               "obs-global": "obs + compensation, global ranking (calibration)", "synthetic": "obs + compensation, synthetic (data-free; token ids are ones)"}
 
 
 # ---------------------------------------------------------------------------- model and export
