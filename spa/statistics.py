@@ -197,11 +197,11 @@ def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndar
     as Gaussian, a Relu or Clip of it has a closed-form mean. Per weight name, one mean per input
     channel; consumers that read anything else are not in the result."""
     means = {}
+    producers = {v.name: n for n in model.graph for v in n.outputs if v.name}
     for c in found:
         if c.kind == "depthwise":  # loses its outputs with its inputs: nothing to absorb
             continue
-        value = next((v for n in model.graph for v in n.outputs if v.name == c.input), None)
-        node = value.producer() if value is not None else None
+        node = producers.get(c.input)
         bounds = (-np.inf, np.inf)
         if node is not None and node.op_type in ("Relu", "Clip"):
             bounds = _clip_bounds(node)
