@@ -59,7 +59,7 @@ class Method:
         }[self.calibration]
         repair = "biases absorb the removed channels' means" if self.calibration == "batchnorm" else "layers refit"
         text = f"importance {self.importance}, {source}, " + (repair if self.compensated else "no refit")
-        return text + (f"; data-free refit skipped: {self.note} (--calibration synthetic forces it)" if self.note else "")
+        return text + (f"; data-free refit skipped: {self.note}" if self.note else "")
 
 
 def _corrupt_model_errors(fn):

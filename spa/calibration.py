@@ -150,14 +150,14 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
 def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool, input_shapes: dict | None = None) -> str | None:
     """Why the data-free mode is not the default for this model, or None when it is."""
     if large:
-        return "the model is too large to run twice in memory"
+        return "the model is too large to run twice in memory (--calibration synthetic forces it)"
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     if any(v.dtype is None or not v.dtype.is_floating_point() for v in inputs):
-        return "synthetic data cannot stand in for integer inputs (token ids)"
+        return "synthetic data cannot stand in for integer inputs such as token ids (--calibration gives real ones)"
     for v in inputs:  # noise of size 1 along an image's height says nothing about the model
         if v.name not in (input_shapes or {}) and (v.shape is None or any(not isinstance(d, int) or d <= 0 for d in list(v.shape)[1:])):
-            return f"input '{v.name}' has symbolic dims beyond the batch; --input-shapes gives them"
+            return f"input '{v.name}' has symbolic dims beyond the batch (--input-shapes gives them)"
     work = data_free_work(model, shapes, consumers)
     if work > DATA_FREE_BUDGET_MACS:
-        return f"the data-free refit would take {work / 1e12:.1f} T multiply-accumulates"
+        return f"the data-free refit would take {work / 1e12:.1f} T multiply-accumulates (--calibration synthetic forces it)"
     return None
