@@ -149,11 +149,18 @@ def prune(
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
-    consumers, note = statistics.consumers(work), None
+    consumers, note, data, scores = statistics.consumers(work), None, None, None
     if calibration is None and importance == "auto":
         note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
-        calibration = "synthetic" if note is None else None
-    data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
+        if note is None:
+            try:  # data-free by default; a model that noise breaks (a Log of it) prunes without
+                data = _Calibrated(work, "synthetic", input_shapes, seed)
+                scores = data.scores(analysis, "obs")
+                calibration = "synthetic"
+            except SpaError as e:
+                data, note = None, f"the model fails on synthetic data ({e})"
+    elif calibration is not None:
+        data = _Calibrated(work, calibration, input_shapes, seed)
     importance = ("obs" if data else "l2") if importance == "auto" else importance
     if importance in DATA_CRITERIA and data is None:
         raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
@@ -161,7 +168,8 @@ def prune(
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
     used = "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data" if data else "batchnorm" if means else None
     method = Method(importance, used, compensating and used is not None, note)
-    scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
+    if scores is None:
+        scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to
 
     def plan_for(r: float) -> Plan:
@@ -176,7 +184,8 @@ def prune(
         plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
-    _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means)
+    if not _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means) and used == "batchnorm":
+        method = Method(importance, None, False, note)  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
     if source is not None:
@@ -187,16 +196,17 @@ def prune(
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
 
 
-def _remove_and_repair(analysis: Analysis, removed, consumers: list[statistics.Consumer], data: _Calibrated | None, means: dict) -> None:
+def _remove_and_repair(analysis: Analysis, removed, consumers: list[statistics.Consumer], data: _Calibrated | None, means: dict) -> int:
     """The surgery, then the repair: a refit from calibration data, or the removed channels'
-    BatchNormalization means moved into the biases (computed before the surgery removes them)."""
+    BatchNormalization means moved into the biases (computed before the surgery removes them).
+    Returns how many biases took BN means."""
     model = analysis.model
     keeps = weight_keeps(analysis, removed)
     shifts = mean_shifts(model, consumers, means, keeps)
     apply(analysis, removed)
     if data is not None and len(removed):
         data.compensate(model, keeps)
-    shift_biases(model, consumers, shifts)
+    return shift_biases(model, consumers, shifts)
 
 
 class _Calibrated:

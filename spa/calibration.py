@@ -68,9 +68,10 @@ def _load(path: Path, names: list[str]) -> dict[str, np.ndarray] | np.ndarray:
 
 
 def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
-    """Samples per run: BATCH, or the batch size the model fixes in its inputs' first dim (True)."""
-    fixed = {a.shape[0] for a in sess.get_inputs() if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0}
-    return (min(fixed), True) if fixed else (BATCH, False)
+    """Samples per run: BATCH, or the batch size the model fixes (True): the first dim, when every
+    input has the same fixed one (an RNN's initial state leads with its layers, not the batch)."""
+    firsts = {a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None for a in sess.get_inputs()}
+    return (firsts.pop(), True) if len(firsts) == 1 and None not in firsts else (BATCH, False)
 
 
 def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict[str, np.ndarray]]:
@@ -80,7 +81,7 @@ def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict
     feeds = []
     batch, _ = _batch_size(sess)
     for i in range(-(-SYNTHETIC_SAMPLES // batch)):
-        shapes = {a.name: [batch, *[d if isinstance(d, int) and d > 0 else 1 for d in a.shape[1:]]] for a in sess.get_inputs()}
+        shapes = {a.name: [batch, *a.shape[1:]] for a in sess.get_inputs()}  # all fixed, or given:
         shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
         feeds.append({k: _pink(v, seed + i) if v.dtype.kind == "f" else v for k, v in random_inputs(sess, shapes, seed + i).items()})
     return feeds
@@ -130,7 +131,9 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
         for value in node.outputs:
             upstream[value.name] = before
         before += node_macs(node, shapes)
-    passes = before + 2 * sum(upstream.get(name, 0) for name in {c.input for c in consumers})
+    # The shapes hold the analysis' batch (--input-shapes, a fixed batch): count per sample.
+    batch = max(1, min((shapes[v][0] for v in model.graph.inputs if shapes.get(v)), default=1))
+    passes = (before + 2 * sum(upstream.get(name, 0) for name in {c.input for c in consumers})) // batch
     values = {v.name: v for v in shapes}
     products = 0
     for c in consumers:
@@ -139,7 +142,7 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
             continue
         if c.kind == "dense":
             features = shape[c.feature_axis]
-            rows = math.prod(shape) // max(features, 1)
+            rows = math.prod(shape) // max(features, 1) // batch
         else:
             features = shape[1] * math.prod(c.conv["kernel"]) // (shape[1] if c.kind == "depthwise" else 1)
             rows = min(POSITIONS_PER_SAMPLE, math.prod(shape[2:])) * (shape[1] if c.kind == "depthwise" else 1)

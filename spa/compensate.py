@@ -185,7 +185,7 @@ def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndar
     shifts = {}
     for c in found:
         keep, node = keeps.get(c.weight), _node_of(model, c)
-        if c.weight not in means or keep is None or node is None or keep[c.in_axis].all():
+        if c.weight not in means or keep is None or node is None or keep[c.in_axis].all() or len(means[c.weight]) != len(keep[c.in_axis]):
             continue
         matrix = _with_bias(c, node, weights)[:, :-1]
         kernel = int(np.prod(c.conv["kernel"])) if c.kind == "conv" else 1

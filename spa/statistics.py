@@ -211,6 +211,11 @@ def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndar
         gamma, beta = (node.inputs[i].const_value if node.inputs[i] is not None else None for i in (1, 2))
         if gamma is None or beta is None:
             continue
+        # BN's channels are axis 1 of its input; a dense consumer reads features on another axis
+        # unless that input is (samples, channels).
+        rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+        if c.kind == "dense" and (rank != 2 or c.feature_axis not in (-1, 1)):
+            continue
         means[c.weight] = _clipped_gaussian_mean(beta.numpy().astype(np.float64), np.abs(gamma.numpy().astype(np.float64)), *bounds)
     return means
 

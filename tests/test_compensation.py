@@ -227,3 +227,34 @@ def test_symbolic_image_dims_need_input_shapes_for_the_data_free_refit(tmp_path)
     with pytest.raises(spa.SpaError, match="symbolic dims"):
         spa.prune(path, ratio=0.3, calibration="synthetic")
     assert spa.prune(path, ratio=0.3, input_shapes={"x": [1, 16, 64]}).method.calibration == "synthetic"
+
+
+def test_batchnorm_means_only_reach_dense_layers_that_read_its_channels(tmp_path):
+    """A BN over axis 1 of a (N, C, H) tensor feeds a MatMul over H: its means belong to other
+    channels than the MatMul's inputs, so none are absorbed (it used to crash or shift wrongly)."""
+    g = Graph()
+    h = g.op("MatMul", "x", g.weight(8, 16))
+    h = g.op("Relu", g.bn(h, 4))
+    g.op("MatMul", h, g.weight(16, 8))
+    g.nodes[-1].output[0] = "y"
+    result = spa.prune(g.model({"x": [2, 4, 8]}, {"y": [2, 4, 8]}), ratio=0.5, round_to=1, importance="l2")
+    assert (result.method.calibration, result.method.compensated) == (None, False)
+
+
+def test_a_model_that_noise_breaks_prunes_without_data_and_says_why():
+    """x -> Log -> Conv: half of any noise is negative, so the statistics would be NaN."""
+    g = Graph()
+    h = g.conv(g.op("Log", "x"), 3, 8)
+    g.op("Conv", g.op("Relu", h), g.weight(4, 8, 3, 3), pads=[1, 1, 1, 1])
+    g.nodes[-1].output[0] = "y"
+    result = spa.prune(g.model({"x": ["n", 3, 8, 8]}, {"y": ["n", 4, 8, 8]}), ratio=0.5, round_to=1)
+    assert result.method.importance == "l2" and "fails on synthetic data" in result.method.note
+
+
+def test_the_cost_estimate_is_per_sample_whatever_batch_the_analysis_used():
+    model = io.load("models/mnist/vgg.onnx")
+    normalize.normalize(model)
+    found = statistics.consumers(model)
+    name = model.graph.inputs[0].name
+    one, many = (spa.calibration.data_free_work(model, analyze(model, {name: [n, 1, 28, 28]}).shapes, found) for n in (1, 64))
+    assert abs(one - many) <= 0.01 * one
