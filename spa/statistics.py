@@ -175,6 +175,8 @@ def exposing(model: ir.Model, names: list[str]):
             model.graph.outputs.clear()
             model.graph.outputs.extend(produced[n] for n in wanted)
             sess = session(model, only_for=wanted)
+        except Exception as e:  # onnxruntime raises untyped errors
+            raise SpaError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0][:300]}") from None
         finally:
             model.graph.outputs.clear()
             model.graph.outputs.extend(outputs)
