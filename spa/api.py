@@ -149,16 +149,19 @@ def prune(
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
-    consumers, note, data, scores = statistics.consumers(work), None, None, None
+    consumers, note, data = statistics.consumers(work), None, None
     if calibration is None and importance == "auto":
         note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
         if note is None:
             try:  # data-free by default; a model that noise breaks (a Log of it) prunes without
-                data = _Calibrated(work, "synthetic", input_shapes, seed)
-                scores = data.scores(analysis, "obs")
-                calibration = "synthetic"
+                return prune(
+                    model, output, ratio=ratio, round_to=round_to, ignore=ignore, global_ranking=global_ranking,
+                    max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params,
+                    prune_hidden=prune_hidden, calibration="synthetic", compensate=compensate,
+                    input_shapes=input_shapes, verify=verify, seed=seed,
+                )  # fmt: skip
             except SpaError as e:
-                data, note = None, f"the model fails on synthetic data ({e})"
+                note = f"the model fails on synthetic data ({e})"
     elif calibration is not None:
         data = _Calibrated(work, calibration, input_shapes, seed)
     importance = ("obs" if data else "l2") if importance == "auto" else importance
@@ -168,8 +171,7 @@ def prune(
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
     used = "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data" if data else "batchnorm" if means else None
     method = Method(importance, used, compensating and used is not None, note)
-    if scores is None:
-        scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
+    scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to
 
     def plan_for(r: float) -> Plan:

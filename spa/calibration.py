@@ -116,24 +116,20 @@ def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
 
 
 # Without calibration data, spa runs the data-free refit by default while it costs at most this
-# many multiply-accumulates: about 10-30 s on two cores. Above it (a ResNet-50 at 224x224 needs
-# ~50 T, 9 minutes) the default is a plain prune by magnitude, and a note says how to ask for it.
-DATA_FREE_BUDGET_MACS = 1e12
+# many multiply-accumulates: about a minute on two cores (a ResNet-18 at 224x224 is 3.7 T and took
+# 60 s). Above it (a ResNet-50 at 224x224 is 6.1 T) the default is a plain prune by magnitude, and a
+# note says how to ask for the refit.
+DATA_FREE_BUDGET_MACS = 4e12
 
 
 def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
-    """Multiply-accumulates of the data-free mode over SYNTHETIC_SAMPLES inputs: a statistics pass,
-    then for every value the refit reads, a pass of the original and the pruned model up to it
-    (bounded by the MACs of every node before it in graph order); and twice the products of every
-    consumer's features with themselves (statistics, refit)."""
-    before, upstream = 0, {}
-    for node in model.graph:
-        for value in node.outputs:
-            upstream[value.name] = before
-        before += node_macs(node, shapes)
+    """Multiply-accumulates of the data-free mode over SYNTHETIC_SAMPLES inputs: three passes of
+    the model (statistics; the original and the pruned model in the refit, each run once, value by
+    value: spa.statistics.Forward), and three products of every consumer's features (statistics;
+    the refit's with themselves and with the original's)."""
+    passes = sum(node_macs(node, shapes) for node in model.graph)
     # The shapes hold the analysis' batch (--input-shapes, a fixed batch): count per sample.
     batch = max(1, min((shapes[v][0] for v in model.graph.inputs if shapes.get(v)), default=1))
-    passes = (before + 2 * sum(upstream.get(name, 0) for name in {c.input for c in consumers})) // batch
     values = {v.name: v for v in shapes}
     products = 0
     for c in consumers:
@@ -146,8 +142,8 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
         else:
             features = shape[1] * math.prod(c.conv["kernel"]) // (shape[1] if c.kind == "depthwise" else 1)
             rows = min(POSITIONS_PER_SAMPLE, math.prod(shape[2:])) * (shape[1] if c.kind == "depthwise" else 1)
-        products += 2 * rows * features**2
-    return SYNTHETIC_SAMPLES * (passes + products)
+        products += 3 * rows * features**2
+    return SYNTHETIC_SAMPLES * (3 * passes // batch + products)
 
 
 def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool, input_shapes: dict | None = None) -> str | None:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.progress import Progress
-from spa.statistics import Consumer, Moments, exposing
+from spa.statistics import Consumer, Forward, Moments
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
 
@@ -35,12 +35,10 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
             readers.setdefault(consumer.input, []).append(consumer)
     bar = Progress(len(readers), "compensate")
     refit_count = 0
+    original_run, pruned_run = Forward(original, feeds), Forward(pruned, feeds)
     for i, (value, group) in enumerate(readers.items()):
-        original_run = exposing(original, [value])
-        pruned_run = exposing(pruned, [value])
         moments = {c.weight: Moments() for c in group}
-        for feed in feeds:
-            x_p, x_o = pruned_run(feed)[value], original_run(feed)[value]
+        for x_p, x_o in zip(pruned_run.values(value), original_run.values(value)):
             for c in group:
                 kept_channels = _kept_channels(c, keeps.get(c.weight))
                 features = c.features(x_o)

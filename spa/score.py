@@ -92,7 +92,7 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
         inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
         features = np.append(classes, 0)  # the constant feature belongs to no class
         matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
-        energy = max(float(np.einsum("oi,ij,oj->", matrix, gram, matrix)), 1e-30)
+        energy = max(float(np.sum((matrix @ gram) * matrix)), 1e-30)  # tr(W H W^T)
         for gid in {group_of[c] for c in np.unique(classes) if c in group_of}:
             readers.setdefault(gid, []).append((matrix, inverse, features, energy))
     for group in analysis.groups:
@@ -143,13 +143,16 @@ def _greedy_obs(classes: np.ndarray, readers: list[tuple]) -> np.ndarray:
 
 
 def _removal_errors(w: np.ndarray, h: np.ndarray, features: np.ndarray, candidates: list[int]) -> np.ndarray:
+    """tr(W_R ([H^-1]_RR)^-1 W_R^T) for each candidate class's features R, batched over the
+    candidates that hold the same number of features (a conv's kernel, a head's dims)."""
     errors = np.zeros(len(candidates))
-    for i, c in enumerate(candidates):
-        rows = np.flatnonzero(features == c)
-        if len(rows):
-            block = np.linalg.inv(h[np.ix_(rows, rows)])
-            part = w[:, rows]
-            errors[i] = float(np.einsum("oi,ij,oj->", part, block, part))
+    rows = [np.flatnonzero(features == c) for c in candidates]
+    for size in {len(r) for r in rows} - {0}:
+        which = [i for i, r in enumerate(rows) if len(r) == size]
+        index = np.array([rows[i] for i in which])  # (candidates, size)
+        blocks = np.linalg.inv(h[index[:, :, None], index[:, None, :]])
+        parts = np.moveaxis(w[:, index], 1, 0)  # (candidates, outputs, size)
+        errors[which] = np.sum((parts @ blocks) * parts, axis=(1, 2))
     return errors
 
 

@@ -54,3 +54,18 @@ class Graph:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def if_model() -> onnx.ModelProto:
+    """conv -> If(both branches read the conv output) -> conv; and a second, plain conv chain."""
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 3, 16))
+    then_graph = helper.make_graph([helper.make_node("Relu", [a], ["t"])], "then", [], [helper.make_tensor_value_info("t", 1, None)])
+    else_graph = helper.make_graph([helper.make_node("Neg", [a], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, None)])
+    g.nodes.append(helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph, name="if"))
+    b = g.conv("branch", 16, 4)
+    c = g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 4)
+    g.op("Add", b, c)
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(g.nodes, "m", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6]), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 import spa
-from graphs import Graph
+from graphs import Graph, if_model
 from spa import apply, compensate, io, normalize, statistics
 from spa.analysis import analyze
 
@@ -102,7 +102,30 @@ def test_statistics_are_the_same_in_one_batch_or_many():
     many = statistics.collect(model, found, [{"input": x[:5]}, {"input": x[5:6]}, {"input": x[6:]}])
     for c in found:
         assert one[c.weight].count == many[c.weight].count
-        assert np.allclose(one[c.weight].gram, many[c.weight].gram, rtol=1e-5, atol=1e-3)
+        assert np.allclose(one[c.weight].mean_gram(), many[c.weight].mean_gram(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("kept_bytes", [statistics.KEPT_BYTES, 0])
+def test_forward_gives_the_values_that_running_prefixes_gives(monkeypatch, kept_bytes):
+    """Each node runs once, and what later nodes read (an If's branches included) is kept between
+    steps; with nothing kept (over the memory budget), or for a value asked again out of order,
+    it runs prefixes."""
+    monkeypatch.setattr(statistics, "KEPT_BYTES", kept_bytes)
+    rng = np.random.default_rng(0)
+    resnet = io.load("models/torch/resnet_legacy.onnx")
+    branching = ir.serde.deserialize_model(if_model())
+    cases = [
+        (resnet, [{"input": rng.standard_normal((n, 3, 32, 32)).astype(np.float32)} for n in (2, 3)]),
+        (branching, [{"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32), "cond": np.array(c)} for c in (True, False)]),
+    ]
+    for model, feeds in cases:
+        normalize.normalize(model)
+        names = list(dict.fromkeys(c.input for c in statistics.consumers(model)))
+        forward = statistics.Forward(model, feeds)
+        for name in names + names[1:2]:
+            expected = [statistics.exposing(model, [name])(feed)[name] for feed in feeds]
+            got = list(forward.values(name))
+            assert all(np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(expected, got)), name
 
 
 @pytest.mark.parametrize("calibration", ["synthetic", "arrays"])
@@ -249,6 +272,23 @@ def test_a_model_that_noise_breaks_prunes_without_data_and_says_why():
     g.nodes[-1].output[0] = "y"
     result = spa.prune(g.model({"x": ["n", 3, 8, 8]}, {"y": ["n", 4, 8, 8]}), ratio=0.5, round_to=1)
     assert result.method.importance == "l2" and "fails on synthetic data" in result.method.note
+
+
+def test_a_model_whose_activations_overflow_the_statistics_prunes_without_data_and_says_why():
+    """Weights that multiply the activations 10^4-fold per layer: float32 products overflow."""
+    g = Graph()
+    x, width = "x", 3
+    for _ in range(5):
+        x, width = g.op("Relu", g.conv(x, width, 16)), 16
+    g.op("Identity", x)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": [1, 3, 16, 16]}, {"y": [1, 16, 16, 16]})
+    for t in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(t)
+        if w.ndim == 4:
+            t.CopyFrom(onnx.numpy_helper.from_array(np.abs(w) * np.float32(3e4), t.name))
+    result = spa.prune(model, ratio=0.5, round_to=1)
+    assert result.method.calibration is None and "overflow float32 statistics" in result.method.note
 
 
 def test_the_cost_estimate_is_per_sample_whatever_batch_the_analysis_used():

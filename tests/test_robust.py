@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 
 import spa
-from graphs import Graph
+from graphs import Graph, if_model
 
 MODELS = Path(__file__).parent.parent / "models" / "torch"
 
@@ -98,23 +98,8 @@ def test_same_input_same_bytes(tmp_path):
     assert (tmp_path / "0.onnx").read_bytes() == (tmp_path / "1.onnx").read_bytes()
 
 
-def _if_model() -> onnx.ModelProto:
-    """conv -> If(both branches read the conv output) -> conv; and a second, plain conv chain."""
-    g = Graph()
-    a = g.op("Relu", g.conv("x", 3, 16))
-    then_graph = helper.make_graph([helper.make_node("Relu", [a], ["t"])], "then", [], [helper.make_tensor_value_info("t", 1, None)])
-    else_graph = helper.make_graph([helper.make_node("Neg", [a], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, None)])
-    g.nodes.append(helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph, name="if"))
-    b = g.conv("branch", 16, 4)
-    c = g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 4)
-    g.op("Add", b, c)
-    g.nodes[-1].output[0] = "y"
-    graph = helper.make_graph(g.nodes, "m", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6]), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_control_flow_is_a_barrier_and_the_rest_prunes():
-    model = _if_model()
+    model = if_model()
     analysis = spa.analyze(model)
     assert any(b.op == "If" for b in analysis.barriers)
     assert sorted(g.width for g in analysis.groups) == [16]  # the chain the branches capture stays
