@@ -227,7 +227,8 @@ class Forward:
 
     Running a prefix of the model for every value instead costs a pass per value (ResNet-18 at
     224x224: a refit of 141 s, against 20 s this way). The kept values of every feed live in memory;
-    past KEPT_BYTES, or for a value asked out of order, a step runs the whole prefix, feed by feed."""
+    past KEPT_BYTES, for a value asked out of order, or where a step's model does not open, it runs
+    prefixes, feed by feed, from then on."""
 
     def __init__(self, model: ir.Model, feeds: list[dict]):
         self.model, self.feeds = model, feeds
@@ -254,8 +255,12 @@ class Forward:
         produced = [v for n in nodes[self.done : end + 1] for v in n.outputs if v.name in later or v.name == name]
         values = ir.convenience.create_value_mapping(self.model.graph)
         inputs = [values[n] for n in self.kept] + [v for v in self.model.graph.inputs if v.name not in self.model.graph.initializers]
-        graph = ir.convenience.extract(self.model.graph, inputs, produced)
-        step = _open(ir.Model(graph, ir_version=self.model.ir_version, functions=list(self.model.functions.values())))
+        try:
+            graph = ir.convenience.extract(self.model.graph, inputs, produced)
+            step = _open(ir.Model(graph, ir_version=self.model.ir_version, functions=list(self.model.functions.values())))
+        except (ValueError, SpaError):  # a cut that does not run on its own (an untyped value): prefixes
+            self.kept = None
+            return
         needed = [i.name for i in step.get_inputs()]
         names = [v.name for v in produced]
         kept = {n: [] for n in names}
@@ -265,7 +270,7 @@ class Forward:
                 kept[n].append(out)
         kept.update({n: v for n, v in self.kept.items() if n in later})
         self.done = end + 1
-        self.kept = kept if sum(a.nbytes for arrays in kept.values() for a in arrays) <= KEPT_BYTES else None
+        self.kept = kept if sum(getattr(a, "nbytes", 0) for arrays in kept.values() for a in arrays) <= KEPT_BYTES else None
 
 
 KEPT_BYTES = 2 << 30  # per model: the refit steps two (original and pruned)
