@@ -89,7 +89,7 @@ def consumers(model: ir.Model) -> list[Consumer]:
             continue
         rank = len(w.const_value.shape)
         groups = node.attributes.get_int("group", 1)
-        depthwise = groups > 1 and w.const_value.shape[1] == 1
+        depthwise = groups > 1 and rank > 1 and w.const_value.shape[1] == 1
         if node.op_type == "Conv" and (groups == 1 or depthwise) and rank in (3, 4):
             kernel = list(w.const_value.shape[2:])
             dims = len(kernel)

@@ -59,6 +59,18 @@ def test_a_native_crash_in_onnxruntime_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_a_grouped_conv_with_weight_and_bias_swapped_is_one_line(tmp_path):
+    """Found by the fuzzer (seed 10): a 1-D weight on a grouped conv was an internal error where
+    spa looked for the layers calibration reads."""
+    model = onnx.load(MODELS / "mobilenetv2_legacy.onnx")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    conv.input[1], conv.input[2] = conv.input[2], conv.input[1]
+    onnx.save(model, tmp_path / "m.onnx")
+    run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "internal error" not in run.stderr, run.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_a_dynamic_dim_written_as_minus_one_survives_shape_inference(tmp_path):
     """Found by the fuzzer: magika's batch dim set to -1 made onnx's C++ shape inference abort (a
     Shape folded to [-1, 2048], then a clamp). -1 is dynamic: never folded, unknown to inference."""
