@@ -298,3 +298,12 @@ def test_the_cost_estimate_is_per_sample_whatever_batch_the_analysis_used():
     name = model.graph.inputs[0].name
     one, many = (spa.calibration.data_free_work(model, analyze(model, {name: [n, 1, 28, 28]}).shapes, found) for n in (1, 64))
     assert abs(one - many) <= 0.01 * one
+
+
+def test_a_wide_dense_layer_alone_puts_the_data_free_refit_over_its_cap():
+    """Its inverse and solve cost features^3 whatever the samples: VGG's 25,088-input classifier."""
+    g = Graph()
+    g.op("Relu", g.gemm("x", 25088, 4))
+    g.nodes[-1].output[0] = "y"
+    result = spa.prune(g.model({"x": [1, 25088]}, {"y": [1, 4]}), ratio=0.5, round_to=1)
+    assert result.method.calibration is None and "multiply-accumulates" in result.method.note
