@@ -966,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "fuzz", help="results-seedS.jsonl and bugs/ go here (default out/fuzz)")
     parser.add_argument("--in-process", action="store_true", help="call spa.cli.main in worker processes (fast) instead of a subprocess per case")
-    parser.add_argument("--timeout", type=float, default=120, help="seconds per case (default 120)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per case (default 300: the data-free default takes up to about a minute alone on 2 cores, 3x that beside a second job)")
     parser.add_argument("--mem-limit-gb", type=float, default=DEFAULT_MEM_GB, help=f"address-space cap per case, 0 for none (default {DEFAULT_MEM_GB:g}): past it spa gets a MemoryError (a BUG) instead of the OOM killer")
     parser.add_argument("--mutations", default=None, help="comma-separated subset of: " + ",".join(MUTATIONS))
     parser.add_argument("--models", default=None, help="glob on the seed model file names (e.g. '*_dynamo*')")

@@ -15,7 +15,7 @@ from spa import io, verify as verification
 from spa.analysis import Analysis, analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
-from spa.errors import SpaError
+from spa.errors import CalibrationError, SpaError
 from spa.normalize import normalize
 from spa.plan import Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, statistics
@@ -154,13 +154,15 @@ def prune(
         note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
         if note is None:
             try:  # data-free by default; a model that noise breaks (a Log of it) prunes without
-                return prune(
+                result = prune(
                     model, output, ratio=ratio, round_to=round_to, ignore=ignore, global_ranking=global_ranking,
                     max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params,
                     prune_hidden=prune_hidden, calibration="synthetic", compensate=compensate,
                     input_shapes=input_shapes, verify=verify, seed=seed,
                 )  # fmt: skip
-            except SpaError as e:
+                result.seconds = time.perf_counter() - start
+                return result
+            except CalibrationError as e:
                 note = f"the model fails on synthetic data ({e})"
     elif calibration is not None:
         data = _Calibrated(work, calibration, input_shapes, seed)
@@ -219,13 +221,13 @@ class _Calibrated:
         try:
             sess = verification.session(self.original)
         except Exception as e:  # onnxruntime raises untyped errors
-            raise SpaError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
+            raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
         self.feeds = calibration_source.batches(source, sess, input_shapes, seed)
         # Once in a child process: a native crash there is an error line, not the end of spa.
         try:
             verification.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
         except RuntimeError as e:
-            raise SpaError(f"onnxruntime fails to run the model on the calibration data: {e}") from None
+            raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {e}") from None
         self.consumers = statistics.consumers(self.original)
 
     def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:

@@ -11,8 +11,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from spa.count import node_macs
-from spa.errors import SpaError
-from spa.statistics import POSITIONS_PER_SAMPLE
+from spa.errors import CalibrationError, SpaError
+from spa.statistics import KEPT_BYTES, POSITIONS_PER_SAMPLE, reads
 from spa.verify import random_inputs
 
 BATCH = 32
@@ -77,7 +77,7 @@ def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
 def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict[str, np.ndarray]]:
     for a in sess.get_inputs():
         if a.name not in (input_shapes or {}) and any(not isinstance(d, int) or d <= 0 for d in a.shape[1:]):
-            raise SpaError(f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them with --input-shapes")
+            raise CalibrationError(f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them with --input-shapes")
     feeds = []
     batch, _ = _batch_size(sess)
     for i in range(-(-SYNTHETIC_SAMPLES // batch)):
@@ -116,23 +116,31 @@ def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
 
 
 # Without calibration data, spa runs the data-free refit by default while it costs at most this
-# many multiply-accumulates: about a minute on two cores (a ResNet-18 at 224x224 is 4.4 T and took
-# 53 s). Above it (a ResNet-50 at 224x224 is 6.9 T) the default is a plain prune by magnitude, and a
-# note says how to ask for the refit.
-DATA_FREE_BUDGET_MACS = 5e12
+# many multiply-accumulates: about a minute on two cores (a ResNet-18 at 224x224 is 6.5 T and took
+# 53 s). Above it (a ResNet-50 at 224x224 is 9.4 T) the default is a plain prune by magnitude, and a
+# note says how to ask for the refit. The estimate is coarse: within a factor of two of the time.
+DATA_FREE_BUDGET_MACS = 7e12
 
 
 def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
     """Multiply-accumulates of the data-free mode over SYNTHETIC_SAMPLES inputs: three passes of
     the model (statistics; the original and the pruned model in the refit, each run once, value by
     value: spa.statistics.Forward), and three products of every consumer's features (statistics;
-    the refit's with themselves and with the original's); plus, whatever the samples, an inverse
-    and a solve of every consumer's features x features matrix (a 25,088-input dense layer alone
-    costs 3e13: VGG's first classifier layer)."""
-    passes = sum(node_macs(node, shapes) for node in model.graph)
+    the refit's with themselves and with the original's); plus, whatever the samples, 8 features^3
+    per consumer for the inverse, the greedy OBS updates and the solve of its features x features
+    matrices (measured: AlexNet's 9,216-input layer alone took 60 s; VGG's 25,088-input one would
+    be 1.3e14)."""
     # The shapes hold the analysis' batch (--input-shapes, a fixed batch): count per sample.
     batch = max(1, min((shapes[v][0] for v in model.graph.inputs if shapes.get(v)), default=1))
     values = {v.name: v for v in shapes}
+    passes = 3 * sum(node_macs(node, shapes) for node in model.graph)
+    if _kept_bytes(model, shapes, consumers) * SYNTHETIC_SAMPLES // batch > KEPT_BYTES:
+        # Forward runs prefixes instead: a pass up to every value the refit reads, for both models
+        before, upstream = 0, {}
+        for node in model.graph:
+            upstream.update((v.name, before) for v in node.outputs)
+            before += node_macs(node, shapes)
+        passes = before + 2 * sum(upstream.get(name, 0) for name in {c.input for c in consumers})
     products = solves = 0
     for c in consumers:
         shape = shapes.get(values.get(c.input))
@@ -145,8 +153,26 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
             features = shape[1] * math.prod(c.conv["kernel"]) // (shape[1] if c.kind == "depthwise" else 1)
             rows = min(POSITIONS_PER_SAMPLE, math.prod(shape[2:])) * (shape[1] if c.kind == "depthwise" else 1)
         products += 3 * rows * features**2
-        solves += 2 * features**3 if c.kind != "depthwise" else 0
-    return SYNTHETIC_SAMPLES * (3 * passes // batch + products) + solves
+        solves += 8 * features**3 if c.kind != "depthwise" else 0
+    return SYNTHETIC_SAMPLES * (passes // batch + products) + solves
+
+
+def _kept_bytes(model: ir.Model, shapes: dict, consumers: list) -> int:
+    """The most bytes spa.statistics.Forward holds at once, at the analysis' batch (float32 taken
+    for all): at each step, what the last step kept and what this one makes that later nodes read."""
+    nodes = list(model.graph)
+    last = {name: i for i, node in enumerate(nodes) for name in reads(node)}
+    made = {v.name: i for i, node in enumerate(nodes) for v in node.outputs}
+    sizes = {v.name: 4 * math.prod(shapes[v]) for node in nodes for v in node.outputs if shapes.get(v) is not None}
+
+    def read_after(end: int, first: int = 0) -> int:
+        return sum(sizes.get(v.name, 0) for node in nodes[first : end + 1] for v in node.outputs if last.get(v.name, -1) > end)
+
+    peak = kept = start = 0
+    for end in sorted({made[c.input] for c in consumers if c.input in made}):
+        peak = max(peak, kept + read_after(end, start))
+        kept, start = read_after(end), end + 1
+    return peak
 
 
 def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool, input_shapes: dict | None = None) -> str | None:

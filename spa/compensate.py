@@ -38,7 +38,9 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     original_run, pruned_run = Forward(original, feeds), Forward(pruned, feeds)
     for i, (value, group) in enumerate(readers.items()):
         moments = {c.weight: Moments() for c in group}
-        for x_p, x_o in zip(pruned_run.values(value), original_run.values(value)):
+        # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
+        now = _node_of(pruned, group[0]).inputs[0].name
+        for x_p, x_o in zip(pruned_run.values(now), original_run.values(value)):
             for c in group:
                 kept_channels = _kept_channels(c, keeps.get(c.weight))
                 features = c.features(x_o)

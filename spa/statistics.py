@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.analysis import Analysis
-from spa.errors import SpaError
+from spa.errors import CalibrationError
 from spa.progress import Progress
 from spa.verify import session
 
@@ -43,7 +43,7 @@ class Consumer:
         if self.kind == "depthwise":
             rows = rows.reshape(len(rows), x.shape[1], -1)
         if not np.isfinite(rows).all():
-            raise SpaError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2)")
+            raise CalibrationError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2 --no-compensate)")
         return np.concatenate([rows.astype(np.float32), np.ones((*rows.shape[:-1], 1), np.float32)], axis=-1)
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
@@ -147,13 +147,14 @@ class Moments:
     def _flush(self) -> None:
         if not self._pending:
             return
-        x = np.concatenate([p[0] for p in self._pending])
+        xs, ys = zip(*self._pending)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         self._gram = _accumulate(self._gram, _products(x, x))
-        if self._pending[0][1] is not None:
-            self._cross = _accumulate(self._cross, _products(x, np.concatenate([p[1] for p in self._pending])))
+        if ys[0] is not None:
+            self._cross = _accumulate(self._cross, _products(x, ys[0] if len(ys) == 1 else np.concatenate(ys)))
         self._pending, self._pending_bytes = [], 0
         if not (np.isfinite(self._gram).all() and (self._cross is None or np.isfinite(self._cross).all())):
-            raise SpaError("activations on the calibration data overflow float32 statistics (prune with --importance l2)")
+            raise CalibrationError("activations on the calibration data overflow float32 statistics (prune with --importance l2 --no-compensate)")
 
     def mean_gram(self) -> np.ndarray:
         self._flush()
@@ -227,8 +228,8 @@ class Forward:
 
     Running a prefix of the model for every value instead costs a pass per value (ResNet-18 at
     224x224: a refit of 141 s, against 20 s this way). The kept values of every feed live in memory;
-    past KEPT_BYTES, for a value asked out of order, or where a step's model does not open, it runs
-    prefixes, feed by feed, from then on."""
+    past KEPT_BYTES, for a value asked out of order, or where a step's model does not run on its own,
+    it runs prefixes, feed by feed, from then on (a failure there is the model's)."""
 
     def __init__(self, model: ir.Model, feeds: list[dict]):
         self.model, self.feeds = model, feeds
@@ -251,32 +252,45 @@ class Forward:
         end = next((i for i in range(self.done, len(nodes)) if any(v.name == name for v in nodes[i].outputs)), None)
         if end is None:  # produced before the last step and not kept: run its prefix
             return
-        later = set().union(*(_reads(n) for n in nodes[end + 1 :]))
+        later = set().union(*(reads(n) for n in nodes[end + 1 :]))
         produced = [v for n in nodes[self.done : end + 1] for v in n.outputs if v.name in later or v.name == name]
+        kept = self._run_step(produced)
+        if kept is not None:
+            kept.update({n: v for n, v in self.kept.items() if n in later})
+            self.done = end + 1
+        self.kept = kept
+
+    def _run_step(self, produced: list[ir.Value]) -> dict[str, list] | None:
+        """`produced` on every feed, from the kept values; None where the step does not run on its
+        own (an untyped value at the cut) or what it would keep passes KEPT_BYTES."""
         values = ir.convenience.create_value_mapping(self.model.graph)
         inputs = [values[n] for n in self.kept] + [v for v in self.model.graph.inputs if v.name not in self.model.graph.initializers]
-        try:
-            graph = ir.convenience.extract(self.model.graph, inputs, produced)
-            step = _open(ir.Model(graph, ir_version=self.model.ir_version, functions=list(self.model.functions.values())))
-        except (ValueError, SpaError):  # a cut that does not run on its own (an untyped value): prefixes
-            self.kept = None
-            return
-        needed = [i.name for i in step.get_inputs()]
         names = [v.name for v in produced]
         kept = {n: [] for n in names}
-        for i, feed in enumerate(self.feeds):
-            outputs = _run(step, names, {n: self.kept[n][i] if n in self.kept else feed[n] for n in needed})
-            for n, out in zip(names, outputs):
-                kept[n].append(out)
-        kept.update({n: v for n, v in self.kept.items() if n in later})
-        self.done = end + 1
-        self.kept = kept if sum(getattr(a, "nbytes", 0) for arrays in kept.values() for a in arrays) <= KEPT_BYTES else None
+        held = sum(getattr(a, "nbytes", 0) for arrays in self.kept.values() for a in arrays)
+        try:
+            graph = ir.convenience.extract(self.model.graph, inputs, produced)
+            for value in graph.inputs:  # a graph output read later keeps its declared shape: drop it
+                if value.name in self.kept:
+                    value.shape = None
+            step = _open(ir.Model(graph, ir_version=self.model.ir_version, functions=list(self.model.functions.values())))
+            needed = [i.name for i in step.get_inputs()]
+            for i, feed in enumerate(self.feeds):
+                outputs = _run(step, names, {n: self.kept[n][i] if n in self.kept else feed[n] for n in needed})
+                for n, out in zip(names, outputs):
+                    kept[n].append(out)
+                held += sum(getattr(out, "nbytes", 0) for out in outputs)
+                if held > KEPT_BYTES:
+                    return None
+        except (ValueError, CalibrationError):
+            return None
+        return kept
 
 
 KEPT_BYTES = 2 << 30  # per model: the refit steps two (original and pruned)
 
 
-def _reads(node: ir.Node) -> set[str]:
+def reads(node: ir.Node) -> set[str]:
     """Names of the values a node reads, those its subgraphs read from outside included."""
     names = {v.name for v in node.inputs if v is not None}
     for attr in node.attributes.values():
@@ -290,14 +304,14 @@ def _open(model: ir.Model, only_for: list[str] | None = None):
     try:  # on every core (threads 0): nothing else runs meanwhile
         return session(model, threads=0, only_for=only_for)
     except Exception as e:  # onnxruntime raises untyped errors
-        raise SpaError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0][:300]}") from None
+        raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 def _run(sess, names: list[str], feed: dict) -> list:
     try:
         return sess.run(names, feed)
     except Exception as e:  # onnxruntime raises untyped errors
-        raise SpaError(f"onnxruntime fails to run the model on the calibration data: {str(e).strip().splitlines()[0]}") from None
+        raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {str(e).strip().splitlines()[0]}") from None
 
 
 def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndarray]:

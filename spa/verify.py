@@ -109,6 +109,8 @@ def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:
 def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if threads != 1:  # idle threads that spin for work starve every other process on a busy machine
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 4  # errors come back as exceptions; keep stderr to one line
     return options
 

@@ -71,6 +71,45 @@ def test_a_constant_channel_is_absorbed_into_the_bias():
     assert len(conv.inputs) == 3 and conv.inputs[2] is not None
 
 
+def test_a_layer_after_a_matmul_that_gained_a_bias_reads_it_with_the_bias():
+    """x -> MatMul -> MatMul -> MatMul: removing a constant channel of the first gives the second a
+    bias, an Add after it; the third must be refit on what it now reads, the Add's output (it read
+    the MatMul's and learnt a bias against the missing one: a shift of the outputs)."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((5, 8)).astype(np.float32)
+    w1[:, 3], w1[4, 3] = 0, 2.0  # channel 3 = 2 * x[:, 4], and x[:, 4] is always 1
+    g = Graph()
+    h = g.op("MatMul", g.op("MatMul", "x", g.const(w1)), g.weight(8, 6))
+    g.op("MatMul", h, g.weight(6, 4))
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": [64, 5]}, {"y": [64, 4]})
+
+    def sample():
+        return np.concatenate([rng.standard_normal((64, 4)), np.ones((64, 1))], axis=1).astype(np.float32)
+
+    original, pruned = _pruned_and_refit(model, [3], [{"x": sample()} for _ in range(4)])
+    x = sample()
+    assert np.allclose(_run(original, x), _run(pruned, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_output_that_later_layers_read_is_refit_whatever_shape_it_declares():
+    """Found in review: shape inference keeps a graph output's declared shape ([1, 32] here, while
+    the batch is symbolic); as the input of a step of spa.statistics.Forward, onnxruntime
+    enforced it on a batch of 64."""
+    g = Graph()
+    hidden = g.op("Relu", g.gemm(g.op("Relu", g.gemm("x", 16, 32)), 32, 32))
+    y = g.gemm(g.op("Relu", g.gemm(hidden, 32, 32)), 32, 8)
+    graph = onnx.helper.make_graph(
+        g.nodes, "m", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16])],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["batch", 8]), onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, [1, 32])],
+        g.inits,
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    data = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    result = spa.prune(model, ratio=0.5, round_to=1, calibration=data)
+    assert result.method.calibration == "data" and result.method.compensated
+
+
 def test_obs_removes_redundant_channels_one_at_a_time():
     """Hidden channels 0 and 1 are copies, 2..5 independent. Either copy alone is free to remove,
     both together are not: greedy OBS removes one copy, then the cheapest independent channels."""
@@ -307,3 +346,14 @@ def test_a_wide_dense_layer_alone_puts_the_data_free_refit_over_its_cap():
     g.nodes[-1].output[0] = "y"
     result = spa.prune(g.model({"x": [1, 25088]}, {"y": [1, 4]}), ratio=0.5, round_to=1)
     assert result.method.calibration is None and "multiply-accumulates" in result.method.note
+
+
+def test_the_cost_estimate_counts_prefix_runs_where_forward_would_keep_too_much(monkeypatch):
+    """DenseNet-121 at 224x224 keeps 2.3 GiB of concatenated features over 256 samples: Forward
+    runs prefixes past KEPT_BYTES, and the estimate must say so (it is then 133 T, not 5)."""
+    model = io.load("models/torch/resnet_legacy.onnx")
+    normalize.normalize(model)
+    found, shapes = statistics.consumers(model), analyze(model).shapes
+    stepwise = spa.calibration.data_free_work(model, shapes, found)
+    monkeypatch.setattr(spa.calibration, "KEPT_BYTES", 0)
+    assert spa.calibration.data_free_work(model, shapes, found) > 2 * stepwise
