@@ -49,6 +49,7 @@ class Method:
     calibration: str | None  # "data", "synthetic" or "batchnorm" (both data-free), or None
     compensated: bool
     note: str | None = None  # why the data-free default was not used
+    too_wide: list[str] = dataclasses.field(default_factory=list)  # layers over statistics.MAX_WIDTH inputs
 
     def describe(self) -> str:
         source = {
@@ -59,6 +60,12 @@ class Method:
         }[self.calibration]
         repair = "biases absorb the removed channels' means" if self.calibration == "batchnorm" else "layers refit"
         text = f"importance {self.importance}, {source}, " + (repair if self.compensated else "no refit")
+        if self.too_wide:
+            names = ", ".join(self.too_wide[:3]) + (", ..." if len(self.too_wide) > 3 else "")
+            text += (
+                f"; {len(self.too_wide)} layer(s) with over {statistics.MAX_WIDTH:,} input features ({names}): scored as if"
+                f" their inputs were uncorrelated{', only their biases refit (for the mean)' if self.compensated else ''}"
+            )
         return text + (f"; data-free refit skipped: {self.note}" if self.note else "")
 
 
@@ -172,7 +179,8 @@ def prune(
     compensating = compensate if compensate is not None else True
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
     used = "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data" if data else "batchnorm" if means else None
-    method = Method(importance, used, compensating and used is not None, note)
+    too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
+    method = Method(importance, used, compensating and used is not None, note, too_wide)
     scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     step = default_round_to() if round_to is None else round_to
 
@@ -189,7 +197,7 @@ def prune(
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
     if not _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means) and used == "batchnorm":
-        method = Method(importance, None, False, note)  # no removed channel came from a BN
+        method = Method(importance, None, False, note, too_wide)  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
     if source is not None:

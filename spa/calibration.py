@@ -144,7 +144,7 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
     products = solves = 0
     for c in consumers:
         shape = shapes.get(values.get(c.input))
-        if shape is None:
+        if shape is None or c.wide:  # only means: no products, no solves
             continue
         if c.kind == "dense":
             features = shape[c.feature_axis]

@@ -9,7 +9,9 @@ of the kept inputs:
 
     W' = (W C^T + lambda W_S) (P + lambda I)^-1,  P = E[x_p x_p^T],  C = E[x_p x_o^T]
 
-so where the removed inputs were zero and nothing upstream changed, W' = W_S exactly.
+so where the removed inputs were zero and nothing upstream changed, W' = W_S exactly. A layer too
+wide for these matrices (statistics.MAX_WIDTH) keeps W_S, and its bias moves so that its mean
+output matches the original's: b' = b + W m_o - W_S m_p.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.progress import Progress
-from spa.statistics import Consumer, Forward, Moments
+from spa.statistics import Consumer, Forward, Means, Moments
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
 
@@ -37,7 +39,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     refit_count = 0
     original_run, pruned_run = Forward(original, feeds), Forward(pruned, feeds)
     for i, (value, group) in enumerate(readers.items()):
-        moments = {c.weight: Moments() for c in group}
+        moments = {c.weight: Means() if c.wide else Moments() for c in group}
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
         now = _node_of(pruned, group[0]).inputs[0].name
         for x_p, x_o in zip(pruned_run.values(now), original_run.values(value)):
@@ -53,7 +55,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     return refit_count
 
 
-def _solve(consumer: Consumer, moments: Moments, original_node: ir.Node, weights: dict[str, ir.Value], keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
+def _solve(consumer: Consumer, moments: Moments | Means, original_node: ir.Node, weights: dict[str, ir.Value], keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
     """The consumer's new (outputs, features + 1) matrix, bias last."""
     target = _with_bias(consumer, original_node, weights)  # (outputs, features + 1)
     if keep is not None:
@@ -61,6 +63,10 @@ def _solve(consumer: Consumer, moments: Moments, original_node: ir.Node, weights
     if consumer.kind == "depthwise":
         return _solve_depthwise(moments, target, consumer, keep, damping)
     prior = target[:, _kept_features(consumer, keep, target.shape[1] - 1)]
+    if consumer.wide:
+        solved = prior.copy()  # the means end in the constant 1: the biases are included
+        solved[:, -1] += target @ moments.mean_other() - prior @ moments.mean()
+        return solved
     return _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
 
 

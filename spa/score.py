@@ -65,8 +65,10 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     are updated as if the chunk were gone. A class scores the error accumulated when it was
     removed, so the lowest scores are the channels that are best removed together, not one by one.
     Fractions of output energy compare across layers, so obs scores are not rescaled per group:
-    global ranking weighs them as they are. Classes that no consumer reads keep their magnitude
-    score, scaled down."""
+    global ranking weighs them as they are. A consumer too wide for its Hessian (Consumer.wide) is
+    taken as diagonal: a class's error is that of its features alone, their variance (the refit
+    keeps their mean) times their weights squared, and classes accumulate in ascending order.
+    Classes that no consumer reads keep their magnitude score, scaled down."""
     from spa.statistics import feature_classes
 
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
@@ -80,13 +82,21 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
         if not classes.any():
             continue
         matrix = consumer.matrix(weight.astype(np.float64))
-        gram = moments[consumer.weight].mean_gram()
+        stats = moments[consumer.weight]
+        gram = None if consumer.wide else stats.mean_gram()
+        squares = stats.mean_square()[:-1] if consumer.wide else np.diag(gram)[:-1]
         if criterion == "wanda":
-            rms = np.sqrt(np.maximum(np.diag(gram)[:-1], 0))
+            rms = np.sqrt(np.maximum(squares, 0))
             per_class = np.bincount(classes, weights=np.abs(matrix).sum(axis=0) * rms, minlength=len(totals))
             mean = per_class[np.unique(classes[classes != 0])].mean()
             if mean > 0:
                 totals += per_class / mean
+            continue
+        if consumer.wide:
+            weights = np.square(matrix).sum(axis=0)
+            variances = np.maximum(squares - np.square(stats.mean()[:-1]), 0)
+            errors = np.bincount(classes, weights=weights * variances, minlength=len(totals))
+            totals += _accumulated(analysis, errors / max(float(weights @ squares), 1e-30))
             continue
         damp = damping * float(np.mean(np.diag(gram))) or damping
         inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
@@ -107,6 +117,17 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     floor = min((totals[c] for g in analysis.groups for c in g.classes if totals[c] > 0), default=1.0)
     totals = np.where(totals > 0, totals, 1e-3 * floor * fallback / max(fallback.max(), 1e-30))
     return {int(c): float(totals[c]) for g in analysis.groups for c in g.classes}
+
+
+def _accumulated(analysis: Analysis, errors: np.ndarray) -> np.ndarray:
+    """Per group, each class's error plus those of the classes below it: greedy removal in
+    ascending order, with nothing updated as classes go."""
+    result = np.zeros_like(errors)
+    for group in analysis.groups:
+        values = errors[group.classes]
+        order = np.argsort(values, kind="stable")
+        result[group.classes[order]] = np.cumsum(values[order])
+    return result
 
 
 GREEDY_STEPS = 32  # chunks per group: bounds the cost at a few inverse-sized updates per consumer

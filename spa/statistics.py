@@ -32,6 +32,12 @@ class Consumer:
     conv: dict | None = None  # kernel, strides, pads, dilations
     feature_axis: int = -1  # the input's feature axis (dense; 0 for Gemm with transA)
     groups: int = 1  # a depthwise conv's groups: its input channels
+    width: int = 0  # input features (a depthwise conv: per channel)
+
+    @property
+    def wide(self) -> bool:
+        """Too wide for second moments: only the means of its features are kept (MAX_WIDTH)."""
+        return self.width > MAX_WIDTH
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Rows of input features, with a trailing 1: (samples, features + 1); for a depthwise conv
@@ -54,6 +60,14 @@ class Consumer:
     def unmatrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         moved = np.moveaxis(np.empty(shape, dtype=np.float32), (self.out_axis, self.in_axis), (0, 1)).shape
         return np.moveaxis(matrix.reshape(moved), (0, 1), (self.out_axis, self.in_axis))
+
+
+# A consumer's statistics are features x features float64 matrices, several alive at once (the
+# sums, the inverse and the greedy OBS copies, the refit's products). Wider than this (a 1 GiB
+# matrix), a layer is neither scored nor refit from them; the refit corrects its bias for the mean
+# of its inputs instead. VGG-16's classifier reads 25,088 features: its calibrated prune was killed
+# at 24 GB.
+MAX_WIDTH = 11_585
 
 
 # Conv statistics use the same evenly spaced output positions of every sample, at most this many:
@@ -87,11 +101,12 @@ def consumers(model: ir.Model) -> list[Consumer]:
         x, w = node.inputs[0], node.inputs[1]
         if w is None or w.const_value is None or x is None or x.const_value is not None or not w.name:
             continue
-        rank = len(w.const_value.shape)
+        shape = w.const_value.shape
+        rank = len(shape)
         groups = node.attributes.get_int("group", 1)
-        depthwise = groups > 1 and rank > 1 and w.const_value.shape[1] == 1
+        depthwise = groups > 1 and rank > 1 and shape[1] == 1
         if node.op_type == "Conv" and (groups == 1 or depthwise) and rank in (3, 4):
-            kernel = list(w.const_value.shape[2:])
+            kernel = list(shape[2:])
             dims = len(kernel)
             if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                 continue
@@ -101,12 +116,12 @@ def consumers(model: ir.Model) -> list[Consumer]:
                 "pads": list(node.attributes.get_ints("pads", [0] * 2 * dims)),
                 "dilations": list(node.attributes.get_ints("dilations", [1] * dims)),
             }
-            found.append(Consumer(node.name, x.name, w.name, "depthwise" if depthwise else "conv", 1, 0, conv, groups=groups))
+            found.append(Consumer(node.name, x.name, w.name, "depthwise" if depthwise else "conv", 1, 0, conv, groups=groups, width=shape[1] * math.prod(kernel)))
         elif node.op_type == "Gemm" and rank == 2:
             trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
-            found.append(Consumer(node.name, x.name, w.name, "dense", 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1))
+            found.append(Consumer(node.name, x.name, w.name, "dense", 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1, width=shape[1 if trans_b else 0]))
         elif node.op_type == "MatMul" and rank == 2:
-            found.append(Consumer(node.name, x.name, w.name, "dense", 0, 1))
+            found.append(Consumer(node.name, x.name, w.name, "dense", 0, 1, width=shape[0]))
     return found
 
 
@@ -165,6 +180,31 @@ class Moments:
         return self._cross / max(self.count, 1)
 
 
+class Means:
+    """What a consumer too wide for Moments keeps (Consumer.wide): the means of its features and of
+    their squares (the diagonal of its second moments), and the means of another model's features
+    at the same place."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: list[np.ndarray] | None = None
+
+    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        self.count += len(x)
+        x = x.astype(np.float64)
+        sums = [x.sum(axis=0), np.square(x).sum(axis=0), (x if y is None else y).sum(axis=0, dtype=np.float64)]
+        self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
+
+    def mean(self) -> np.ndarray:
+        return self._sums[0] / max(self.count, 1)
+
+    def mean_square(self) -> np.ndarray:
+        return self._sums[1] / max(self.count, 1)
+
+    def mean_other(self) -> np.ndarray:
+        return self._sums[2] / max(self.count, 1)
+
+
 BUFFER_BYTES = 8 << 20  # per consumer: collect holds every consumer's buffer at once
 
 
@@ -183,10 +223,11 @@ def _accumulate(total: np.ndarray | None, product: np.ndarray) -> np.ndarray:
     return total
 
 
-def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments]:
-    """Second moments of every consumer's features, in one pass over the calibration batches."""
+def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments | Means]:
+    """Second moments of every consumer's features (Means of the wide ones), in one pass over the
+    calibration batches."""
     run = exposing(model, sorted({c.input for c in found}))
-    moments = {c.weight: Moments() for c in found}
+    moments = {c.weight: Means() if c.wide else Moments() for c in found}
     bar = Progress(len(feeds), label)
     for i, feed in enumerate(feeds):
         values = run(feed)

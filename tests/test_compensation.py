@@ -167,8 +167,10 @@ def test_forward_gives_the_values_that_running_prefixes_gives(monkeypatch, kept_
             assert all(np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(expected, got)), name
 
 
-@pytest.mark.parametrize("calibration", ["synthetic", "arrays"])
-def test_zero_channel_test_holds_with_compensation(calibration):
+@pytest.mark.parametrize("calibration", ["synthetic", "arrays", "arrays, wide layers"])
+def test_zero_channel_test_holds_with_compensation(calibration, monkeypatch):
+    if "wide" in calibration:  # the mean-only repair of layers too wide for statistics
+        monkeypatch.setattr(statistics, "MAX_WIDTH", 100)
     data = "synthetic" if calibration == "synthetic" else np.random.default_rng(3).standard_normal((64, 3, 32, 32)).astype(np.float32)
     error, removed = spa.zero_channel_check("models/torch/mobilenetv2_dynamo.onnx", calibration=data)
     assert removed > 0 and error <= 1e-4
@@ -339,13 +341,37 @@ def test_the_cost_estimate_is_per_sample_whatever_batch_the_analysis_used():
     assert abs(one - many) <= 0.01 * one
 
 
-def test_a_wide_dense_layer_alone_puts_the_data_free_refit_over_its_cap():
-    """Its inverse and solve cost features^3 whatever the samples: VGG's 25,088-input classifier."""
+def test_a_layer_too_wide_for_statistics_keeps_its_weights_and_its_mean_output(monkeypatch):
+    """Above MAX_WIDTH features (VGG-16's 25,088-input classifier: 5 GB a matrix, killed at 24 GB)
+    a layer is not scored or refit from second moments: it keeps the weights of its kept inputs
+    and its bias moves so that its mean output on the calibration data is the original's."""
+    monkeypatch.setattr(statistics, "MAX_WIDTH", 32)
+    g = Graph()
+    g.op("Relu", g.gemm("x", 16, 64))
+    g.gemm(g.nodes[-1].output[0], 64, 8)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["N", 16]}, {"y": ["N", 8]})
+    x = np.random.default_rng(5).standard_normal((256, 16)).astype(np.float32)
+    result = spa.prune(model, ratio=0.5, round_to=1, calibration=x)
+    wide = g.nodes[-1].name or g.nodes[-1].input[1]
+    assert result.method.too_wide == [wide] and "only their biases refit" in result.method.describe()
+    original = ir.serde.deserialize_model(model)
+    assert np.allclose(_run(result.model, x).mean(axis=0), _run(original, x).mean(axis=0), atol=1e-4)
+    weights = {v.name: v.const_value.numpy() for v in result.model.graph.initializers.values()}
+    kept = weights[g.nodes[-1].input[1]]
+    assert kept.shape == (8, 32)
+    wide_weight = onnx.numpy_helper.to_array(next(i for i in g.inits if i.name == g.nodes[-1].input[1]))
+    assert all(any(np.array_equal(column, w) for w in wide_weight.T) for column in kept.T)
+
+
+def test_a_wide_layer_costs_the_data_free_estimate_nothing_but_its_pass():
+    """It needs no products or solves: a 25,088-input dense layer alone stays under the cap."""
     g = Graph()
     g.op("Relu", g.gemm("x", 25088, 4))
     g.nodes[-1].output[0] = "y"
-    result = spa.prune(g.model({"x": [1, 25088]}, {"y": [1, 4]}), ratio=0.5, round_to=1)
-    assert result.method.calibration is None and "multiply-accumulates" in result.method.note
+    model = ir.serde.deserialize_model(g.model({"x": [1, 25088]}, {"y": [1, 4]}))
+    found = statistics.consumers(model)
+    assert found[0].wide and spa.calibration.data_free_work(model, analyze(model).shapes, found) < 1e9
 
 
 def test_the_cost_estimate_counts_prefix_runs_where_forward_would_keep_too_much(monkeypatch):
