@@ -136,7 +136,7 @@ GREEDY_STEPS = 32  # chunks per group: bounds the cost at a few inverse-sized up
 def _greedy_obs(classes: np.ndarray, readers: list[tuple]) -> np.ndarray:
     """Accumulated error at which each class of a group is removed, as a fraction of each
     consumer's output energy (0 for classes no consumer reads)."""
-    state = [(w.copy(), h.copy(), f) for w, h, f, _ in readers]
+    state = [(w, h, f) for w, h, f, _ in readers]
     norms = [energy for *_, energy in readers]
     read = np.zeros(len(classes), dtype=bool)
     for _, _, f in state:
@@ -156,10 +156,10 @@ def _greedy_obs(classes: np.ndarray, readers: list[tuple]) -> np.ndarray:
             result[c] = accumulated
         gone = set(removed)
         remaining = [c for c in remaining if c not in gone]
-        for w, h, f in state:
+        for i, (w, h, f) in enumerate(state):
             rows = np.flatnonzero(np.isin(f, removed))
             if len(rows):
-                _remove_features(w, h, rows)
+                state[i] = _remove_features(w, h, f, rows)
     return np.array([result.get(int(c), 0.0) for c in classes])
 
 
@@ -177,12 +177,14 @@ def _removal_errors(w: np.ndarray, h: np.ndarray, features: np.ndarray, candidat
     return errors
 
 
-def _remove_features(w: np.ndarray, h: np.ndarray, rows: np.ndarray) -> None:
-    """OBS update in place: compensate the weights for removing `rows`, and the inverse Hessian of
-    the features that remain (Schur complement); the removed rows become zero."""
+def _remove_features(w: np.ndarray, h: np.ndarray, features: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OBS update: the weights compensated for removing `rows`, and the inverse Hessian of the
+    features that remain (Schur complement); returns both, and the remaining features' classes, for
+    the remaining features only: the matrices shrink as channels go (AlexNet's 9,216-input layer
+    spent 36 s updating full-size ones)."""
     block = np.linalg.inv(h[np.ix_(rows, rows)])
-    w -= (w[:, rows] @ block) @ h[rows, :]
-    h -= h[:, rows] @ block @ h[rows, :]
-    w[:, rows] = 0.0
-    h[rows, :] = 0.0
-    h[:, rows] = 0.0
+    keep = np.setdiff1d(np.arange(len(features)), rows)
+    across = h[np.ix_(rows, keep)]  # (removed, kept); h is symmetric
+    w = w[:, keep] - (w[:, rows] @ block) @ across
+    h = h[np.ix_(keep, keep)] - across.T @ (block @ across)
+    return w, h, features[keep]
