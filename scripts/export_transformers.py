@@ -22,6 +22,10 @@ is set to 1):
   ``use_cache=False``); input ``input_ids``;
 * ``vit``   -- ``transformers.ViTModel`` (32x32 image, 8x8 patches, no
   pooler); input ``pixel_values`` float32 (batch, 3, 32, 32);
+* ``segformer`` -- ``transformers.SegformerForSemanticSegmentation`` (4 stages of one
+  block, widths 16/32/48/64, efficient attention with spatial reduction, Mix-FFN with a
+  depthwise conv, all-MLP decoder whose Resize sizes are computed at run time from the
+  input's shape); input ``pixel_values`` (batch, 3, 64, 64), output ``logits`` (batch, 5, 16, 16);
 * ``mha``   -- plain torch: ``nn.MultiheadAttention(64, 4, batch_first=True)``
   self-attention + residual, LayerNorm, FFN 64->128->64 (GELU) + residual;
   input ``x`` (batch, seq, 64), output ``y``;
@@ -33,8 +37,8 @@ is set to 1):
   k3, ReLU, Conv1d 64->32 k1, mean over time, Linear(32, 10); input ``x``
   (batch, 16, seq), output ``y`` (batch, 10).
 
-The four ``transformers`` models are wrapped so that the graph's only output
-is ``last_hidden_state`` (batch, seq, 64).
+The ``transformers`` models are wrapped so that the graph's only output
+is ``last_hidden_state`` (batch, seq, 64), segformer's ``logits``.
 
 Batch and sequence dimensions are dynamic in both exporters
 (``dynamic_shapes`` with ``torch.export.Dim`` / ``dynamic_axes``); ViT's
@@ -140,14 +144,15 @@ class HFTokens(nn.Module):
 
 
 class HFPixels(nn.Module):
-    """pixel_values -> last_hidden_state."""
+    """pixel_values -> last_hidden_state (or another output)."""
 
-    def __init__(self, model):
+    def __init__(self, model, output: str = "last_hidden_state"):
         super().__init__()
         self.model = model
+        self.output = output
 
     def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).last_hidden_state
+        return getattr(self.model(pixel_values=pixel_values), self.output)
 
 
 def build_bert():
@@ -196,6 +201,17 @@ def build_vit():
         attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
     )
     return HFPixels(transformers.ViTModel(cfg, add_pooling_layer=False))
+
+
+def build_segformer():
+    import transformers
+
+    cfg = transformers.SegformerConfig(
+        num_encoder_blocks=4, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, HIDDEN],
+        num_attention_heads=[1, 2, 2, HEADS], decoder_hidden_size=HIDDEN, num_labels=5,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+    )
+    return HFPixels(transformers.SegformerForSemanticSegmentation(cfg), "logits")
 
 
 # --------------------------------------------------------------------------
@@ -296,6 +312,8 @@ MODELS = {
     "llama": Spec(build_llama, [Input("input_ids", _ids, _BS)], "last_hidden_state", _BS),
     "vit": Spec(build_vit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),
                                   {0: "batch"})], "last_hidden_state", {0: "batch"}),
+    "segformer": Spec(build_segformer, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 64, 64, generator=g),
+                                              {0: "batch"})], "logits", {0: "batch"}),
     "mha": Spec(MHABlock, [Input("x", lambda g, b, s: torch.randn(b, s, HIDDEN, generator=g), _BS)],
                 "y", _BS),
     "lstm": Spec(LSTMNet, [Input("x", lambda g, b, s: torch.randn(b, s, 16, generator=g), _BS)],

@@ -256,9 +256,11 @@ def _gather(s: _Surgery, node: ir.Node) -> None:
 
 
 def _resize(s: _Surgery, node: ir.Node) -> None:
+    """Sizes, given as a constant or built at run time (a Concat of Shape pieces: SegFormer)."""
     out = node.outputs[0]
     if len(node.inputs) > 3 and node.inputs[3] is not None and s.changed(out):
-        s.set_constant(node, 3, np.array(s.dims(out), dtype=np.int64))
+        old_out, new_out = s.analysis.shapes[out], s.dims(out)
+        _rewrite_shape_vector(s, node, 3, lambda axis, old: new_out[axis] if new_out[axis] != old_out[axis] else old, len(old_out))
 
 
 def _recurrent(s: _Surgery, node: ir.Node) -> None:

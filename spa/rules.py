@@ -464,6 +464,8 @@ def pad(prop: Propagation, node: ir.Node) -> None:
 def resize(prop: Propagation, node: ir.Node) -> None:
     in_shape, out_shape = prop.shape(node.inputs[0]), prop.shape(node.outputs[0])
     axis_local(prop, node, [a for a in range(len(in_shape)) if in_shape[a] != out_shape[a]])
+    if node.outputs[0].name and not _runtime_shape_follows(prop, node, prop.labels(node.outputs[0])):
+        raise NotHandled("the run-time sizes spell out a channel count")
 
 
 @rule("Shape", "Size")
@@ -550,14 +552,38 @@ def _shape_input(prop: Propagation, node: ir.Node, index: int) -> np.ndarray:
     raise NotHandled(f"input {index} is computed at run time")
 
 
+# The input of these ops that spells out the output's shape, one entry per output axis.
+SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Resize": 3}
+
+
 def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray) -> bool:
     """Every output axis that channels vary along must be spelled, in a shape computed at run time,
     by a constant (rewritten by the surgery) or by a dim read from a tensor axis that carries the
     very same channels (it follows the pruning by itself: torch's `x.size(1)`)."""
-    if node.op_type not in ("Reshape", "Expand") or prop.is_constant(node.inputs[1]):
+    index = SHAPE_INPUTS.get(node.op_type)
+    shape = node.inputs[index] if index is not None and index < len(node.inputs) else None
+    if shape is None or prop.is_constant(shape):
         return True
-    entries = _shape_entries(prop, node.inputs[1])
-    out = compress_labels(labels)
+    if shape_pieces(shape) is None:
+        return False
+    entries = _shape_entries(prop, shape)
+    if node.op_type != "Resize" or node.attributes.get("axes") is None:  # else entries name some axes only
+        scaled = _entries_follow(prop, entries, compress_labels(labels))
+        if scaled is not None:
+            prop.scaled_dims.extend((entry, node.outputs[0], axis) for entry, axis in scaled)
+            return True
+    # The node becomes a barrier. The tensors whose dims its shape reads must keep them too: pruned,
+    # they would change the shape at run time (a Resize would interpolate across channels).
+    for entry in entries:
+        source = entry.source if isinstance(entry, ScaledDim) else entry[0] if isinstance(entry, tuple) else None
+        if source is not None:
+            prop.sets.pin(prop.labels(source))
+    return False
+
+
+def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list | None:
+    """The `dim * count` entries to rewrite, or None unless every axis that channels vary along
+    follows the pruning (see _runtime_shape_follows)."""
     scaled = []
     for axis in varying_axes(out):
         entry = entries[axis - out.ndim + len(entries)]  # Expand aligns shapes right
@@ -567,17 +593,16 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
             prop.sets.union_along(out, [axis])
             continue
         if entry is None:
-            return False
+            return None
         if isinstance(entry, ScaledDim):
             how = _scaled_follows(prop, entry, out, axis)
             if how is None:
-                return False
+                return None
             if how == "rewrite":
-                scaled.append((entry, node.outputs[0], axis))
+                scaled.append((entry, axis))
         elif _channel_slices(prop.labels(entry[0]), entry[1]) != _channel_slices(out, axis):
-            return False
-    prop.scaled_dims.extend(scaled)
-    return True
+            return None
+    return scaled
 
 
 @dataclasses.dataclass(frozen=True)

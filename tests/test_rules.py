@@ -239,6 +239,33 @@ def test_resize_pad_and_squeeze_keep_channels():
     _zero_check(model)
 
 
+@pytest.mark.parametrize("channels", ["the input's dim", "a constant", "another tensor's dim"])
+def test_resize_sizes_computed_at_run_time(channels):
+    """SegFormer's decoder: sizes = Concat(Shape(x)[0:2], H, W) follows the pruning by itself; a
+    constant channel count among the pieces is rewritten; a count read from a tensor with other
+    channels pins both (pruned, that tensor would make the Resize interpolate across channels)."""
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    b = g.op("Relu", g.conv("x", 8, 16))
+    batch = g.op("Shape", a, end=1)  # a symbolic batch: the sizes stay computed
+    count = {
+        "the input's dim": g.op("Shape", a, start=1, end=2),
+        "a constant": g.const(np.array([16], np.int64)),
+        "another tensor's dim": g.op("Shape", b, start=1, end=2),
+    }[channels]
+    sizes = g.op("Concat", batch, count, g.const(np.array([12, 12], np.int64)), axis=0)
+    r = g.op("Resize", a, "", "", sizes, mode="nearest")
+    g.op("Add", g.conv(r, 16, 4), g.op("Resize", g.conv(b, 16, 4), "", g.const(np.array([1, 1, 2, 2], np.float32)), mode="nearest"))
+    _out(g, None)
+    model = g.model({"x": ["N", 8, 6, 6]}, {"y": ["N", 4, 12, 12]})
+    shapes = {"x": [2, 8, 6, 6]}
+    widths = sorted(group.width for group in spa.analyze(model, input_shapes=shapes).groups)
+    assert widths == ([] if channels == "another tensor's dim" else [16, 16])
+    if widths:
+        error, removed = spa.zero_channel_check(model, ratio=0.5, input_shapes=shapes)
+        assert removed == 16 and error <= 1e-4
+
+
 def test_matmul_with_weight_and_bias():
     g = Graph()
     h = g.op("Add", g.op("MatMul", "x", g.weight(8, 32)), g.const(g.rng.standard_normal(32).astype(np.float32)))

@@ -17,6 +17,7 @@ SHAPES = {
     "gpt2": {"input_ids": [2, SEQ]},
     "llama": {"input_ids": [2, SEQ]},
     "vit": {"pixel_values": [2, 3, 32, 32]},
+    "segformer": {"pixel_values": [2, 3, 64, 64]},
     "mha": {"x": [2, SEQ, 64]},
     "lstm": {"x": [2, SEQ, 16]},
     "gru": {"x": [2, SEQ, 16]},
