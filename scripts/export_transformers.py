@@ -22,6 +22,9 @@ is set to 1):
   ``use_cache=False``); input ``input_ids``;
 * ``vit``   -- ``transformers.ViTModel`` (32x32 image, 8x8 patches, no
   pooler); input ``pixel_values`` float32 (batch, 3, 32, 32);
+* ``deit``  -- ``transformers.DeiTModel`` (as ``vit``, plus a distillation token), kept as
+  transformers initializes it (zero biases, unit norms; not randomized): the dynamo exporter
+  merges equal constants, so one all-zero bias tensor is read by 15 layers;
 * ``segformer`` -- ``transformers.SegformerForSemanticSegmentation`` (4 stages of one
   block, widths 16/32/48/64, efficient attention with spatial reduction, Mix-FFN with a
   depthwise conv, all-MLP decoder whose Resize sizes are computed at run time from the
@@ -203,6 +206,18 @@ def build_vit():
     return HFPixels(transformers.ViTModel(cfg, add_pooling_layer=False))
 
 
+def build_deit():
+    import transformers
+
+    cfg = transformers.DeiTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=FFN, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
+    )
+    return HFPixels(transformers.DeiTModel(cfg, add_pooling_layer=False))
+
+
 def build_segformer():
     import transformers
 
@@ -302,6 +317,7 @@ class Spec:
     inputs: list
     output: str
     out_dims: dict
+    fresh: bool = False  # keep the library's own init (zero biases): not randomized
 
 
 _BS = {0: "batch", 1: "seq"}
@@ -312,6 +328,8 @@ MODELS = {
     "llama": Spec(build_llama, [Input("input_ids", _ids, _BS)], "last_hidden_state", _BS),
     "vit": Spec(build_vit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),
                                   {0: "batch"})], "last_hidden_state", {0: "batch"}),
+    "deit": Spec(build_deit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),
+                                    {0: "batch"})], "last_hidden_state", {0: "batch"}, fresh=True),
     "segformer": Spec(build_segformer, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 64, 64, generator=g),
                                               {0: "batch"})], "logits", {0: "batch"}),
     "mha": Spec(MHABlock, [Input("x", lambda g, b, s: torch.randn(b, s, HIDDEN, generator=g), _BS)],
@@ -369,7 +387,8 @@ def randomize(model: nn.Module) -> None:
 def build(name: str) -> nn.Module:
     torch.manual_seed(SEED)
     model = MODELS[name].build()
-    randomize(model)
+    if not MODELS[name].fresh:
+        randomize(model)
     return model.eval()
 
 

@@ -1,7 +1,8 @@
 """Bring every exporter's graph to one form before the analysis.
 
 Constants become initializers (paddle2onnx keeps weights in Constant nodes, some exporters generate
-them with ConstantOfShape), constant subgraphs are folded, and shapes are inferred afresh.
+them with ConstantOfShape), vectors an exporter merged because they were equal are copied apart,
+constant subgraphs are folded, and shapes are inferred afresh.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def normalize(model: ir.Model) -> ir.Model:
         common_passes.RemoveInitializersFromInputsPass()(model)
         model.ir_version = 4
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    split_shared_vectors(model)
     common_passes.TopologicalSortPass()(model)
     # Folding a Shape computation can make later shapes static, which lets more fold.
     infer_shapes(model)
@@ -45,6 +47,29 @@ def normalize(model: ir.Model) -> ir.Model:
 
 
 _INTEGERS = {ir.DataType.INT32, ir.DataType.INT64}
+
+
+def split_shared_vectors(model: ir.Model) -> int:
+    """Give every use of a float vector initializer its own copy. The dynamo exporter merges equal
+    constants: the all-zero biases of a freshly initialized model became one tensor read by every
+    layer, which tied their channels together (DeiT: 64 channels prunable instead of 132). A copy
+    computes the same; weights shared in earnest (ALBERT's layers) stay tied by their matrices."""
+    split = 0
+    names = {v.name for v in model.graph.initializers.values()}
+    for value in list(model.graph.initializers.values()):
+        uses = list(value.uses())
+        if len(uses) < 2 or value.const_value is None or len(value.const_value.shape) != 1 or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        for k, (node, index) in enumerate(uses[1:], 1):
+            name = f"{value.name}_{k}"
+            while name in names:
+                name += "_"
+            names.add(name)
+            copy = ir.Value(name=name, shape=value.shape, type=value.type, const_value=ir.tensor(value.const_value.numpy().copy(), name=name))
+            model.graph.register_initializer(copy)
+            node.replace_input_with(index, copy)
+            split += 1
+    return split
 
 
 def push_casts_into_concats(model: ir.Model) -> int:

@@ -18,12 +18,13 @@ SHAPES = {
     "llama": {"input_ids": [2, SEQ]},
     "vit": {"pixel_values": [2, 3, 32, 32]},
     "segformer": {"pixel_values": [2, 3, 64, 64]},
+    "deit": {"pixel_values": [2, 3, 32, 32]},
     "mha": {"x": [2, SEQ, 64]},
     "lstm": {"x": [2, SEQ, 16]},
     "gru": {"x": [2, SEQ, 16]},
     "conv1d": {"x": [2, 16, SEQ]},
 }
-WITH_HEADS = {"bert", "gpt2", "llama", "vit", "mha"}
+WITH_HEADS = {"bert", "gpt2", "llama", "vit", "deit", "mha"}
 
 
 def shapes(path: Path) -> dict:
@@ -33,6 +34,13 @@ def shapes(path: Path) -> dict:
 def test_every_architecture_from_both_exporters():
     names = {p.stem for p in MODELS}
     assert {f"{a}_{e}" for a in SHAPES for e in ("dynamo", "legacy")} <= names
+
+
+def test_constants_the_dynamo_exporter_merged_do_not_tie_layers():
+    """DeiT as initialized: one all-zero bias tensor read by 15 layers in the dynamo export. Each
+    use gets its own copy: the same groups as the legacy export, which keeps them apart."""
+    groups = [sorted(g.width for g in spa.analyze(f"models/transformers/deit_{e}.onnx", input_shapes=SHAPES["deit"]).groups) for e in ("legacy", "dynamo")]
+    assert groups[0] == groups[1] and len(groups[0]) == 4
 
 
 @pytest.mark.parametrize("path", [p for p in MODELS if p.stem.split("_")[0] in WITH_HEADS], ids=lambda p: p.stem)
