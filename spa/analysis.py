@@ -194,9 +194,9 @@ class Propagation:
                 return
         self.members.append(Member(value, labels, node.name or ""))
 
-    def normalized(self, node: ir.Node, labels: np.ndarray) -> None:
-        """`node` computes statistics over the channels of `labels`, which therefore stay."""
-        self.normalizations.append(Normalization(node.name or "", _op_name(node), int(labels.size)))
+    def normalized(self, node: ir.Node, channels: int) -> None:
+        """`node` computes statistics over `channels` channels, which therefore stay."""
+        self.normalizations.append(Normalization(node.name or "", _op_name(node), int(channels)))
 
     def barrier(self, node: ir.Node, reason: str) -> None:
         """Leave the node alone: pin every channel that reaches it; its outputs carry none."""

@@ -20,6 +20,7 @@ Ops without a rule are barriers (spa.analysis).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -345,19 +346,19 @@ def layer_norm(prop: Propagation, node: ir.Node) -> None:
     rank = len(prop.shape(node.inputs[0]))
     axis = node.attributes.get_int("axis", -1) % rank
     labels = prop.labels(node.inputs[0])
-    if any(labels.shape[a] > 1 for a in range(axis, rank)) and not _statistics_may_change(prop, node, labels):
+    if any(labels.shape[a] > 1 for a in range(axis, rank)) and not _statistics_may_change(prop, node, labels, range(axis, rank)):
         prop.sets.pin(labels)
     elementwise(prop, node, [(i, None) for i, v in enumerate(node.inputs) if v is not None])
 
 
-def _statistics_may_change(prop: Propagation, node: ir.Node, labels: np.ndarray) -> bool:
+def _statistics_may_change(prop: Propagation, node: ir.Node, labels: np.ndarray, axes) -> bool:
     """A mean or norm over channels changes when channels go: allowed only for lossy hidden-size
     pruning (--prune-hidden), which records the channels it touched; otherwise the node is listed
     among the normalizations that keep their channels."""
     if prop.lossy:
         prop.lossy_labels.append(labels)
     else:
-        prop.normalized(node, labels)
+        prop.normalized(node, math.prod(labels.shape[a] for a in axes))  # channels along the axes it averages
     return prop.lossy
 
 
@@ -383,7 +384,7 @@ def axis_local(prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] 
     rank = labels.ndim
     axes = {a % rank for a in axes}
     if any(labels.shape[a] > 1 for a in axes):
-        if not (statistics and _statistics_may_change(prop, node, labels)):
+        if not (statistics and _statistics_may_change(prop, node, labels, axes)):
             prop.sets.pin(labels)
         labels = np.zeros([1 if a in axes else d for a, d in enumerate(labels.shape)], np.int64)
     if dropped:

@@ -43,6 +43,12 @@ def test_constants_the_dynamo_exporter_merged_do_not_tie_layers():
     assert groups[0] == groups[1] and len(groups[0]) == 4
 
 
+def test_layernorms_report_the_channels_they_average_not_the_tokens():
+    """DeiT's first LayerNorm reads tokens whose labels differ (class and distillation tokens)."""
+    analysis = spa.analyze("models/transformers/deit_legacy.onnx", input_shapes=SHAPES["deit"])
+    assert {n.channels for n in analysis.normalizations} == {64}
+
+
 @pytest.mark.parametrize("path", [p for p in MODELS if p.stem.split("_")[0] in WITH_HEADS], ids=lambda p: p.stem)
 def test_zero_heads(path):
     analysis = spa.analyze(path, input_shapes=shapes(path))
