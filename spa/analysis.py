@@ -199,8 +199,11 @@ class Propagation:
         self.normalizations.append(Normalization(node.name or "", _op_name(node), int(channels)))
 
     def barrier(self, node: ir.Node, reason: str) -> None:
-        """Leave the node alone: pin every channel that reaches it; its outputs carry none."""
+        """Leave the node alone: pin every channel that reaches it, and those of the tensors whose
+        shapes it reads (pruned, they would change a size it computes at run time); its outputs
+        carry none."""
         touched = [self.labels(v) for v in node.inputs if v is not None]
+        touched += [self.labels(v) for v in _shapes_read(node)]
         blocked = any(t.any() for t in touched)
         for t in touched:
             self.sets.pin(t)
@@ -271,6 +274,23 @@ class Propagation:
                         for v in inner.inputs:
                             if v in self.activations:
                                 self.sets.pin(self.activations[v])
+
+
+def _shapes_read(node: ir.Node) -> list[ir.Value]:
+    """The tensors whose Shape (or Size) feeds `node`, through integer shape arithmetic."""
+    found, seen = [], set()
+    stack = [v for v in node.inputs if v is not None]
+    while stack:
+        value = stack.pop()
+        producer = value.producer()
+        if value in seen or producer is None or value.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or len(value.shape or ()) > 1:
+            continue
+        seen.add(value)
+        if producer.op_type in ("Shape", "Size"):
+            found.append(producer.inputs[0])
+        else:
+            stack.extend(v for v in producer.inputs if v is not None)
+    return found
 
 
 def _op_name(node: ir.Node) -> str:

@@ -567,19 +567,13 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
         return True
     if shape_pieces(shape) is None:
         return False
-    entries = _shape_entries(prop, shape)
-    if node.op_type != "Resize" or node.attributes.get("axes") is None:  # else entries name some axes only
-        scaled = _entries_follow(prop, entries, compress_labels(labels))
-        if scaled is not None:
-            prop.scaled_dims.extend((entry, node.outputs[0], axis) for entry, axis in scaled)
-            return True
-    # The node becomes a barrier. The tensors whose dims its shape reads must keep them too: pruned,
-    # they would change the shape at run time (a Resize would interpolate across channels).
-    for entry in entries:
-        source = entry.source if isinstance(entry, ScaledDim) else entry[0] if isinstance(entry, tuple) else None
-        if source is not None:
-            prop.sets.pin(prop.labels(source))
-    return False
+    if node.op_type == "Resize" and node.attributes.get("axes") is not None:  # sizes of some axes only
+        return False
+    scaled = _entries_follow(prop, _shape_entries(prop, shape), compress_labels(labels))
+    if scaled is None:
+        return False
+    prop.scaled_dims.extend((entry, node.outputs[0], axis) for entry, axis in scaled)
+    return True
 
 
 def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list | None:
