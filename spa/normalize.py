@@ -60,6 +60,8 @@ def split_shared_vectors(model: ir.Model) -> int:
         uses = list(value.uses())
         if len(uses) < 2 or value.const_value is None or len(value.const_value.shape) != 1 or value.dtype is None or not value.dtype.is_floating_point():
             continue
+        if value.is_graph_input() or value.is_graph_output():  # a default the caller may override
+            continue
         for k, (node, index) in enumerate(uses[1:], 1):
             name = f"{value.name}_{k}"
             while name in names:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 import spa
+from spa import normalize
 
 MODELS = sorted((Path(__file__).parent.parent / "models" / "transformers").glob("*.onnx"))
 SEQ = 8  # a real sequence for the analysis and the checks: with 1, attention is degenerate
@@ -47,6 +50,22 @@ def test_layernorms_report_the_channels_they_average_not_the_tokens():
     """DeiT's first LayerNorm reads tokens whose labels differ (class and distillation tokens)."""
     analysis = spa.analyze("models/transformers/deit_legacy.onnx", input_shapes=SHAPES["deit"])
     assert {n.channels for n in analysis.normalizations} == {64}
+
+
+def test_a_shared_vector_that_is_also_a_graph_input_stays_shared():
+    """An initializer that is a graph input is a default the caller may override: every use must
+    keep reading the input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = numpy_helper.from_array(np.zeros(4, np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["h"]), helper.make_node("Mul", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [bias],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    normalize.normalize(model)
+    assert [n.inputs[1].name for n in model.graph] == ["b", "b"]
 
 
 @pytest.mark.parametrize("path", [p for p in MODELS if p.stem.split("_")[0] in WITH_HEADS], ids=lambda p: p.stem)
