@@ -9,7 +9,9 @@ of the kept inputs:
 
     W' = (W C^T + lambda W_S) (P + lambda I)^-1,  P = E[x_p x_p^T],  C = E[x_p x_o^T]
 
-so where the removed inputs were zero and nothing upstream changed, W' = W_S exactly. A layer too
+so where the removed inputs were zero and nothing upstream changed, W' = W_S exactly. Where a layer
+has few rows of statistics for its features (after a global pooling: one row per sample), lambda is
+chosen by cross-validation between two halves of the calibration batches. A layer too
 wide for these matrices (statistics.MAX_WIDTH) keeps W_S, and its bias moves so that its mean
 output matches the original's: b' = b + W m_o - W_S m_p.
 """
@@ -23,6 +25,35 @@ from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Means, Moments
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
+# Cross-validate lambda (DAMPING times 1, 10, 100, 1000) where a layer has fewer rows than this many
+# per feature, and at most CV_FEATURES features (the solves stay cheap). Measured: a random-weight
+# MobileNetV3-Small whose squeeze-excite convs and head see 256 rows for up to 512 features fit the
+# calibration inputs to 0.2 relative error but held-out ones to 2.9, worse than no refit (1.0).
+ROWS_PER_FEATURE = 4
+CV_FEATURES = 2048
+
+
+class _Halves:
+    """A consumer's Moments over alternate calibration batches: pooled for the fit, apart to
+    cross-validate the ridge."""
+
+    def __init__(self) -> None:
+        self.halves = (Moments(), Moments())
+        self._next = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.halves[self._next].add(x, y)
+        self._next ^= 1
+
+    @property
+    def count(self) -> int:
+        return sum(h.count for h in self.halves)
+
+    def mean_gram(self) -> np.ndarray:
+        return sum(h.mean_gram() * h.count for h in self.halves if h.count) / max(self.count, 1)
+
+    def mean_cross(self) -> np.ndarray:
+        return sum(h.mean_cross() * h.count for h in self.halves if h.count) / max(self.count, 1)
 
 
 def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: list[dict], keeps: dict[str, list[np.ndarray]], damping: float = DAMPING) -> int:
@@ -39,7 +70,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     refit_count = 0
     original_run, pruned_run = Forward(original, feeds), Forward(pruned, feeds)
     for i, (value, group) in enumerate(readers.items()):
-        moments = {c.weight: Means() if c.wide else Moments() for c in group}
+        moments = {c.weight: Means() if c.wide else _Halves() for c in group}
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
         now = _node_of(pruned, group[0]).inputs[0].name
         for x_p, x_o in zip(pruned_run.values(now), original_run.values(value)):
@@ -55,7 +86,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     return refit_count
 
 
-def _solve(consumer: Consumer, moments: Moments | Means, original_node: ir.Node, weights: dict[str, ir.Value], keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
+def _solve(consumer: Consumer, moments: _Halves | Means, original_node: ir.Node, weights: dict[str, ir.Value], keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
     """The consumer's new (outputs, features + 1) matrix, bias last."""
     target = _with_bias(consumer, original_node, weights)  # (outputs, features + 1)
     if keep is not None:
@@ -67,7 +98,25 @@ def _solve(consumer: Consumer, moments: Moments | Means, original_node: ir.Node,
         solved = prior.copy()  # the means end in the constant 1: the biases are included
         solved[:, -1] += target @ moments.mean_other() - prior @ moments.mean()
         return solved
+    features = prior.shape[1]
+    if features <= CV_FEATURES and moments.count < ROWS_PER_FEATURE * features and all(h.count for h in moments.halves):
+        damping = _cross_validated(moments.halves, target, prior.T, damping)
     return _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
+
+
+def _cross_validated(halves: tuple[Moments, Moments], target: np.ndarray, prior: np.ndarray, damping: float) -> float:
+    """The ridge, among damping x 1, 10, 100, 1000, whose fit on one half of the batches best
+    predicts the other's outputs, both ways: E|W x_p - T x_o|^2 = tr(W P W^T) - 2 tr(W C T^T) + const."""
+    stats = [(h.mean_gram(), h.mean_cross() @ target.T) for h in halves]
+    candidates = [damping * 10**k for k in range(4)]
+    errors = []
+    for candidate in candidates:
+        error = 0.0
+        for (gram, cross), (test_gram, test_cross) in ((stats[0], stats[1]), (stats[1], stats[0])):
+            x = _ridge(gram, cross, prior, candidate)  # (features, outputs)
+            error += float(np.sum((test_gram @ x) * x) - 2 * np.sum(test_cross * x))
+        errors.append(error)
+    return candidates[int(np.argmin(errors))]
 
 
 def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: float) -> np.ndarray:

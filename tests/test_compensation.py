@@ -110,6 +110,25 @@ def test_a_graph_output_that_later_layers_read_is_refit_whatever_shape_it_declar
     assert result.method.calibration == "data" and result.method.compensated
 
 
+@pytest.mark.parametrize("removed", ["combinations of kept ones", "independent"])
+def test_the_ridge_is_cross_validated_where_rows_are_few(removed):
+    """64 rows for 40 kept features: where the removed features are combinations of the kept ones
+    the fit holds on unseen rows and the least ridge wins; where they are independent, what the
+    fit learns from 32 rows does not carry over and a stronger ridge wins."""
+    rng = np.random.default_rng(0)
+    kept = rng.standard_normal((64, 40))
+    gone = kept @ rng.standard_normal((40, 8)) if removed == "combinations of kept ones" else rng.standard_normal((64, 8))
+    ones = np.ones((64, 1))
+    pruned_features, original_features = np.hstack([kept, ones]), np.hstack([kept, gone, ones])
+    halves = compensate._Halves()
+    for i in range(0, 64, 8):
+        halves.add(pruned_features[i : i + 8].astype(np.float32), original_features[i : i + 8].astype(np.float32))
+    target = rng.standard_normal((5, 49))
+    prior = target[:, list(range(40)) + [48]].T
+    chosen = compensate._cross_validated(halves.halves, target, prior, 0.01)
+    assert (chosen == 0.01) == (removed == "combinations of kept ones")
+
+
 def test_obs_removes_redundant_channels_one_at_a_time():
     """Hidden channels 0 and 1 are copies, 2..5 independent. Either copy alone is free to remove,
     both together are not: greedy OBS removes one copy, then the cheapest independent channels."""
