@@ -231,6 +231,7 @@ class _Calibrated:
         except Exception as e:  # onnxruntime raises untyped errors
             raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
         self.feeds = calibration_source.batches(source, sess, input_shapes, seed)
+        self.synthetic = isinstance(source, str) and source == "synthetic"
         # Once in a child process: a native crash there is an error line, not the end of spa.
         try:
             verification.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
@@ -245,7 +246,7 @@ class _Calibrated:
         return score_with_statistics(analysis, criterion, moments, readers)
 
     def compensate(self, pruned: ir.Model, keeps) -> None:
-        refit(self.original, pruned, self.consumers, self.feeds, keeps)
+        refit(self.original, pruned, self.consumers, self.feeds, keeps, cross_validate=not self.synthetic)
 
 
 def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params) -> None:
