@@ -194,28 +194,25 @@ def build_llama():
     return HFTokens(transformers.LlamaModel(cfg))
 
 
-def build_vit():
+def _vit_like(config: str, model: str):
+    """A ViT-style encoder of the given transformers classes: 32x32 image, 8x8 patches, no pooler."""
     import transformers
 
-    cfg = transformers.ViTConfig(
+    cfg = getattr(transformers, config)(
         image_size=32, patch_size=8, num_channels=3, hidden_size=HIDDEN,
         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=FFN, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
     )
-    return HFPixels(transformers.ViTModel(cfg, add_pooling_layer=False))
+    return HFPixels(getattr(transformers, model)(cfg, add_pooling_layer=False))
+
+
+def build_vit():
+    return _vit_like("ViTConfig", "ViTModel")
 
 
 def build_deit():
-    import transformers
-
-    cfg = transformers.DeiTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
-    )
-    return HFPixels(transformers.DeiTModel(cfg, add_pooling_layer=False))
+    return _vit_like("DeiTConfig", "DeiTModel")
 
 
 def build_segformer():
