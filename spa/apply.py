@@ -6,12 +6,15 @@ fusions (Conv+BN, Conv+activation, Gemm+bias) still apply to the smaller model.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from spa.analysis import Analysis
 from spa.labels import axis_keeps, varying_axes
+from spa.names import Names
 from spa.normalize import infer_shapes
 from spa.rules import shape_pieces
 
@@ -57,7 +60,11 @@ class _Surgery:
     def __init__(self, analysis: Analysis, removed: np.ndarray):
         self.analysis = analysis
         self.removed = removed
-        self._names = {v.name for v in analysis.model.graph.initializers.values()}
+
+    @functools.cached_property
+    def names(self) -> Names:
+        """Collected when the first name is needed: the planner builds a _Surgery per ratio tried."""
+        return Names(self.analysis.model)
 
     def keeps(self, labels: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
         """Per-axis keep vectors of a tensor whose elements carry `labels`."""
@@ -103,12 +110,7 @@ class _Surgery:
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and np.array_equal(old.const_value.numpy(), array):
             return
-        base = (old.name if old is not None else None) or f"{node.name}_input{index}"
-        name, n = base, 0
-        while name in self._names:
-            n += 1
-            name = f"{base}_pruned{n}"
-        self._names.add(name)
+        name = self.names.fresh(f"{old.name}_pruned" if old is not None and old.name else f"{node.name or node.op_type}_input{index}")
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
         self.analysis.model.graph.register_initializer(value)
         if index >= len(node.inputs):
@@ -191,8 +193,8 @@ def _rewrite_shape_vector(s: _Surgery, node: ir.Node, index: int, entry, rank: i
     if all(not isinstance(n, np.ndarray) or np.array_equal(n, p.const_value.numpy()) for n, p in zip(new_inputs, concat.inputs)):
         return
     # The Concat may feed other reshapes (torch shares one per layer): this node gets its own.
-    own = ir.node("Concat", list(concat.inputs), attributes={"axis": concat.attributes.get_int("axis", 0)}, name=f"{concat.name}_{node.name}")
-    own.outputs[0].name = f"{value.name}_{node.name}"
+    own = ir.node("Concat", list(concat.inputs), attributes={"axis": concat.attributes.get_int("axis", 0)}, name=s.names.fresh(f"{concat.name or 'Concat'}_{node.name or node.op_type}"))
+    own.outputs[0].name = s.names.fresh(f"{value.name}_{node.name or node.op_type}")
     s.analysis.model.graph.insert_after(concat, own)
     node.replace_input_with(index, own.outputs[0])
     for slot, new in enumerate(new_inputs):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.names import Names
 from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Means, Moments
 
@@ -72,6 +73,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     bar = Progress(len(readers), "compensate")
     refit_count = 0
     original_run, pruned_run = Forward(original, feeds), Forward(pruned, feeds)
+    names = Names(pruned)
     for i, (value, group) in enumerate(readers.items()):
         moments = {c.weight: Means() if c.wide else _Halves() for c in group}
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
@@ -82,7 +84,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
                 features = c.features(x_o)
                 moments[c.weight].add(c.features(x_p), features[:, kept_channels] if kept_channels is not None else features)
         for c in group:
-            _write(pruned, _node_of(pruned, c), c, _solve(c, moments[c.weight], _node_of(original, c), weights, keeps.get(c.weight), damping, cross_validate))
+            _write(pruned, names, _node_of(pruned, c), c, _solve(c, moments[c.weight], _node_of(original, c), weights, keeps.get(c.weight), damping, cross_validate))
             refit_count += 1
         bar.update(i + 1)
     bar.close()
@@ -181,7 +183,7 @@ def _kept_features(consumer: Consumer, keep: list[np.ndarray] | None, features: 
     return np.append(kept, True)
 
 
-def _write(model: ir.Model, node: ir.Node, consumer: Consumer, solved: np.ndarray) -> None:
+def _write(model: ir.Model, names: Names, node: ir.Node, consumer: Consumer, solved: np.ndarray) -> None:
     weight = node.inputs[1]
     old = weight.const_value.numpy()
     matrix, bias = solved[:, :-1], solved[:, -1]
@@ -194,18 +196,18 @@ def _write(model: ir.Model, node: ir.Node, consumer: Consumer, solved: np.ndarra
             bias = bias / node.attributes.get_float("beta", 1.0) if len(node.inputs) > 2 and node.inputs[2] is not None else bias
             if len(node.inputs) <= 2 or node.inputs[2] is None:
                 node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        _set_bias(model, node, bias)
+        _set_bias(model, names, node, bias)
     elif np.any(bias):
-        _add_after(model, node, bias)
+        _add_after(model, names, node, bias)
 
 
-def _set_bias(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
+def _set_bias(model: ir.Model, names: Names, node: ir.Node, bias: np.ndarray) -> None:
     current = node.inputs[2] if len(node.inputs) > 2 else None
     if current is not None and len(current.uses()) == 1:
         current.const_value = ir.tensor(bias, name=current.name)
         current.shape = ir.Shape(bias.shape)
         return
-    name = f"{node.inputs[1].name}_bias"
+    name = names.fresh(f"{node.inputs[1].name}_bias")
     value = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)), const_value=ir.tensor(bias, name=name))
     model.graph.register_initializer(value)
     if len(node.inputs) < 3:
@@ -213,13 +215,13 @@ def _set_bias(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
     node.replace_input_with(2, value)
 
 
-def _add_after(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
+def _add_after(model: ir.Model, names: Names, node: ir.Node, bias: np.ndarray) -> None:
     """A MatMul has no bias input: add one after it."""
     out = node.outputs[0]
-    name = f"{node.inputs[1].name}_bias"
+    name = names.fresh(f"{node.inputs[1].name}_bias")
     value = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)), const_value=ir.tensor(bias, name=name))
     model.graph.register_initializer(value)
-    add = ir.node("Add", [out, value], name=f"{node.name}_bias")
+    add = ir.node("Add", [out, value], name=names.fresh(f"{node.name or node.op_type}_bias"))
     model.graph.insert_after(node, add)
     users = [u for u in out.uses() if u.node is not add]
     for use in users:
@@ -229,11 +231,11 @@ def _add_after(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
     if out.is_graph_output():  # the output keeps its name
         index = list(model.graph.outputs).index(out)
         name = out.name
-        out.name = f"{name}_before_bias"
+        out.name = names.fresh(f"{name}_before_bias")
         result.name = name
         model.graph.outputs[index] = result
     else:
-        result.name = f"{out.name}_biased"
+        result.name = names.fresh(f"{out.name}_biased")
 
 
 def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndarray], keeps: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -255,12 +257,13 @@ def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndar
 def shift_biases(model: ir.Model, found: list[Consumer], shifts: dict[str, np.ndarray]) -> int:
     """After the surgery: add the shifts to the consumers' biases; returns how many changed."""
     weights = {v.name: v for v in model.graph.initializers.values()}
+    names = Names(model)
     changed = 0
     for c in found:
         node = _node_of(model, c)
         if c.weight in shifts and node is not None:
             solved = _with_bias(c, node, weights)
             solved[:, -1] += shifts[c.weight]
-            _write(model, node, c, solved)
+            _write(model, names, node, c, solved)
             changed += 1
     return changed

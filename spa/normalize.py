@@ -14,6 +14,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from spa.evaluate import run_node
+from spa.names import Names
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def split_shared_vectors(model: ir.Model) -> int:
     layer, which tied their channels together (DeiT: 64 channels prunable instead of 132). A copy
     computes the same; weights shared in earnest (ALBERT's layers) stay tied by their matrices."""
     split = 0
-    names = {v.name for v in model.graph.initializers.values()}
+    names = Names(model)
     for value in list(model.graph.initializers.values()):
         uses = list(value.uses())
         if len(uses) < 2 or value.const_value is None or len(value.const_value.shape) != 1 or value.dtype is None or not value.dtype.is_floating_point():
@@ -63,10 +64,7 @@ def split_shared_vectors(model: ir.Model) -> int:
         if value.is_graph_input() or value.is_graph_output():  # a default the caller may override
             continue
         for k, (node, index) in enumerate(uses[1:], 1):
-            name = f"{value.name}_{k}"
-            while name in names:
-                name += "_"
-            names.add(name)
+            name = names.fresh(value.name)
             copy = ir.Value(name=name, shape=value.shape, type=value.type, const_value=ir.tensor(value.const_value.numpy().copy(), name=name))
             model.graph.register_initializer(copy)
             node.replace_input_with(index, copy)
@@ -79,6 +77,7 @@ def push_casts_into_concats(model: ir.Model) -> int:
     shapes in int32 (tf2onnx) cast the finished vector to int64 for Reshape; cast piece by piece, the
     constant pieces fold and the surgery can rewrite the channel counts they spell."""
     graph = model.graph
+    names = Names(model)
     pushed = 0
     for node in list(graph):
         concat = node.inputs[0].producer() if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None else None
@@ -90,11 +89,12 @@ def push_casts_into_concats(model: ir.Model) -> int:
         to = ir.DataType(node.attributes.get_int("to"))
         if to not in _INTEGERS:
             continue
-        casts = [ir.node("Cast", [piece], attributes={"to": to}, name=f"{node.name}_{i}") for i, piece in enumerate(concat.inputs)]
-        joined = ir.node("Concat", [c.outputs[0] for c in casts], attributes={"axis": 0}, name=f"{node.name}_concat")
+        base = node.name or node.op_type
+        casts = [ir.node("Cast", [piece], attributes={"to": to}, name=names.fresh(f"{base}_{i}")) for i, piece in enumerate(concat.inputs)]
+        joined = ir.node("Concat", [c.outputs[0] for c in casts], attributes={"axis": 0}, name=names.fresh(f"{base}_concat"))
         for i, c in enumerate(casts):
-            c.outputs[0].name, c.outputs[0].type = f"{out.name}_{i}", ir.TensorType(to)
-        joined.outputs[0].name, joined.outputs[0].type, joined.outputs[0].shape = f"{out.name}_pieces", ir.TensorType(to), out.shape
+            c.outputs[0].name, c.outputs[0].type = names.fresh(f"{out.name}_{i}"), ir.TensorType(to)
+        joined.outputs[0].name, joined.outputs[0].type, joined.outputs[0].shape = names.fresh(f"{out.name}_pieces"), ir.TensorType(to), out.shape
         graph.insert_before(node, [*casts, joined])
         out.replace_all_uses_with(joined.outputs[0])
         pushed += 1
