@@ -126,6 +126,8 @@ class Propagation:
         self.heads: list[np.ndarray] = []  # labels of the batch axes of activation matmuls
         self.scaled_dims: list = []  # (rules.ScaledDim, output value, axis): constants to rewrite
         self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
+        self._ruled: set[ir.Node] = set()  # nodes whose rule covered them
+        self._barrier_nodes: set[ir.Node] = set()
 
     # -- reading
     def shape(self, value: ir.Value) -> tuple[int, ...] | None:
@@ -199,11 +201,9 @@ class Propagation:
         self.normalizations.append(Normalization(node.name or "", _op_name(node), int(channels)))
 
     def barrier(self, node: ir.Node, reason: str) -> None:
-        """Leave the node alone: pin every channel that reaches it, and those of the tensors whose
-        shapes it reads (pruned, they would change a size it computes at run time); its outputs
-        carry none."""
+        """Leave the node alone: pin every channel that reaches it; its outputs carry none. (The
+        channel counts it reads at run time are pinned by _pin_channel_count_reads.)"""
         touched = [self.labels(v) for v in node.inputs if v is not None]
-        touched += [self.labels(v) for v in _shapes_read(node)]
         blocked = any(t.any() for t in touched)
         for t in touched:
             self.sets.pin(t)
@@ -212,6 +212,7 @@ class Propagation:
                 shape = self.shapes.get(out, ())
                 self.activations[out] = np.zeros((1,) * len(shape), dtype=np.int64)
         self.barriers.append(Barrier(node.name or "", _op_name(node), reason, blocked))
+        self._barrier_nodes.add(node)
 
     # -- the walk
     def run(self) -> None:
@@ -233,6 +234,7 @@ class Propagation:
                 self.barrier(node, "shape unknown")
             else:
                 self._apply_rule(rule, node)
+        self._pin_channel_count_reads()
         self._keep_sub_grids()
         self._pin_foreign_uses()
         self._pin_subgraph_captures()
@@ -249,12 +251,82 @@ class Propagation:
             logger.info("rule for %s (%s) failed: %s", node.name, node.op_type, e)
             reason = f"not understood ({type(e).__name__})"
         else:
+            self._ruled.add(node)
             return
         for m in self.members[members:]:
             self.sets.pin(m.labels)
         for s in self.spaces[spaces:]:
             self.sets.pin(s.labels)
         self.barrier(node, reason)
+
+    def _pin_channel_count_reads(self) -> None:
+        """A Shape or Size read at run time changes when channels go. Through integer shape
+        arithmetic it may reach only the shape inputs whose rules checked that they follow the
+        pruning (Reshape, Expand, Resize); anything else that computes with it (a Div by
+        `x.size(1)`, a ConstantOfShape summed up, a Range, a barrier) would silently change, so the
+        channels it reads stay."""
+        for node in self.model.graph:
+            if node.op_type not in ("Shape", "Size") or not rules.is_default_domain(node):
+                continue
+            source = node.inputs[0]
+            if not any(self.labels(source).shape[a] > 1 for a in _axes_read(node, len(self.shape(source)))):
+                continue
+            for user, value in self._unchecked_uses(node.outputs[0]):
+                pinned = list(dict.fromkeys(t for t, axis in self._dims_read(value) if self.labels(t).shape[axis] > 1))
+                for tensor in pinned:
+                    self.sets.pin(self.labels(tensor))
+                if pinned and user not in self._barrier_nodes:
+                    why = f"computes with the channel count of '{pinned[0].name}' read at run time ({node.op_type}); those channels stay"
+                    self.barriers.append(Barrier(user.name or "", _op_name(user), why, True))
+                    self._barrier_nodes.add(user)
+
+    def _unchecked_uses(self, shape: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
+        """The nodes that use the run-time shape vector `shape` other than through shape
+        arithmetic into a checked shape input, each with the value it uses."""
+        found, stack, seen = [], [shape], set()
+        while stack:
+            value = stack.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            if value.is_graph_output():
+                found.append((value.producer(), value))
+            for use in value.uses():
+                user = use.node
+                if user.graph is not self.model.graph:
+                    found.append((user, value))  # a subgraph reads it
+                elif rules.SHAPE_INPUTS.get(user.op_type) == use.idx and user in self._ruled:
+                    continue
+                elif all(self._is_shape_vector(out) for out in user.outputs if out.name):
+                    stack.extend(out for out in user.outputs if out.name)
+                else:
+                    found.append((user, value))
+        return found
+
+    def _dims_read(self, value: ir.Value) -> list[tuple[ir.Value, int]]:
+        """The (tensor, axis) dims that a run-time shape vector is computed from: exactly those
+        its elements pick where rules.dims_of can trace them, else every dim read by the Shape
+        and Size nodes the arithmetic starts from."""
+        found, stack, seen = [], [value], set()
+        while stack:
+            value = stack.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            dims = rules.dims_of(self, value)
+            producer = value.producer()
+            if dims is not None:
+                found += [(d.source, d.axis) if isinstance(d, rules.ScaledDim) else d for d in dims if not isinstance(d, str)]
+            elif producer is not None and producer.op_type == "Size":
+                source = producer.inputs[0]
+                found += [(source, a) for a in range(len(self.shape(source)))]
+            elif producer is not None:
+                stack.extend(v for v in producer.inputs if v is not None and self._is_shape_vector(v))
+        return found
+
+    def _is_shape_vector(self, value: ir.Value) -> bool:
+        shape = self.shapes.get(value, value.shape)
+        return value.dtype in _SHAPE_TYPES and shape is not None and len(shape) <= 1
 
     def _pin_foreign_uses(self) -> None:
         # A weight used anywhere the rules did not account for (a barrier, a second role) stays whole.
@@ -276,21 +348,16 @@ class Propagation:
                                 self.sets.pin(self.activations[v])
 
 
-def _shapes_read(node: ir.Node) -> list[ir.Value]:
-    """The tensors whose Shape (or Size) feeds `node`, through integer shape arithmetic."""
-    found, seen = [], set()
-    stack = [v for v in node.inputs if v is not None]
-    while stack:
-        value = stack.pop()
-        producer = value.producer()
-        if value in seen or producer is None or value.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or len(value.shape or ()) > 1:
-            continue
-        seen.add(value)
-        if producer.op_type in ("Shape", "Size"):
-            found.append(producer.inputs[0])
-        else:
-            stack.extend(v for v in producer.inputs if v is not None)
-    return found
+_SHAPE_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
+
+
+def _axes_read(node: ir.Node, rank: int) -> range:
+    """The axes of its input whose sizes a Shape or Size node reads."""
+    if node.op_type == "Size":
+        return range(rank)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", rank)
+    return range(rank)[slice(start, end)]
 
 
 def _op_name(node: ir.Node) -> str:

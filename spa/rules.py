@@ -51,8 +51,12 @@ def rule(*ops: str):
     return register
 
 
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
 def rule_for(node: ir.Node) -> Rule | None:
-    if node.domain not in ("", "ai.onnx"):
+    if not is_default_domain(node):
         return None
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
         return None
@@ -578,10 +582,15 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
 
 def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list | None:
     """The `dim * count` entries to rewrite, or None unless every axis that channels vary along
-    follows the pruning (see _runtime_shape_follows)."""
+    follows the pruning (see _runtime_shape_follows) and no other axis is sized by a channel
+    count read at run time."""
     scaled = []
-    for axis in varying_axes(out):
+    for axis in range(max(0, out.ndim - len(entries)), out.ndim):
         entry = entries[axis - out.ndim + len(entries)]  # Expand aligns shapes right
+        if out.shape[axis] == 1:
+            if _reads_channels(prop, entry):
+                return None  # the pruning would resize an axis that carries no channels
+            continue
         if entry == "constant":
             continue
         if entry == "fixed":  # a constant out of the surgery's reach: this axis must not shrink
@@ -598,6 +607,13 @@ def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list |
         elif _channel_slices(prop.labels(entry[0]), entry[1]) != _channel_slices(out, axis):
             return None
     return scaled
+
+
+def _reads_channels(prop: Propagation, entry) -> bool:
+    """Whether a shape entry is a run-time dim of an axis that channels vary along."""
+    if isinstance(entry, ScaledDim):
+        return prop.labels(entry.source).shape[entry.axis] > 1
+    return isinstance(entry, tuple) and prop.labels(entry[0]).shape[entry[1]] > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -643,11 +659,11 @@ def _shape_entries(prop: Propagation, value: ir.Value) -> list:
         if prop.is_constant(piece):
             entries += ["constant"] * length
         else:
-            entries += _dims_of(prop, piece) or [None] * length
+            entries += dims_of(prop, piece) or [None] * length
     return entries
 
 
-def _dims_of(prop: Propagation, value: ir.Value) -> list | None:
+def dims_of(prop: Propagation, value: ir.Value) -> list | None:
     """Trace a run-time integer vector back through Shape and the ops that pick its elements."""
     producer = value.producer()
     if producer is None or producer.domain not in ("", "ai.onnx"):
@@ -660,27 +676,27 @@ def _dims_of(prop: Propagation, value: ir.Value) -> list | None:
         end = end + rank if end < 0 else min(end, rank)
         return [(source, a) for a in range(start, end)]
     if producer.op_type in ("Cast", "Identity"):
-        return _dims_of(prop, producer.inputs[0])
+        return dims_of(prop, producer.inputs[0])
     if producer.op_type == "Mul":
         for slot in (0, 1):
             factor, other = producer.inputs[slot], producer.inputs[1 - slot]
             if prop.is_constant(factor) and factor.const_value.size == 1:
-                source = _dims_of(prop, other)
+                source = dims_of(prop, other)
                 if source is not None and len(source) == 1 and isinstance(source[0], tuple):
                     return [ScaledDim(source[0][0], source[0][1], producer, slot)]
         return None
     if producer.op_type == "Concat":
-        parts = [["fixed"] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else _dims_of(prop, v) for v in producer.inputs]
+        parts = [["fixed"] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else dims_of(prop, v) for v in producer.inputs]
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
     if producer.op_type == "Where":
         # torch's expand fix-up, Where(Equal(v, -1), 1, v), keeps v wherever v is a real dim.
         test = producer.inputs[0].producer()
         chosen = producer.inputs[2]
         if test is not None and test.op_type == "Equal" and chosen in test.inputs and prop.is_constant(producer.inputs[1]):
-            return _dims_of(prop, chosen)
+            return dims_of(prop, chosen)
         return None
     if producer.op_type in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape"):
-        source = _dims_of(prop, producer.inputs[0])
+        source = dims_of(prop, producer.inputs[0])
         if source is None or not all(prop.is_constant(v) for v in producer.inputs[1:] if v is not None):
             return None
         others = [None if v is None else v.const_value.numpy() for v in producer.inputs[1:]]

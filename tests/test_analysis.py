@@ -1,0 +1,108 @@
+"""The analysis as a whole: which channels it lets go, and that every run-time read of a channel
+count either follows the pruning exactly or pins those channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import spa
+from graphs import Graph
+
+
+def _channel_count_reader(g: Graph, h: str, how: str) -> str:
+    """A float tensor computed at run time from h's channel count (16), as exporters write it."""
+    as_float = lambda v: g.op("Cast", v, to=TensorProto.FLOAT)  # noqa: E731
+    if how == "size":
+        return as_float(g.op("Size", h))
+    if how == "shape_start_end":  # torch dynamo's x.size(1)
+        return as_float(g.op("Shape", h, start=1, end=2))
+    if how == "reduceprod_shape":
+        return as_float(g.op("ReduceProd", g.op("Shape", h), keepdims=0))
+    if how == "reducesum_constantofshape":
+        ones = g.op("ConstantOfShape", g.op("Shape", h), value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+        return g.op("ReduceSum", ones, keepdims=0)
+    if how == "gather_shape":
+        return as_float(g.op("Gather", g.op("Shape", h), g.const(np.array(1, np.int64))))
+    if how == "range_size":  # arithmetic on a shape vector that ends up as data
+        count = g.op("Gather", g.op("Shape", h), g.const(np.array(1, np.int64)))
+        steps = g.op("Range", g.const(np.array(0, np.int64)), count, g.const(np.array(1, np.int64)))
+        return as_float(g.op("ReduceSum", steps, keepdims=0))
+    if how == "shape_arithmetic":
+        count = g.op("Gather", g.op("Shape", h), g.const(np.array(1, np.int64)))
+        return as_float(g.op("Add", g.op("Mul", count, g.const(np.array(3, np.int64))), g.const(np.array(1, np.int64))))
+    raise ValueError(how)
+
+
+READERS = ["size", "shape_start_end", "reduceprod_shape", "reducesum_constantofshape", "gather_shape", "range_size", "shape_arithmetic"]
+
+
+def _divided_by_channel_count(how: str, batch) -> onnx.ModelProto:
+    """Conv 8->16, Relu, h / f(h) where f reads h's channel count at run time, then a Conv."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    scaled = g.op("Div", h, _channel_count_reader(g, h, how))
+    g.conv(scaled, 16, 4)
+    g.nodes[-1].output[0] = "y"
+    return g.model({"x": [batch, 8, 6, 6]}, {"y": [batch, 4, 6, 6]})
+
+
+@pytest.mark.parametrize("batch", [1, "N"], ids=["static", "dynamic"])
+@pytest.mark.parametrize("how", READERS)
+def test_a_channel_count_read_at_run_time_never_silently_changes(how, batch):
+    model = _divided_by_channel_count(how, batch)
+    error, removed = spa.zero_channel_check(model, ratio=0.5)
+    assert error <= 1e-5, f"removing all-zero channels changed the outputs by {error}"
+
+
+@pytest.mark.parametrize("how", ["size", "shape_start_end", "reducesum_constantofshape"])
+def test_pinned_channel_counts_say_why(how):
+    analysis = spa.analyze(_divided_by_channel_count(how, "N"))
+    assert any("channel count" in b.reason for b in analysis.barriers), [b.reason for b in analysis.barriers]
+
+
+def test_a_shape_that_only_feeds_a_following_reshape_still_prunes():
+    """Reshape(h, Shape(h)) follows the pruning by itself: nothing pinned."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    same = g.op("Reshape", g.op("Neg", h), g.op("Shape", h))
+    g.conv(same, 16, 4)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["N", 8, 6, 6]}, {"y": ["N", 4, 6, 6]})
+    assert [grp.width for grp in spa.analyze(model).groups] == [16]
+    error, removed = spa.zero_channel_check(model, ratio=0.5)
+    assert removed and error <= 1e-5
+
+
+def test_a_reshape_of_another_tensor_by_a_channel_count_pins_it():
+    """Reshape(t, [Shape(h)[1], -1]) with t unlabelled: h's channel count reshapes t."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    count = g.op("Shape", h, start=1, end=2)  # not folded: the batch is dynamic
+    shape = g.op("Concat", count, g.const(np.array([-1], np.int64)), axis=0)
+    table = g.op("Reshape", g.const(np.arange(96, dtype=np.float32).reshape(1, 96)), shape)
+    row_maxima = g.op("ReduceMax", table, axes=[1], keepdims=0)  # 16 rows of 6, or 8 rows of 12
+    g.op("Add", g.op("ReduceSum", row_maxima, keepdims=0), g.op("ReduceSum", g.conv(h, 16, 4), keepdims=0))
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["N", 8, 6, 6]}, {"y": []})
+    error, _ = spa.zero_channel_check(model, ratio=0.5)
+    assert error <= 1e-5
+
+
+def test_a_channel_count_on_an_axis_without_channels_pins_it():
+    """Reshape(x2, [N, 4, Shape(h)[1], -1]): x2's own channels stay on axis 1 and follow, but axis 2
+    is sized by h's channel count."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    x2 = g.conv("x", 8, 4, k=1)
+    shape = g.op("Concat", g.op("Shape", x2, start=0, end=2), g.op("Shape", h, start=1, end=2), g.const(np.array([-1], np.int64)), axis=0)
+    grid = g.op("Reshape", x2, shape)  # [N, 4, 16, 1], or [N, 4, 8, 2] with 8 channels of h
+    g.op("ReduceSum", g.op("ReduceMax", grid, axes=[3], keepdims=0), g.const(np.array([2], np.int64)), keepdims=0)
+    g.nodes[-1].output[0] = "y2"
+    g.conv(h, 16, 4)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["N", 8, 4, 4]}, {"y": ["N", 4, 4, 4], "y2": ["N", 4]})
+    error, _ = spa.zero_channel_check(model, ratio=0.5)
+    assert error <= 1e-5
