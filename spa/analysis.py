@@ -93,18 +93,37 @@ class Analysis:
     segments: list[np.ndarray]  # label sets of which at least one class must stay
     scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
     groups: list[Group] = dataclasses.field(default_factory=list)
+    _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
+    _removed: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def removed_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
         """True where a label belongs to a removed class."""
-        return np.isin(self.sets.find(labels), removed) & (labels != 0)
+        if self._removed is None or self._removed[0] is not removed:
+            table = np.zeros(len(self.sets), dtype=bool)  # a lookup per label, not a search
+            table[removed] = True
+            table[0] = False
+            self._removed = (removed, table)
+        return self._removed[1][self.sets.find(labels)]
 
-    def member_names(self, group: Group) -> list[str]:
-        classes = set(group.classes.tolist())
-        names = []
+    def member_names(self) -> dict[int, list[str]]:
+        """Per group id, the initializers that hold its channels' parameters: one pass over the
+        members, however many groups."""
+        group_of = {int(c): g.id for g in self.groups for c in g.classes}
+        names: dict[int, dict[str, None]] = {g.id: {} for g in self.groups}
         for m in self.members:
-            if classes.intersection(self.sets.find(np.unique(m.labels)).tolist()):
-                names.append(m.value.name)
-        return list(dict.fromkeys(names))
+            for root in np.unique(self.sets.find(m.labels)).tolist():
+                if root in group_of:
+                    names[group_of[root]][m.value.name] = None
+        return {g: list(found) for g, found in names.items()}
+
+    def members_named(self, name: str) -> list[Member]:
+        """The member records of the initializer called `name` (the statistics find layers by
+        weight name: they run on a copy of the model)."""
+        if self._by_name is None:
+            self._by_name = {}
+            for m in self.members:
+                self._by_name.setdefault(m.value.name, []).append(m)
+        return self._by_name.get(name, [])
 
 
 class Propagation:
@@ -126,6 +145,7 @@ class Propagation:
         self.heads: list[np.ndarray] = []  # labels of the batch axes of activation matmuls
         self.scaled_dims: list = []  # (rules.ScaledDim, output value, axis): constants to rewrite
         self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
+        self._members_of: dict[ir.Value, list[Member]] = {}
         self._ruled: set[ir.Node] = set()  # nodes whose rule covered them
         self._barrier_nodes: set[ir.Node] = set()
 
@@ -190,11 +210,13 @@ class Propagation:
         self._param_uses.setdefault(value, set()).add((node, index))
         if not labels.any():
             return
-        for m in self.members:
-            if m.value is value and varying_axes(m.labels) == varying_axes(labels):
+        same = self._members_of.setdefault(value, [])
+        for m in same:
+            if varying_axes(m.labels) == varying_axes(labels):
                 self.sets.union(m.labels, labels)  # a weight shared by two layers ties them
                 return
-        self.members.append(Member(value, labels, node.name or ""))
+        same.append(Member(value, labels, node.name or ""))
+        self.members.append(same[-1])
 
     def normalized(self, node: ir.Node, channels: int) -> None:
         """`node` computes statistics over `channels` channels, which therefore stay."""

@@ -16,15 +16,26 @@ class LabelSets:
     """Union-find over labels. The root of a set is its smallest label, so 0 stays the pinned root."""
 
     def __init__(self) -> None:
-        self._parent = np.zeros(1, dtype=np.int64)
+        self._store = np.zeros(1, dtype=np.int64)  # grows by doubling: linear in the labels made
+        self._size = 1
+
+    @property
+    def _parent(self) -> np.ndarray:
+        return self._store[: self._size]
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._size
 
     def new(self, count: int) -> np.ndarray:
-        start = len(self._parent)
-        self._parent = np.concatenate([self._parent, np.arange(start, start + count, dtype=np.int64)])
-        return np.arange(start, start + count, dtype=np.int64)
+        start = self._size
+        if start + count > len(self._store):
+            grown = np.zeros(max(2 * len(self._store), start + count), dtype=np.int64)
+            grown[:start] = self._parent
+            self._store = grown
+        labels = np.arange(start, start + count, dtype=np.int64)
+        self._store[start : start + count] = labels
+        self._size += count
+        return labels
 
     def find(self, labels: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels, dtype=np.int64)

@@ -57,6 +57,7 @@ def _ratio(new: float | None, old: float | None) -> str:
 def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
     """Per group: its layers and which of their output channels stay."""
     groups = []
+    params = analysis.member_names()
     for group in analysis.groups:
         spaces = []
         for s in group.spaces:
@@ -66,7 +67,7 @@ def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
         lost = int(np.isin(group.classes, removed).sum())
         groups.append({
             "id": group.id, "width": group.width, "unit": unit_name(group), "channels_per_unit": group.channels_per_class, "lossy": group.lossy,
-            "pinned": group.pinned, "removed": lost, "layers": spaces, "params": analysis.member_names(group),
+            "pinned": group.pinned, "removed": lost, "layers": spaces, "params": params[group.id],
         })
     return groups
 
@@ -122,9 +123,10 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
     widths = [width_text(g) for g in groups]
     w = max([5, *map(len, widths)])
     lines.append(f"{'group':>5}  {'width':>{w}}  {'pinned':>6}  {'params':>6}  layers")
+    params = analysis.member_names()
     for g, width in zip(groups, widths):
         layers = ", ".join(f"{analysis.spaces[s].node} ({analysis.spaces[s].op})" for s in g.spaces)
-        lines.append(f"{g.id:>5}  {width:>{w}}  {g.pinned:>6}  {len(analysis.member_names(g)):>6}  {layers}")
+        lines.append(f"{g.id:>5}  {width:>{w}}  {g.pinned:>6}  {len(params[g.id]):>6}  {layers}")
     if analysis.barriers:
         lines += ["", "barriers (left alone):"]
         for b in analysis.barriers:

@@ -34,13 +34,14 @@ def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int,
         magnitude = np.square(weight) if criterion == "l2" else np.abs(weight)
         magnitude = magnitude.sum(axis=flat, keepdims=True, dtype=np.float64)
         roots = analysis.sets.find(np.broadcast_to(member.labels, magnitude.shape)).ravel()
-        per_class = np.bincount(roots, weights=magnitude.ravel(), minlength=len(totals))
+        present, where = np.unique(roots, return_inverse=True)  # only this member's classes: linear
+        per_class = np.bincount(where, weights=magnitude.ravel())
         if criterion == "l2":
             per_class = np.sqrt(per_class)
-        present = np.unique(roots[roots != 0])
-        mean = per_class[present].mean() if len(present) else 0.0
+        live = present != 0
+        mean = per_class[live].mean() if live.any() else 0.0
         if mean > 0:
-            totals += per_class / mean
+            totals[present[live]] += per_class[live] / mean
     return _per_group(analysis, totals)
 
 
@@ -75,9 +76,10 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     readers: dict[int, list[tuple]] = {}  # group id -> (weights, inverse Hessian, feature classes, energy)
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
     for consumer in found:
-        weight = next((m.value.const_value.numpy() for m in analysis.members if m.value.name == consumer.weight), None)
-        if weight is None:
+        members = analysis.members_named(consumer.weight)
+        if not members:
             continue
+        weight = members[0].value.const_value.numpy()
         classes = feature_classes(analysis, consumer, weight.shape)
         if not classes.any():
             continue
