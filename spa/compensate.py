@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from spa.names import Names
 from spa.progress import Progress
-from spa.statistics import Consumer, Forward, Means, Moments
+from spa.statistics import Consumer, Forward, Means, Moments, one_blas_thread
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
 # Cross-validate lambda (DAMPING times 1, 10, 100, 1000) where a layer has fewer rows than this many
@@ -57,6 +57,7 @@ class _Halves:
         return sum(h.mean_cross() * h.count for h in self.halves if h.count) / max(self.count, 1)
 
 
+@one_blas_thread
 def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: list[dict], keeps: dict[str, list[np.ndarray]], damping: float = DAMPING, cross_validate: bool = True) -> int:
     """Refit the consumers of `pruned` (in place) towards `original`; returns how many were refit.
 
@@ -238,6 +239,7 @@ def _add_after(model: ir.Model, names: Names, node: ir.Node, bias: np.ndarray) -
         result.name = names.fresh(f"{out.name}_biased")
 
 
+@one_blas_thread
 def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndarray], keeps: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     """Data-free compensation, before the surgery: what each consumer's bias must gain for the input
     channels it will lose, W_R m_R, where their means are known (statistics.batchnorm_means)."""

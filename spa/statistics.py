@@ -10,10 +10,12 @@ features are one patch per channel, and its moments one small matrix per channel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 import onnx_ir as ir
+import threadpoolctl
 
 from spa.analysis import Analysis
 from spa.errors import CalibrationError
@@ -223,6 +225,23 @@ def _accumulate(total: np.ndarray | None, product: np.ndarray) -> np.ndarray:
     return total
 
 
+def one_blas_thread(fn):
+    """Run `fn` with BLAS on one thread, for the same bytes on every machine. OpenBLAS takes other
+    kernels on one thread than on several: x^T y, W C^T and np.linalg.solve differ in the last
+    bits between 1 and 2 threads (they agree from 2 to 8), and the refit carries that on through
+    depth (measured: up to 4e-4 relative in written weights); its default is a thread per core. One
+    thread is a count every machine has, and measured no slower on a shared 2-core machine.
+    OPENBLAS_NUM_THREADS cannot do this: OpenBLAS reads it once, when numpy loads it."""
+
+    @functools.wraps(fn)
+    def pinned(*args, **kwargs):
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return pinned
+
+
+@one_blas_thread
 def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments | Means]:
     """Second moments of every consumer's features (Means of the wide ones), in one pass over the
     calibration batches."""
@@ -341,9 +360,16 @@ def reads(node: ir.Node) -> set[str]:
     return names
 
 
+# On every core (0): nothing else runs meanwhile. The statistics do not depend on it: onnxruntime's
+# CPU kernels split work over outputs, never over one sum (measured: every intermediate value of 8
+# models, and reductions, softmax and matmuls over 262,144 elements, bit for bit the same on 1 to 8
+# threads; tests/test_determinism.py holds it to that).
+SESSION_THREADS = 0
+
+
 def _open(model: ir.Model, only_for: list[str] | None = None):
-    try:  # on every core (threads 0): nothing else runs meanwhile
-        return session(model, threads=0, only_for=only_for)
+    try:
+        return session(model, threads=SESSION_THREADS, only_for=only_for)
     except Exception as e:  # onnxruntime raises untyped errors
         raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0][:300]}") from None
 
