@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa.analysis import Analysis
+from spa.statistics import feature_classes, one_blas_thread
 
 CRITERIA = ("l2", "l1", "random")
 DATA_CRITERIA = ("wanda", "obs")  # need calibration statistics
@@ -55,6 +56,7 @@ def _per_group(analysis: Analysis, totals: np.ndarray) -> dict[int, float]:
     return scores
 
 
+@one_blas_thread  # the same scores whatever the thread count (spa.statistics.one_blas_thread)
 def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, found: list, damping: float = 0.01) -> dict[int, float]:
     """Data-aware importance from the consumers' input statistics (spa.statistics).
 
@@ -70,8 +72,6 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     taken as diagonal: a class's error is that of its features alone, their variance (the refit
     keeps their mean) times their weights squared, and classes accumulate in ascending order.
     Classes that no consumer reads keep their magnitude score, scaled down."""
-    from spa.statistics import feature_classes
-
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
     readers: dict[int, list[tuple]] = {}  # group id -> (weights, inverse Hessian, feature classes, energy)
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}

@@ -130,8 +130,8 @@ def consumers(model: ir.Model) -> list[Consumer]:
 def feature_classes(analysis: Analysis, consumer: Consumer, weight_shape: tuple[int, ...]) -> np.ndarray:
     """The class (root label) of every input feature of a consumer; 0 where none."""
     per_channel = np.zeros(weight_shape[consumer.in_axis], dtype=np.int64)
-    for m in analysis.members:
-        if m.value.name == consumer.weight and m.labels.shape[consumer.in_axis] > 1:
+    for m in analysis.members_named(consumer.weight):
+        if m.labels.shape[consumer.in_axis] > 1:
             per_channel = analysis.sets.find(m.labels.reshape(-1))
     kernel = int(np.prod(consumer.conv["kernel"])) if consumer.kind == "conv" else 1
     return np.repeat(per_channel, kernel)
