@@ -151,7 +151,7 @@ def prune(
     work, source = _load(model)
     large = io.is_large(work)  # then verified on shared weights and written with external data
     if output is not None:
-        _check_output_path(source, Path(output), external=large)
+        io.check_output_path(source, Path(output))
     expected_signature = verification.signature(work)
     normalize(work)
     analysis = analyze_model(work, input_shapes, prune_hidden)
@@ -201,10 +201,9 @@ def prune(
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
     if source is not None:
-        before.file_bytes = _file_bytes(source)
+        before.file_bytes = io.file_bytes(source)
     if output is not None:
-        io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
-        after.file_bytes = _file_bytes(Path(output))
+        after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
 
 
@@ -310,26 +309,6 @@ def sweep(model, ratios: list[float], threads: int = 1, input_shapes=None, **opt
     for r, result, timing in zip(ratios, results, timings[1:]):
         rows.append({"ratio": r, "macs": result.after.macs, "params": result.after.params, "latency_ms": timing.median_ms, "latency_ratio": timing.ratio})
     return rows
-
-
-def _check_output_path(source: Path | None, output: Path, external: bool = False) -> None:
-    if source is not None and output.resolve() == source.resolve():
-        raise SpaError(f"{output}: output path is the input path; spa never overwrites its input")
-    data = output.with_name(output.name + ".data")
-    if external and source is not None and data.resolve() in {p.resolve() for p in _data_files(source)}:
-        raise SpaError(f"{output}: its external data file '{data}' is the input's; choose another output name")
-
-
-def _data_files(path: Path) -> list[Path]:
-    """The external data files a model references."""
-    proto = onnx.load(path, load_external_data=False)
-    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
-    return [path.parent / loc for loc in locations]
-
-
-def _file_bytes(path: Path) -> int:
-    """The model file plus the external data files it references."""
-    return path.stat().st_size + sum(p.stat().st_size for p in _data_files(path) if p.is_file())
 
 
 def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None, select: str = "all", calibration=None) -> tuple[float, int]:

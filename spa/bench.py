@@ -36,18 +36,14 @@ def load_inputs(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str
     """`.npz` keyed by input name, or `.npy` for a model with one input."""
     path = Path(path)
     names = [i.name for i in sess.get_inputs()]
-    try:
-        if path.suffix == ".npy":
-            if len(names) != 1:
-                raise SpaError(f"{path}: a .npy file feeds one input, the model has {len(names)}: use .npz")
-            return {names[0]: np.load(path)}
-        with np.load(path) as data:
-            feeds = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise SpaError(f"{path}: cannot read inputs ({e})") from None
+    feeds = io.load_arrays(path, "--inputs")
+    if isinstance(feeds, np.ndarray):
+        if len(names) != 1:
+            raise SpaError(f"--inputs {path}: a .npy file feeds one input, the model has {len(names)}: use .npz")
+        return {names[0]: feeds}
     missing = set(names) - set(feeds)
     if missing:
-        raise SpaError(f"{path}: no array for input(s) {sorted(missing)}")
+        raise SpaError(f"--inputs {path}: no array for input(s) {sorted(missing)}")
     return {n: feeds[n] for n in names}
 
 
@@ -57,8 +53,22 @@ def _timed_session(model, threads: int) -> ort.InferenceSession:
     threshold get a lean session (no optimizations), so time large models from files."""
     if isinstance(model, ir.Model):
         return session(model, threads=threads)
-    io.load(model)  # the same checks and one-line errors as every command
+    loaded = io.load(model)  # the same checks and one-line errors as every command
+    if not io.is_utf8(Path(model)):  # onnxruntime takes UTF-8 paths only
+        return session(loaded, threads=threads)
     return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _first_runs(sessions: list[ort.InferenceSession], names: list[str], feeds: dict[str, np.ndarray], source: str) -> None:
+    """Each model once on the feeds, before any timing: a model with other inputs than the first
+    (names, types, shapes), or inputs of the wrong shape, get one line that names them."""
+    shown = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items())
+    for name, sess in zip(names, sessions):
+        try:
+            sess.run(None, feeds)
+        except Exception as e:  # onnxruntime raises untyped errors
+            message = " ".join(str(e).split()).rstrip(".")[:300] or type(e).__name__  # its lines run on
+            raise SpaError(f"{name}: does not run on {source} ({shown}): {message}; spa bench compares models that take the same inputs") from None
 
 
 def benchmark(
@@ -78,9 +88,14 @@ def benchmark(
     """
     if not models:
         raise SpaError("nothing to benchmark")
+    if runs is not None and runs < 1:
+        raise SpaError(f"--runs must be at least 1, got {runs}")
+    if warmup < 0:
+        raise SpaError(f"--warmup must be 0 or more, got {warmup}")
     sessions = [_timed_session(m, threads) for m in models]
     names = names or [str(m) if not isinstance(m, ir.Model) else f"model {i}" for i, m in enumerate(models)]
     feeds = load_inputs(inputs, sessions[0]) if inputs else random_inputs(sessions[0], input_shapes)
+    _first_runs(sessions, names, feeds, f"--inputs {inputs}" if inputs else f"random inputs made for {names[0]}")
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feeds)

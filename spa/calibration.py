@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from spa import io
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
 from spa.statistics import KEPT_BYTES, POSITIONS_PER_SAMPLE, reads
@@ -37,34 +38,27 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
         if not feeds:
             raise SpaError("the calibration reader gave no data")
         return feeds
+    where = "calibration data"
     if isinstance(source, (str, os.PathLike)):
-        source = _load(Path(source), names)
+        where = f"--calibration {source}"
+        source = io.load_arrays(Path(source), "--calibration")
     if isinstance(source, np.ndarray):
         if len(names) != 1:
             raise SpaError(f"one calibration array for a model with {len(names)} inputs: pass a dict keyed by input name")
         source = {names[0]: source}
     missing = set(names) - set(source)
     if missing:
-        raise SpaError(f"calibration data has no array for input(s) {sorted(missing)}")
-    count = len(next(iter(source.values())))
+        raise SpaError(f"{where} has no array for input(s) {sorted(missing)}")
+    for name in names:
+        if np.ndim(source[name]) == 0:
+            raise SpaError(f"{where}: the array for input '{name}' is a scalar; give samples along the first axis")
+    count = len(source[names[0]])
     step, fixed = _batch_size(sess)
     if fixed:  # the model takes whole batches only
         count -= count % step
     if count == 0:
         raise SpaError(f"calibration data has no samples{f' (the model takes batches of {step})' if fixed else ''}")
     return [{n: np.asarray(source[n][i : i + step]) for n in names} for i in range(0, count, step)]
-
-
-def _load(path: Path, names: list[str]) -> dict[str, np.ndarray] | np.ndarray:
-    if not path.is_file():
-        raise SpaError(f"--calibration {path}: no such file")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path)
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise SpaError(f"--calibration {path}: cannot read it ({e})") from None
 
 
 def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
 
-from spa import __version__
-from spa.errors import SpaError
-from spa.plan import default_round_to
-from spa.score import CRITERIA, DATA_CRITERIA
-from spa.shapes import parse_input_shapes
+from spa import __version__, progress
+from spa.errors import Interrupted, SpaError, describe_os_error
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
+# Exit codes (README, "Robust by default"). An interrupt exits 128 + the signal's number, as a
+# shell reports a process that a signal ended: 130 for SIGINT (Ctrl-C), 143 for SIGTERM.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: main() catches an interrupt during the imports.
+    from spa.plan import default_round_to
+    from spa.score import CRITERIA, DATA_CRITERIA
+
     parser = argparse.ArgumentParser(prog="spa", description="Structural pruning for ONNX models.")
     parser.add_argument("--version", action="version", version=f"spa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,24 +91,89 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with _interrupts():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the clean-ups have run on the way out
+            progress.clear()
+            print("spa: interrupted", file=sys.stderr)
+            return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """SIGINT and SIGTERM (what `timeout`, `docker stop` and CI send) raise Interrupted: the same
+    clean-up as Ctrl-C instead of dying with temporary files left behind. The handlers are put
+    back afterwards (main() also runs in-process: tests, scripts/fuzz.py)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupted) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupted(signum: int, frame) -> None:
+    for s in _SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+    if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as escapes
+        sys.stdout.reconfigure(errors="backslashreplace")
     if not args.verbose:
         warnings.simplefilter("ignore")  # library warnings would break the one-line errors
+    with _logging(args.verbose):
+        try:
+            return _run(args)
+        except SpaError as e:
+            line = f"error: {e}"
+        except BrokenPipeError:  # `spa ... | head`: the reader has what it wanted; the work is done
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        except OSError as e:  # disk full, a name too long, permission denied: the file and the problem
+            line = f"error: {describe_os_error(e)}"
+        except Exception as e:  # a bug: still one line unless the user asked for details
+            if args.verbose:
+                traceback.print_exc()
+            line = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with -v for details)"
+    progress.clear()
+    print(f"spa: {line}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool):
+    """With -v, every stage on stderr. Without, only spa's warnings: notes on stdout about what it
+    changed in the input (stale shapes dropped), so that stderr stays one line on an error."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(name)s: %(message)s")
+    if verbose:
+        yield
+        return
+    seen: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:  # a prune that retries loads the model again
+        new = record.getMessage() not in seen
+        seen.add(record.getMessage())
+        return new
+
+    logger, notes = logging.getLogger("spa"), logging.StreamHandler(sys.stdout)
+    notes.setFormatter(logging.Formatter("note: %(message)s"))
+    notes.addFilter(once)
+    logger.addHandler(notes)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
     try:
-        return _run(args)
-    except SpaError as e:
-        print(f"spa: error: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("spa: interrupted", file=sys.stderr)
-    except BrokenPipeError:  # `spa ... | head`: the reader has what it wanted; the work is done
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    except Exception as e:  # a bug: still one line unless the user asked for details
-        if args.verbose:
-            traceback.print_exc()
-        print(f"spa: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with -v for details)", file=sys.stderr)
-    return EXIT_BAD_INPUT
+        yield
+    finally:
+        logger.removeHandler(notes)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
 
 
 def _ratios(text: str) -> list[float]:
@@ -114,12 +186,39 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
+def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """What the command reads and what it writes, for spa.io.check_targets."""
+    from spa import io
+
+    reads = [f for model in (args.models if args.command == "bench" else [args.input]) for f in io.model_files(model)]
+    if getattr(args, "calibration", None) not in (None, "synthetic"):
+        reads.append((Path(args.calibration), "the calibration data"))
+    if getattr(args, "inputs", None) is not None:
+        reads.append((args.inputs, "the --inputs file"))
+    writes = []
+    if args.command == "prune":
+        writes += [(args.output, "output"), (args.output.with_name(args.output.name + ".data"), "the output's external data")]
+    writes += [(getattr(args, flag), f"--{flag}") for flag in ("json", "plot") if getattr(args, flag, None) is not None]
+    return reads, writes
+
+
 def _run(args) -> int:
-    from spa import api, bench, report
+    from spa import io
+
+    io.check_targets(*_files(args))
+    with io.all_or_nothing():  # the model, the JSON, the plot: all written, or none
+        data = _command(args)
+        if args.json is not None:
+            io.write_text(args.json, json.dumps(data, indent=1))
+    return EXIT_OK
+
+
+def _command(args) -> dict:
+    """Run the command, print its report, and return the report for --json."""
+    from spa import api, bench, io, report
+    from spa.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(" ".join(args.input_shapes))
-    if args.json is not None and not args.json.parent.is_dir():
-        raise SpaError(f"--json {args.json}: folder '{args.json.parent}' does not exist")
     if args.command == "analyze":
         analysis = api.analyze(args.input, input_shapes=shapes, prune_hidden=args.prune_hidden)
         print(report.analysis_listing(analysis, str(args.input)))
@@ -135,7 +234,7 @@ def _run(args) -> int:
         if args.plot is not None:
             from spa.plot import sweep_plot
 
-            sweep_plot(rows, args.plot, f"{args.input.name}: spa sweep ({args.threads} thread(s))")
+            io.write_file(args.plot, lambda tmp: sweep_plot(rows, tmp, f"{args.input.name}: spa sweep ({args.threads} thread(s))"))
             print(f"plot: {args.plot}")
         data = {"threads": args.threads, "rows": rows}
     else:
@@ -159,7 +258,8 @@ def _run(args) -> int:
         )
         latency = None
         if args.bench:
-            timings = bench.benchmark([args.input, args.output], ["before", "after"], args.threads, input_shapes=shapes)
+            # Both from memory: the output is not in place until the command ends (all or nothing).
+            timings = bench.benchmark([io.load(args.input), result.model], ["before", "after"], args.threads, input_shapes=shapes)
             latency = (timings[0].median_ms, timings[1].median_ms)
         groups = result.analysis.groups
         if not groups:
@@ -186,9 +286,7 @@ def _run(args) -> int:
         data.update(input=str(args.input), output=str(args.output), ratio=result.ratio, target=result.target)
         if latency is not None:
             data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads}
-    if args.json is not None:
-        args.json.write_text(json.dumps(data, indent=1))
-    return EXIT_OK
+    return data
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_version():
         (b"hello, I am text\n", ["bad.onnx", "out.onnx"], "not a readable ONNX model"),
         (b"\x08\x07\x12\xff\xff\xff", ["bad.onnx", "out.onnx"], "not a readable ONNX model"),
         ("model", ["in.onnx", "out.onnx", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
-        ("model", ["in.onnx", "in.onnx"], "output path is the input path"),
+        ("model", ["in.onnx", "in.onnx"], "output in.onnx: is the input model"),
         ("model", ["in.onnx", "nowhere/out.onnx"], "does not exist"),
         ("model", ["in.onnx", "out.onnx", "--input-shapes", "nope:1,2"], "unknown input"),
     ],
