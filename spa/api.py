@@ -154,6 +154,7 @@ def prune(
         io.check_output_path(source, Path(output))
     expected_signature = verification.signature(work)
     normalize(work)
+    reference = verification.reference(work, input_shapes, lean=large) if verify else None
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
     consumers, note, data = statistics.consumers(work), None, None
@@ -196,10 +197,11 @@ def prune(
         plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
+    exact = verify and verification.all_zero(analysis, plan.removed)
     if not _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means) and used == "batchnorm":
         method = Method(importance, None, False, note, too_wide)  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
-    verdict = verification.verify(expected_signature, expected_shapes, work, input_shapes, lean=large) if verify else None
+    verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
     if source is not None:
         before.file_bytes = io.file_bytes(source)
     if output is not None:

@@ -273,6 +273,9 @@ def _command(args) -> dict:
         print(report.table(result.before, result.after, latency))
         if latency is not None:
             print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")
+        if result.verdict is not None and result.verdict.deviation is not None:
+            moved = result.verdict.deviation
+            print(moved.describe(), file=sys.stderr if moved.likely_broken else sys.stdout)
         lossy = [g for g in groups if g.lossy and len(result.plan.by_group[g.id])]
         if lossy:
             print(f"lossy: {len(lossy)} group(s) pruned across a normalization (--prune-hidden); outputs change, check accuracy")

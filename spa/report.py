@@ -108,11 +108,17 @@ def prune_report(result) -> dict:
         },
         "seconds": round(result.seconds, 3),
         "method": None if result.method is None else dataclasses.asdict(result.method),
-        "verify": None if result.verdict is None else {"checker": "passed", "onnxruntime_output_shapes": [list(s) for s in result.verdict.output_shapes]},
+        "verify": None if result.verdict is None else verify_report(result.verdict),
         "groups": kept_channels(result.analysis, result.plan.removed),
         "barriers": barriers(result.analysis),
         "normalizations": normalizations(result.analysis),
     }
+
+
+def verify_report(verdict) -> dict:
+    moved = verdict.deviation
+    deviation = None if moved is None else {**dataclasses.asdict(moved), "likely_broken": moved.likely_broken}
+    return {"checker": "passed", "onnxruntime_output_shapes": [list(s) for s in verdict.output_shapes], "deviation": deviation}
 
 
 def analysis_listing(analysis: Analysis, name: str) -> str:

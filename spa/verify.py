@@ -24,7 +24,7 @@ import onnxruntime as ort
 ort.set_default_logger_severity(4)  # onnxruntime's own log lines would break the one-line errors
 
 from spa.errors import SpaError
-from spa.io import _PROTO_LIMIT, _inline_external_tensors, is_large
+from spa.io import _PROTO_LIMIT, _first_line, _inline_external_tensors, is_large
 
 
 T = TypeVar("T")
@@ -67,9 +67,49 @@ def isolated(run: Callable[[], T], doing: str) -> T:
 
 
 @dataclasses.dataclass
+class Deviation:
+    """How far the pruned model's outputs moved from the original's on the verification inputs."""
+
+    inputs: str  # what they were
+    outputs: dict[str, dict]  # per output: relative_error and cosine (floats) or agreement
+    relative_error: float  # the worst output's: max |a - b| / max |a|
+    similarity: float  # the worst output's cosine (or, for integer outputs, fraction equal)
+    exact: bool | None  # the removed channels were all zero, so nothing could move; None: not provable
+
+    @property
+    def likely_broken(self) -> bool:
+        return self.similarity < BROKEN_SIMILARITY
+
+    def describe(self) -> str:
+        text = f"outputs moved by {self.relative_error:.3g} (max relative error), similarity {self.similarity:.4f} (worst output's cosine), on {self.inputs}"
+        if self.exact:
+            text += "; exact, as the removed channels were all zero"
+        if self.likely_broken:
+            text = f"WARNING: the pruned model is likely broken: {text}. Give --calibration data, prune less (--ratio, --target-macs) or check its accuracy"
+        return text
+
+
+# Below this similarity the outputs have little to do with the original's (an ImageNet classifier
+# whose logits' cosine fell to ~0.8 on random inputs agreed with the original on few images).
+BROKEN_SIMILARITY = 0.8
+# Removing all-zero channels leaves float rounding only; deep nets amplify it, but not this far.
+EXACT_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass
+class Reference:
+    """The original model's outputs on the verification inputs."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+    inputs: str  # the inputs, described
+
+
+@dataclasses.dataclass
 class Verdict:
     output_shapes: list[tuple[int, ...]]
     serialized: bytes | None  # the checked model, ready to write (None past protobuf's limit)
+    deviation: Deviation | None = None
 
 
 def signature(model: ir.Model) -> tuple[list, list]:
@@ -233,9 +273,44 @@ def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]]
     return feeds
 
 
-def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, input_shapes: dict[str, list[int]] | None = None, lean: bool | None = None) -> Verdict:
+def reference(original: ir.Model, input_shapes: dict[str, list[int]] | None = None, lean: bool | None = None) -> Reference:
+    """Run the original model on the verification inputs (random floats, integer inputs as ones),
+    in a child process; a model that fails there is blamed, not the pruned one."""
+    try:
+        sess = session(original, lean=lean)
+    except Exception as e:
+        raise SpaError(f"onnxruntime cannot open the original model: {_first_line(e)}") from None
+    feeds = random_inputs(sess, input_shapes)
+    inputs = "1 random sample (" + ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items()) + ")"
+    try:
+        outputs = isolated(lambda: sess.run(None, feeds), f"running the original model on {inputs}")
+    except SpaError:
+        raise
+    except Exception as e:  # onnxruntime's errors are untyped
+        raise SpaError(f"the original model fails to run on spa's test inputs, {inputs}: {_first_line(e)}; give --input-shapes, or skip the check with --no-verify") from None
+    return Reference(feeds, outputs, inputs)
+
+
+def deviation(expected: Reference, names: list[str], actual: list[np.ndarray], exact: bool) -> Deviation:
+    outputs = {}
+    for name, a, b in zip(names, expected.outputs, actual):
+        a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        if np.asarray(a).dtype.kind == "f":
+            norms = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+            cosine = float(a64 @ b64) / norms if norms else float(np.array_equal(a64, b64))
+            outputs[name] = {"relative_error": relative_error([a], [b]), "cosine": cosine}
+        else:
+            outputs[name] = {"relative_error": relative_error([a], [b]), "agreement": float(np.mean(a64 == b64)) if a64.size else 1.0}
+    worst_error = max((o["relative_error"] for o in outputs.values()), default=0.0)
+    similarity = min((o.get("cosine", o.get("agreement")) for o in outputs.values()), default=1.0)
+    return Deviation(expected.inputs, outputs, worst_error, similarity, True if exact else None)
+
+
+def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, expected: Reference, exact: bool = False, lean: bool | None = None) -> Verdict:
     """Raise SpaError unless `pruned` keeps the signature, passes the full checker, opens in
-    onnxruntime and gives outputs of the expected concrete shapes on random inputs.
+    onnxruntime and gives outputs of the expected concrete shapes on the inputs the original ran
+    on. The verdict says how far the outputs moved; where `exact` (the removed channels were all
+    zero) they must not have moved at all.
 
     lean (default: for large models): check a skeleton of the model and run it on shared weights
     (`_skeleton`) instead of serializing it; the verdict then carries no serialized model."""
@@ -250,18 +325,35 @@ def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, i
             path, shared = _skeleton(pruned, Path(folder))
             _check(str(path))
             sess = _opened(lambda: _lean_session(path, shared, 1))
-    feeds = random_inputs(sess, input_shapes)
-    shapes_of_inputs = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
     try:
-        output_shapes = isolated(lambda: [o.shape for o in sess.run(None, feeds)], f"running the pruned model on inputs {shapes_of_inputs}")
+        outputs = isolated(lambda: sess.run(None, expected.feeds), f"running the pruned model on {expected.inputs}")
     except SpaError:
         raise
     except Exception as e:
-        raise SpaError(f"the pruned model fails to run in onnxruntime: {str(e).strip().splitlines()[0]}") from None
-    for shape, arg, expected in zip(output_shapes, sess.get_outputs(), expected_shapes):
-        if expected is not None and shape != tuple(expected):
-            raise SpaError(f"pruned model's output '{arg.name}' has shape {shape}, the original {tuple(expected)}")
-    return Verdict(output_shapes=output_shapes, serialized=serialized)
+        raise SpaError(f"the pruned model fails to run in onnxruntime on {expected.inputs}, where the original runs: {_first_line(e)}") from None
+    names = [arg.name for arg in sess.get_outputs()]
+    for output, name, shape in zip(outputs, names, expected_shapes):
+        if shape is not None and output.shape != tuple(shape):
+            raise SpaError(f"pruned model's output '{name}' has shape {output.shape}, the original {tuple(shape)}")
+    moved = deviation(expected, names, outputs, exact)
+    if exact and not moved.relative_error <= EXACT_TOLERANCE:
+        raise SpaError(
+            f"spa bug: the removed channels were all zero, yet the outputs moved by {moved.relative_error:.3g} (relative error);"
+            " nothing written. Please report it with the model; `spa analyze` lists what spa saw"
+        )
+    return Verdict(output_shapes=[o.shape for o in outputs], serialized=serialized, deviation=moved)
+
+
+def all_zero(analysis, classes: np.ndarray) -> bool:
+    """Whether every parameter element that belongs to one of `classes` is zero: removing them
+    then cannot change the outputs (outside lossy groups, whose statistics change)."""
+    if any(g.lossy and np.isin(g.classes, classes).any() for g in analysis.groups):
+        return False
+    for member in analysis.members:
+        hit = analysis.removed_mask(member.labels, classes)
+        if hit.any() and np.any(member.value.const_value.numpy()[np.broadcast_to(hit, member.value.const_value.shape)]):
+            return False
+    return True
 
 
 def zero_classes(analysis, classes: np.ndarray) -> None:

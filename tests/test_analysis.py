@@ -55,6 +55,9 @@ def test_a_channel_count_read_at_run_time_never_silently_changes(how, batch):
     model = _divided_by_channel_count(how, batch)
     error, removed = spa.zero_channel_check(model, ratio=0.5)
     assert error <= 1e-5, f"removing all-zero channels changed the outputs by {error}"
+    result = spa.prune(model, ratio=0.5, round_to=1, importance="l2")
+    nothing_removed = len(result.plan.removed) == 0  # then exact; else the removed weights were live
+    assert result.verdict.deviation.exact is (True if nothing_removed else None)
 
 
 @pytest.mark.parametrize("how", ["size", "shape_start_end", "reducesum_constantofshape"])
@@ -106,3 +109,48 @@ def test_a_channel_count_on_an_axis_without_channels_pins_it():
     model = g.model({"x": ["N", 8, 4, 4]}, {"y": ["N", 4, 4, 4], "y2": ["N", 4]})
     error, _ = spa.zero_channel_check(model, ratio=0.5)
     assert error <= 1e-5
+
+
+def test_verification_refuses_a_model_whose_zero_channels_moved_the_outputs(monkeypatch, tmp_path):
+    """The safety net under the analysis: with the pinning switched off, the all-zero channels
+    that a run-time Size reads are removed, the outputs move, and nothing is written."""
+    from spa.analysis import Propagation
+    from spa.errors import SpaError
+
+    model = _divided_by_channel_count("size", "N")
+    zeroed = _zero_upper_half(model)
+    monkeypatch.setattr(Propagation, "_pin_channel_count_reads", lambda self: None)
+    out = tmp_path / "pruned.onnx"
+    with pytest.raises(SpaError, match="all zero, yet the outputs moved"):
+        spa.prune(zeroed, out, ratio=0.5, round_to=1, importance="l2")
+    assert not out.exists()
+    monkeypatch.undo()
+    result = spa.prune(zeroed, out, ratio=0.5, round_to=1, importance="l2")
+    assert result.verdict.deviation.exact and result.verdict.deviation.relative_error <= 1e-6
+
+
+def _zero_upper_half(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Zero channels 8-15 of the first conv (weights and bias) and the next conv's columns."""
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    inits = {i.name: i for i in model.graph.initializer}
+    for name, axis in ((convs[0].input[1], 0), (convs[0].input[2], 0), (convs[1].input[1], 1)):
+        array = numpy_helper.to_array(inits[name]).copy()
+        np.moveaxis(array, axis, 0)[8:] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+    return model
+
+
+def test_the_cli_reports_how_far_the_outputs_moved(tmp_path, capsys):
+    import json
+
+    from spa.cli import main
+
+    source, out, report = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "r.json"
+    onnx.save(_zero_upper_half(_divided_by_channel_count("gather_shape", "N")), source)
+    assert main(["prune", str(source), str(out), "--importance", "l2", "--round-to", "1", "--json", str(report)]) == 0
+    assert "outputs moved by" in capsys.readouterr().out
+    deviation = json.loads(report.read_text())["verify"]["deviation"]
+    assert deviation["exact"] is True and deviation["relative_error"] <= 1e-6 and not deviation["likely_broken"]
