@@ -89,9 +89,11 @@ class Deviation:
         return text
 
 
-# Below this similarity the outputs have little to do with the original's (an ImageNet classifier
-# whose logits' cosine fell to ~0.8 on random inputs agreed with the original on few images).
-BROKEN_SIMILARITY = 0.8
+# Below this similarity the outputs have little to do with the original's. Measured on
+# EfficientNet-Lite0 (ImageNet) at 0.8-0.9 of the MACs, logits' cosine on one random input against
+# top-1 agreement on 400 real images: 0.05-0.06 at agreement 0.00-0.07 (magnitude, no refit), 0.71
+# at 0.52 (data-free refit). Random inputs are a weak proxy: the bound flags only the clear cases.
+BROKEN_SIMILARITY = 0.5
 # Removing all-zero channels leaves float rounding only; deep nets amplify it, but not this far.
 EXACT_TOLERANCE = 1e-3
 
