@@ -4,13 +4,23 @@
     result = spa.prune("model.onnx", "model_pruned.onnx", ratio=0.5)
     print(result.after.macs / result.before.macs)
 
-    analysis = spa.analysis("model.onnx")
+    analysis = spa.analyze("model.onnx")
     for group in analysis.groups: ...
 """
 
 __version__ = "0.1.0"
 
-from spa.api import PruneResult, analyze, prune, sweep, zero_channel_check  # noqa: E402
 from spa.errors import SpaError  # noqa: E402
 
-__all__ = ["prune", "analyze", "sweep", "zero_channel_check", "PruneResult", "SpaError", "__version__"]
+_API = ("prune", "analyze", "sweep", "zero_channel_check", "PruneResult")
+__all__ = [*_API, "SpaError", "__version__"]
+
+
+def __getattr__(name: str):
+    # The API (onnx, onnxruntime) loads on first use, so that `spa ...` is quick to start and an
+    # interrupt during start-up reaches the command line's handler.
+    if name in _API:
+        from spa import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'spa' has no attribute {name!r}")

@@ -89,7 +89,6 @@ sys.exit(main(["analyze", "m.onnx"]))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="spa/__init__.py imports spa.api (onnx, onnxruntime) before spa.cli can catch anything: its exports must become lazy")
 def test_an_interrupt_during_start_up_is_one_line(folder):
     run = subprocess.run([sys.executable, "-c", _INTERRUPTED_START], capture_output=True, text=True)
     assert run.returncode == 130 and run.stderr == "spa: interrupted\n", run.stderr
