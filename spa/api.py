@@ -20,7 +20,7 @@ from spa.normalize import normalize
 from spa.plan import Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, statistics
 from spa.compensate import mean_shifts, refit, shift_biases
-from spa.score import CRITERIA, DATA_CRITERIA, score, score_with_statistics
+from spa.score import CRITERIA, DATA_CRITERIA, dead_first, score, score_with_statistics
 
 @dataclasses.dataclass
 class PruneResult:
@@ -183,6 +183,8 @@ def prune(
     too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
     method = Method(importance, used, compensating and used is not None, note, too_wide)
     scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
+    if importance != "random":
+        scores = dead_first(analysis, scores)
     step = default_round_to() if round_to is None else round_to
 
     def plan_for(r: float) -> Plan:

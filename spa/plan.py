@@ -35,7 +35,9 @@ class Plan:
 
 
 def keep_count(width: int, ratio: float, round_to: int) -> int:
-    """Channels a group of `width` keeps: (1 - ratio) of them, to the nearest multiple of the step.
+    """Channels a group of `width` keeps: (1 - ratio) of them, rounded up to a multiple of the step,
+    so that rounding never removes more than asked (to the nearest multiple, 10% of a 24-wide group
+    at round_to 16 was 33%).
 
     The step is round_to, halved while it is not smaller than the group: a 16-wide group at
     round_to 16 keeps a multiple of 8 (16 -> 15 channels is slower than 16 on a SIMD kernel)."""
@@ -44,7 +46,7 @@ def keep_count(width: int, ratio: float, round_to: int) -> int:
     while step > 1 and step >= width:
         step //= 2
     if step > 1:
-        keep = max(step, step * math.floor(keep / step + 0.5 - 1e-9))
+        keep = max(step, step * math.ceil(keep / step - 1e-9))
     return min(width, max(1, keep))
 
 

@@ -46,6 +46,16 @@ def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int,
     return _per_group(analysis, totals)
 
 
+def dead_first(analysis: Analysis, scores: dict[int, float]) -> dict[int, float]:
+    """Classes whose parameters are all zero cost nothing to remove: they rank below every live
+    one, whatever the criterion (data-free OBS ranked live channels that noise never reaches first)."""
+    dead = [c for c, magnitude in score(analysis, "l1").items() if magnitude == 0.0]
+    if not dead:
+        return scores
+    floor = min(scores.values(), default=0.0) - 1.0
+    return {**scores, **dict.fromkeys(dead, floor)}
+
+
 def _per_group(analysis: Analysis, totals: np.ndarray) -> dict[int, float]:
     scores: dict[int, float] = {}
     for group in analysis.groups:

@@ -373,3 +373,5 @@ def test_round_to_and_keep_one():
     assert keep_count(16, 0.1, 16) == 16  # 15 channels would be slower than 16
     assert keep_count(12, 0.5, 16) == 8
     assert keep_count(3, 0.9, 1) == 1
+    assert keep_count(24, 0.1, 16) == 24  # rounding never removes more than asked (not 8 of 24)
+    assert keep_count(40, 0.3, 8) == 32  # 28 kept -> up to 32

@@ -1,0 +1,84 @@
+"""The plan: which channels go. Dead channels first, rounding within the budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import spa
+from graphs import Graph
+from spa import io, verify
+from spa.analysis import analyze
+from spa.normalize import normalize
+from spa.plan import make_plan
+from spa.score import score
+
+MODELS = Path(__file__).parent.parent / "models"
+
+
+def _half_dead(path: Path):
+    """The model with half the classes of every group zeroed (all their parameters)."""
+    return _half_dead_proto(ir.serde.serialize_model(io.load(path)))
+
+
+def _outputs(proto, feeds):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("name", ["torch/mobilenetv2_legacy.onnx", "mnist/mobilenetv2.onnx", "torch/resnet_legacy.onnx"])
+def test_the_defaults_remove_dead_channels_before_any_live_one(name):
+    """Half of every group dead, ratio 0.5, every default (data-free OBS, SIMD rounding): exactly
+    the dead channels go, so the outputs do not move."""
+    dead = _half_dead(MODELS / name)
+    result = spa.prune(dead, ratio=0.5, verify=False)
+    session = ort.InferenceSession(dead.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = verify.random_inputs(session)
+    pruned = ir.serde.serialize_model(result.model)
+    assert verify.relative_error(_outputs(dead, feeds), _outputs(pruned, feeds)) <= 1e-4
+    assert len(result.plan.removed) > 0
+
+
+def test_rounding_never_removes_live_channels_beyond_the_ratio():
+    """40 channels, 20 dead, ratio 0.5 at round_to 16: to the nearest multiple, 16 would be kept
+    and 4 live channels removed; rounding up keeps 32 and the outputs stay."""
+    g = Graph()
+    g.conv(g.op("Relu", g.conv("x", 8, 40)), 40, 4)
+    g.nodes[-1].output[0] = "y"
+    dead = _half_dead_proto(g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]}))
+    result = spa.prune(dead, ratio=0.5, round_to=16)
+    assert [int(v.const_value.shape[0]) for v in result.model.graph.initializers.values() if len(v.const_value.shape) == 4] == [32, 4]
+    assert result.verdict.deviation.exact
+
+
+def _half_dead_proto(proto):
+    model = ir.serde.deserialize_model(proto)
+    normalize(model)
+    analysis = analyze(model)
+    verify.zero_classes(analysis, make_plan(analysis, score(analysis, "random", 0), 0.5, round_to=1).removed)
+    return ir.serde.serialize_model(model)
+
+
+def test_dead_channels_go_before_live_ones_that_noise_never_reaches():
+    """Channels 0-7 are live but so negatively biased that the data-free default's noise never
+    gets them past the Relu (OBS scores them 0, like dead ones); channels 8-15 are all zero. The
+    dead ones go."""
+    from onnx import numpy_helper
+
+    g = Graph()
+    g.conv(g.op("Relu", g.conv("x", 8, 16)), 16, 4)
+    g.nodes[-1].output[0] = "y"
+    proto = g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]})
+    inits = {i.name: i for i in proto.graph.initializer}
+    first, second = [n for n in proto.graph.node if n.op_type == "Conv"]
+    arrays = {name: numpy_helper.to_array(inits[name]).copy() for name in (first.input[1], first.input[2], second.input[1])}
+    arrays[first.input[2]][:8] = -1e4
+    for name, axis in ((first.input[1], 0), (first.input[2], 0), (second.input[1], 1)):
+        np.moveaxis(arrays[name], axis, 0)[8:] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(arrays[name], name))
+    result = spa.prune(proto, ratio=0.5, round_to=1)
+    kept = [v.const_value.numpy() for v in result.model.graph.initializers.values() if v.name == first.input[2]][0]
+    assert np.all(kept == -1e4)  # the biased live channels stayed
