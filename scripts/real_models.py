@@ -355,6 +355,7 @@ def sentence_encoder():
 
 class MiniLM(Model):
     name, exporters, targets = "minilm", ("legacy",), (0.75,)
+    input_shapes = {n: [1, 64] for n in ("input_ids", "attention_mask", "token_type_ids")}  # sentence_encoder.SHAPES: MACs at 64 tokens
     bucketed = True  # as the README's MiniLM table: batches padded only to their longest sentence
 
     def make_data(self) -> None:
@@ -528,7 +529,7 @@ class Row:
     peak_bytes: int | None = None
     wall_s: float | None = None  # the child process's, imports and loading the calibration data included
     describe: str | None = None
-    spa_fidelity: object = None  # what spa itself estimates, where its report has it
+    spa_fidelity: str | None = None  # what spa itself estimates, where its report has it
 
 
 def prune_row(model: Model, exporter: str, target: float, method: str, args, reference: dict) -> Row:
@@ -548,12 +549,22 @@ def prune_row(model: Model, exporter: str, target: float, method: str, args, ref
         row.fidelity = {"error": report["error"]}
         return row
     row.macs, row.prune_s, row.peak_bytes = report["ratios"]["macs"], report["seconds"], report["peak_rss_bytes"]
-    row.describe, row.spa_fidelity = report["describe"], report.get("fidelity")
+    row.describe, row.spa_fidelity = report["describe"], spa_estimate(report)
     row.fidelity = model.fidelity(reference, model.outputs(ort_session(Path(request["output"]))))
     if not args.keep:
         for p in (Path(request["output"]), Path(f"{request['output']}.data")):
             p.unlink(missing_ok=True)
     return row
+
+
+def spa_estimate(report: dict) -> str | None:
+    """What spa itself says about the result's fidelity, where its report has it (verify.deviation:
+    similarity of the outputs on its verification inputs, and whether it calls it likely broken)."""
+    deviation = (report.get("verify") or {}).get("deviation")
+    if not deviation:
+        return None
+    flag = ", LIKELY BROKEN" if deviation.get("likely_broken") else ""
+    return f"similarity {deviation['similarity']:.3f}, relative error {deviation['relative_error']:.3g} on {deviation['inputs']}{flag}"
 
 
 def cell(model: Model, r: Row | None) -> str:
