@@ -19,8 +19,11 @@ __all__ = [*_API, "SpaError", "__version__"]
 def __getattr__(name: str):
     # The API (onnx, onnxruntime) loads on first use, so that `spa ...` is quick to start and an
     # interrupt during start-up reaches the command line's handler.
-    if name in _API:
-        from spa import api
+    import importlib
 
-        return getattr(api, name)
-    raise AttributeError(f"module 'spa' has no attribute {name!r}")
+    if name in _API:
+        return getattr(importlib.import_module("spa.api"), name)
+    try:  # a submodule, as `spa.calibration` was when the API loaded eagerly
+        return importlib.import_module(f"spa.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'spa' has no attribute {name!r}") from None

@@ -296,9 +296,10 @@ def test_without_data_a_constant_batchnorm_channel_is_absorbed_into_the_bias(act
 
 def test_default_without_data_absorbs_batchnorm_means_where_the_refit_is_too_costly(monkeypatch):
     monkeypatch.setattr(spa.calibration, "DATA_FREE_BUDGET_MACS", 1e6)
-    result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.3)
+    # 0.5: at 0.3, kept counts rounded up to the SIMD multiple remove nothing from this small net
+    result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.5)
     assert (result.method.calibration, result.method.compensated) == ("batchnorm", True)
-    result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.3, compensate=False)
+    result = spa.prune("models/torch/densenet_legacy.onnx", ratio=0.5, compensate=False)
     assert (result.method.calibration, result.method.compensated) == (None, False)
 
 
