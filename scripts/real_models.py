@@ -558,13 +558,14 @@ def prune_row(model: Model, exporter: str, target: float, method: str, args, ref
 
 
 def spa_estimate(report: dict) -> str | None:
-    """What spa itself says about the result's fidelity, where its report has it (verify.deviation:
-    similarity of the outputs on its verification inputs, and whether it calls it likely broken)."""
-    deviation = (report.get("verify") or {}).get("deviation")
-    if not deviation:
+    """What spa itself says about the result's fidelity, where its report has it: on held-out
+    calibration samples (verify.fidelity), else on its random verification inputs (deviation)."""
+    verify = report.get("verify") or {}
+    measured = verify.get("fidelity") or verify.get("deviation")
+    if not measured:
         return None
-    flag = ", LIKELY BROKEN" if deviation.get("likely_broken") else ""
-    return f"similarity {deviation['similarity']:.3f}, relative error {deviation['relative_error']:.3g} on {deviation['inputs']}{flag}"
+    flag = ", LIKELY BROKEN" if measured.get("likely_broken") else ""
+    return f"similarity {measured['similarity']:.3f}, relative error {measured['relative_error']:.3g} on {measured['inputs']}{flag}"
 
 
 def cell(model: Model, r: Row | None) -> str:

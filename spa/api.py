@@ -17,8 +17,8 @@ from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
 from spa.errors import CalibrationError, SpaError
 from spa.normalize import normalize
-from spa.plan import Plan, default_round_to, make_plan
-from spa import calibration as calibration_source, statistics
+from spa.plan import ALLOCATIONS, Plan, default_round_to, make_plan
+from spa import calibration as calibration_source, sensitivity, statistics
 from spa.compensate import mean_shifts, refit, shift_biases
 from spa.score import CRITERIA, DATA_CRITERIA, dead_first, score, score_with_statistics
 
@@ -50,6 +50,8 @@ class Method:
     compensated: bool
     note: str | None = None  # why the data-free default was not used
     too_wide: list[str] = dataclasses.field(default_factory=list)  # layers over statistics.MAX_WIDTH inputs
+    allocation: str = "uniform"  # how many channels each group loses: "uniform", "global" or "sensitivity"
+    sensitivity: dict | None = None  # {"samples", "trials", "seconds"} where measured
 
     def describe(self) -> str:
         source = {
@@ -60,6 +62,12 @@ class Method:
         }[self.calibration]
         repair = "biases absorb the removed channels' means" if self.calibration == "batchnorm" else "layers refit"
         text = f"importance {self.importance}, {source}, " + (repair if self.compensated else "no refit")
+        text += {
+            "uniform": ", every group by the same ratio",
+            "global": ", channels ranked across groups",
+            "sensitivity": ", groups allocated by measured sensitivity"
+            + (f" ({self.sensitivity['trials']} trials on {self.sensitivity['samples']} samples, {self.sensitivity['seconds']:.0f} s)" if self.sensitivity else ""),
+        }[self.allocation]
         if self.too_wide:
             names = ", ".join(self.too_wide[:3]) + (", ..." if len(self.too_wide) > 3 else "")
             text += (
@@ -111,6 +119,7 @@ def prune(
     ignore: list[str] | tuple[str, ...] = (),
     importance: str = "auto",
     global_ranking: bool = False,
+    allocation: str = "auto",
     max_group_ratio: float = 0.8,
     target_macs: float | None = None,
     target_params: float | None = None,
@@ -131,9 +140,13 @@ def prune(
         magnitude), "random", or with calibration data "wanda" (|W| x input RMS) or "obs" (output
         error of removing a channel, optimally compensated; greedy, with the weights updated as
         channels go).
-    global_ranking: rank channels across groups instead of removing `ratio` of each group; no group
-        loses more than `max_group_ratio` of its channels. With calibration data, the better
-        choice for transformers (layers differ in how much they can lose).
+    allocation: how many channels each group loses. "uniform": `ratio` of every group. "global":
+        the lowest-scoring `ratio` of all channels, wherever they are. "sensitivity" (needs
+        calibration data): `ratio` of all channels, each group's share decided by how far the
+        model's outputs move when it alone loses channels, per MAC saved (spa.sensitivity).
+        "auto" (the default): sensitivity with real calibration data, else uniform. No group loses
+        more than `max_group_ratio` of its channels under global or sensitivity.
+    global_ranking: the same as allocation="global".
     target_macs, target_params: search the ratio so that the model keeps at most this fraction of
         its MACs (params); `ratio` is then ignored.
     prune_hidden: also prune channels that normalizations (LayerNorm, RMSNorm) average over, such
@@ -147,7 +160,7 @@ def prune(
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
     start = time.perf_counter()
-    _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params)
+    _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation)
     work, source = _load(model)
     large = io.is_large(work)  # then verified on shared weights and written with external data
     if output is not None:
@@ -164,7 +177,7 @@ def prune(
             try:  # data-free by default; a model that noise breaks (a Log of it) prunes without
                 result = prune(
                     model, output, ratio=ratio, round_to=round_to, ignore=ignore, global_ranking=global_ranking,
-                    max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params,
+                    allocation=allocation, max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params,
                     prune_hidden=prune_hidden, calibration="synthetic", compensate=compensate,
                     input_shapes=input_shapes, verify=verify, seed=seed,
                 )  # fmt: skip
@@ -175,24 +188,39 @@ def prune(
     elif calibration is not None:
         data = _Calibrated(work, calibration, input_shapes, seed)
     importance = ("obs" if data else "l2") if importance == "auto" else importance
+    allocation = "global" if global_ranking else allocation
+    if allocation == "auto":
+        allocation = "sensitivity" if data is not None and not data.synthetic else "uniform"
+    if allocation == "sensitivity" and data is None:
+        raise SpaError("--allocation sensitivity needs --calibration data")
     if importance in DATA_CRITERIA and data is None:
         raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
     compensating = compensate if compensate is not None else True
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
     used = "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data" if data else "batchnorm" if means else None
     too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
-    method = Method(importance, used, compensating and used is not None, note, too_wide)
+    method = Method(importance, used, compensating and used is not None, note, too_wide, allocation)
     scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
     if importance != "random":
         scores = dead_first(analysis, scores)
     step = default_round_to() if round_to is None else round_to
 
+    kind, goal = ("macs", target_macs) if target_params is None else ("params", target_params)
+    curves = None
+    if allocation == "sensitivity":
+        measuring = time.perf_counter()
+        curves = sensitivity.measure(
+            analysis, lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
+            data.feeds, before, kind, max_group_ratio,
+        )  # fmt: skip
+        method.sensitivity = {"samples": curves.samples, "trials": curves.trials, "seconds": time.perf_counter() - measuring}
+
     def plan_for(r: float) -> Plan:
-        return make_plan(analysis, scores, r, step, ignore, global_ranking, max_group_ratio)
+        shares = curves.shares(r) if curves is not None else None
+        return make_plan(analysis, scores, r, step, ignore, allocation == "global", max_group_ratio, shares)
 
     target = None
-    if target_macs is not None or target_params is not None:
-        kind, goal = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+    if goal is not None:
         ratio, plan, reached = _search_ratio(analysis, before, plan_for, kind, goal)
         target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
     else:
@@ -201,9 +229,12 @@ def prune(
     planned_shapes = pruned_shapes(analysis, plan.removed)
     exact = verify and verification.all_zero(analysis, plan.removed)
     if not _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means) and used == "batchnorm":
-        method = Method(importance, None, False, note, too_wide)  # no removed channel came from a BN
+        method.calibration, method.compensated = None, False  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
+    if verdict is not None and data is not None and data.held_out:
+        pruned = verification.session(work, serialized=verdict.serialized, lean=large)
+        verdict.fidelity = verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(work), exact)
     if source is not None:
         before.file_bytes = io.file_bytes(source)
     if output is not None:
@@ -233,8 +264,11 @@ class _Calibrated:
             sess = verification.session(self.original)
         except Exception as e:  # onnxruntime raises untyped errors
             raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
-        self.feeds = calibration_source.batches(source, sess, input_shapes, seed)
         self.synthetic = isinstance(source, str) and source == "synthetic"
+        feeds = calibration_source.batches(source, sess, input_shapes, seed)
+        # Real samples the fit never sees measure the result (noise would measure nothing).
+        self.feeds, self.held_out = (feeds, []) if self.synthetic else calibration_source.hold_out(feeds, sess)
+        self.session = sess
         # Once in a child process: a native crash there is an error line, not the end of spa.
         try:
             verification.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
@@ -252,7 +286,9 @@ class _Calibrated:
         refit(self.original, pruned, self.consumers, self.feeds, keeps, cross_validate=not self.synthetic)
 
 
-def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params) -> None:
+def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation) -> None:
+    if allocation not in ALLOCATIONS:
+        raise SpaError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if not 0.0 <= ratio < 1.0:
         raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
     if importance not in ("auto", *CRITERIA, *DATA_CRITERIA):

@@ -61,6 +61,35 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
     return [{n: np.asarray(source[n][i : i + step]) for n in names} for i in range(0, count, step)]
 
 
+# Calibration samples kept out of the fit to measure the pruned model: 1/HELD_OUT_SHARE of them,
+# at least MIN_FIT left to fit on.
+HELD_OUT_SHARE = 8
+MIN_FIT = 8
+
+
+def hold_out(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> tuple[list[dict], list[dict]]:
+    """(fit, held out): the last 1/HELD_OUT_SHARE of the samples, a batch split where the model
+    takes any batch size. Nothing is held out of too few samples."""
+    sizes = [len(next(iter(f.values()))) if f else 0 for f in feeds]
+    held = sum(sizes) // HELD_OUT_SHARE
+    if held == 0 or sum(sizes) - held < MIN_FIT:
+        return feeds, []
+    fixed = _batch_size(sess)[1]
+    fit, out = list(feeds), []
+    while held > 0:
+        if sizes[len(fit) - 1] <= held:
+            held -= sizes[len(fit) - 1]
+            out.insert(0, fit.pop())
+        elif fixed:  # whole batches only
+            break
+        else:
+            last = fit.pop()
+            fit.append({k: v[:-held] for k, v in last.items()})
+            out.insert(0, {k: v[-held:] for k, v in last.items()})
+            held = 0
+    return fit, out
+
+
 def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
     """Samples per run: BATCH, or the batch size the model fixes (True): the first dim, when every
     input has the same fixed one (an RNN's initial state leads with its layers, not the batch)."""

@@ -26,7 +26,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def _parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: main() catches an interrupt during the imports.
-    from spa.plan import default_round_to
+    from spa.plan import ALLOCATIONS, default_round_to
     from spa.score import CRITERIA, DATA_CRITERIA
 
     parser = argparse.ArgumentParser(prog="spa", description="Structural pruning for ONNX models.")
@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration", default=None, metavar="FILE|synthetic", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' for data-free")
     prune.add_argument("--no-compensate", action="store_true", help="do not repair the layers that lost inputs (no refit from calibration data, no BatchNormalization means)")
     prune.add_argument("--seed", type=int, default=0, help="seed for --importance random")
-    prune.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups instead of pruning each group by --ratio")
-    prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with --global: the most any group may lose (default 0.8)")
+    prune.add_argument("--allocation", choices=ALLOCATIONS, default="auto", help="how many channels each group loses: uniform (--ratio of every group), global (the lowest-scoring --ratio of all channels), sensitivity (--ratio of all channels, shared by measured effect on the outputs per MAC saved; needs --calibration); auto: sensitivity with --calibration data, else uniform")
+    prune.add_argument("--global", dest="global_ranking", action="store_true", help="the same as --allocation global")
+    prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with global or sensitivity allocation: the most any group may lose (default 0.8)")
     prune.add_argument("--target-macs", type=float, default=None, metavar="F", help="prune until at most the fraction F of the MACs remains (searches the ratio)")
     prune.add_argument("--target-params", type=float, default=None, metavar="F", help="prune until at most the fraction F of the params remains")
     _prune_hidden(prune)
@@ -246,6 +247,7 @@ def _command(args) -> dict:
             ignore=args.ignore,
             importance=args.importance,
             global_ranking=args.global_ranking,
+            allocation=args.allocation,
             max_group_ratio=args.max_group_ratio,
             target_macs=args.target_macs,
             target_params=args.target_params,
@@ -273,8 +275,8 @@ def _command(args) -> dict:
         print(report.table(result.before, result.after, latency))
         if latency is not None:
             print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")
-        if result.verdict is not None and result.verdict.deviation is not None:
-            moved = result.verdict.deviation
+        if result.verdict is not None and result.verdict.measured is not None:
+            moved = result.verdict.measured
             print(moved.describe(), file=sys.stderr if moved.likely_broken else sys.stdout)
         lossy = [g for g in groups if g.lossy and len(result.plan.by_group[g.id])]
         if lossy:

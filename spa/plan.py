@@ -28,6 +28,10 @@ def default_round_to() -> int:
     return 4
 
 
+# How many channels each group loses (spa.api.prune's allocation).
+ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
+
+
 @dataclasses.dataclass
 class Plan:
     removed: np.ndarray  # root labels of the removed classes
@@ -58,12 +62,17 @@ def make_plan(
     ignore: list[str] | tuple[str, ...] = (),
     global_ranking: bool = False,
     max_group_ratio: float = 0.8,
+    shares: dict[int, float] | None = None,
 ) -> Plan:
     """Local: every group loses `ratio` of its channels. Global: the lowest-scoring `ratio` of all
-    channels go, wherever they are, no group losing more than `max_group_ratio` of its own."""
+    channels go, wherever they are, no group losing more than `max_group_ratio` of its own.
+    shares: the fraction each group loses, decided elsewhere (spa.sensitivity); groups it does
+    not name lose `ratio`."""
     protected = _protected(analysis, ignore)
     candidates = {g.id: _ranked([c for c in g.classes.tolist() if c not in protected], scores) for g in analysis.groups}
-    if global_ranking:
+    if shares is not None:
+        ratios = {g.id: shares.get(g.id, ratio) for g in analysis.groups}
+    elif global_ranking:
         counts = _global_counts(analysis, scores, candidates, ratio, max_group_ratio)
         ratios = {g.id: counts[g.id] / g.width for g in analysis.groups}
     else:

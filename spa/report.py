@@ -116,9 +116,16 @@ def prune_report(result) -> dict:
 
 
 def verify_report(verdict) -> dict:
-    moved = verdict.deviation
-    deviation = None if moved is None else {**dataclasses.asdict(moved), "likely_broken": moved.likely_broken}
-    return {"checker": "passed", "onnxruntime_output_shapes": [list(s) for s in verdict.output_shapes], "deviation": deviation}
+    def described(moved) -> dict | None:
+        return None if moved is None else {**dataclasses.asdict(moved), "likely_broken": moved.likely_broken}
+
+    return {
+        "checker": "passed",
+        "onnxruntime_output_shapes": [list(s) for s in verdict.output_shapes],
+        "deviation": described(verdict.deviation),
+        "fidelity": described(verdict.fidelity),
+        "likely_broken": verdict.measured is not None and verdict.measured.likely_broken,
+    }
 
 
 def analysis_listing(analysis: Analysis, name: str) -> str:

@@ -1,0 +1,185 @@
+"""Allocation from measured sensitivity: how many channels each group loses, decided by how far
+the model's outputs move when that group alone loses its least important ones.
+
+Layers of a real model differ by orders of magnitude in what they can lose (a uniform 20% breaks
+EfficientNet-Lite0). With calibration data, spa measures each group's loss curve: the group's
+lowest-ranked channels are zeroed, every parameter that belongs to them, which is exactly what
+removing them does (the zero-channel test's premise), at fractions 1/8, 2/8, ... of the group, and
+the model's outputs on calibration samples are compared with the original's (KL divergence of
+class scores, else the relative squared error). One onnxruntime session serves every trial: the
+parameters are overridable inputs, each trial feeds the zeroed copies of one group's.
+
+Groups then compete on loss per MAC saved (per parameter, for a parameter target), one step of
+1/8 of a group at a time, the flattest first (spa.sensitivity.order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from spa import io, verify
+from spa.analysis import Analysis
+from spa.count import Counts, count
+from spa.apply import pruned_shapes
+from spa.progress import Progress
+
+# Fractions of a group at which its loss is measured (within max_group_ratio).
+STEPS = 8
+# The trials together run at most this many multiply-accumulates of the model (measured: 3 T is
+# about a minute on two cores); fewer samples where the model is large, at least MIN_SAMPLES.
+BUDGET_MACS = 3e12
+MIN_SAMPLES = 2
+
+
+@dataclasses.dataclass
+class Step:
+    """One step of a group's curve: to `end` of the group removed."""
+
+    group: int
+    end: float  # the fraction of the group removed after this step
+    classes: int  # classes this step removes
+    saved: float  # MACs (or params) it saves
+    loss: float  # what it adds to the output loss
+
+
+@dataclasses.dataclass
+class Curves:
+    """Every group's measured loss at each fraction, and the steps they take in order."""
+
+    points: dict[int, list[tuple[float, int, float, float]]]  # group -> (fraction, classes, saved, loss)
+    steps: list[Step]  # flattest first
+    total: int  # removable classes over the measured groups
+    samples: int  # calibration samples the losses were measured on
+    trials: int
+
+    def shares(self, ratio: float) -> dict[int, float]:
+        """The fraction of each group to remove for `ratio` of all the measured groups' classes:
+        the flattest steps first, stopping at the first that would overshoot (monotone in ratio)."""
+        budget = ratio * self.total + 1e-9
+        shares = {g: 0.0 for g in self.points}
+        removed = 0
+        for step in self.steps:
+            if removed + step.classes > budget:
+                break
+            removed += step.classes
+            shares[step.group] = step.end
+        return shares
+
+
+def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Counts, kind: str, max_group_ratio: float) -> Curves:
+    """The loss curve of every group (lossy ones excepted: zeroing hidden channels is not removing
+    them from a normalization). plan_for_group(group id, fraction) gives the classes removed."""
+    model = analysis.model
+    groups = [g for g in analysis.groups if not g.lossy and len(g.classes)]
+    fractions = [k / STEPS for k in range(1, STEPS) if k / STEPS <= max_group_ratio + 1e-9]
+    trials = len(groups) * len(fractions)
+    feeds = _samples(feeds, trials, max(before.macs, 1))
+    members = {g.id: [m for m in analysis.members if analysis.removed_mask(m.labels, g.classes).any()] for g in groups}
+    values = list({m.value.name: m.value for ms in members.values() for m in ms}.values())
+    sess = _overridable(model, values)
+    originals = [sess.run(None, f) for f in feeds]
+    scores = verify.class_scores(model)
+    names = [o.name for o in sess.get_outputs()]
+    points: dict[int, list] = {}
+    bar = Progress(trials, "sensitivity")
+    done = 0
+    for group in groups:
+        curve, last = [(0.0, 0, 0.0, 0.0)], None
+        for fraction in fractions:
+            removed = plan_for_group(group.id, fraction)
+            if last is not None and len(removed) == last[1]:
+                curve.append((fraction, *last[1:]))  # rounding kept the same channels
+            else:
+                saved = getattr(before, kind) - getattr(count(model, shapes=pruned_shapes(analysis, removed)), kind)
+                zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
+                loss = sum(_loss(names, o, sess.run(None, {**f, **zeroed}), scores) for f, o in zip(feeds, originals)) / len(feeds)
+                last = (fraction, len(removed), float(saved), float(loss))
+                curve.append(last)
+            done += 1
+            bar.update(done)
+        points[group.id] = curve
+    bar.close()
+    steps = order(points)
+    total = sum(len(g.classes) for g in groups)
+    return Curves(points, steps, total, sum(len(next(iter(f.values()))) for f in feeds), trials)
+
+
+def _samples(feeds: list[dict], trials: int, macs_per_sample_batch: int) -> list[dict]:
+    """The first calibration samples, as many as the budget allows (the analysis' MACs are per its
+    batch, taken as one sample: an upper bound for batched analyses)."""
+    allowed = max(MIN_SAMPLES, int(BUDGET_MACS / (trials * macs_per_sample_batch + 1)))
+    chosen, left = [], allowed
+    for f in feeds:
+        n = len(next(iter(f.values())))
+        if left <= 0:
+            break
+        chosen.append({k: v[:left] for k, v in f.items()} if n > left else f)
+        left -= min(n, left)
+    return chosen
+
+
+def _overridable(model: ir.Model, values: list[ir.Value]):
+    """A session in which `values` (initializers) can be fed: listed as graph inputs too."""
+    graph = model.graph
+    added = [v for v in values if v not in graph.inputs]
+    graph.inputs.extend(added)
+    try:
+        return verify.session(model, lean=io.is_large(model))
+    finally:
+        for v in added:
+            graph.inputs.remove(v)
+
+
+def _zeroed(analysis: Analysis, member, removed: np.ndarray) -> np.ndarray:
+    array = member.value.const_value.numpy()
+    hit = np.broadcast_to(analysis.removed_mask(member.labels, removed), array.shape)
+    return np.where(hit, np.zeros((), array.dtype), array)
+
+
+def _loss(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], scores: dict[str, str]) -> float:
+    """KL divergence for class scores (mean over rows), relative squared error otherwise; summed."""
+    total = 0.0
+    for name, a, b in zip(names, expected, actual):
+        if np.asarray(a).dtype.kind != "f" or not a.size:
+            continue
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if name in scores and a64.ndim >= 1 and a64.shape[-1] >= 2:
+            rows = a64.shape[-1]
+            total += float(np.mean(verify._kl(a64.reshape(-1, rows), b64.reshape(-1, rows), scores[name] == "probabilities")))
+        else:
+            total += float(np.sum((a64 - b64) ** 2) / max(np.sum(a64**2), 1e-30))
+    return total
+
+
+def order(points: dict[int, list[tuple[float, int, float, float]]]) -> list[Step]:
+    """Every group's next step (1/STEPS more of it), flattest first. A group's priority is the best
+    average slope from where it stands to any later point of its curve, so that a noisy,
+    non-convex curve is not stuck behind a bump: greedy with look-ahead, one step at a time."""
+    at = {g: 0 for g in points}
+    steps = []
+    while True:
+        best = None
+        for g, curve in points.items():
+            i = at[g]
+            if i + 1 >= len(curve):
+                continue
+            here = curve[i]
+            slope = min(_slope(p[3] - here[3], p[2] - here[2]) for p in curve[i + 1 :])
+            if best is None or (slope, g) < best[:2]:
+                best = (slope, g)
+        if best is None:
+            return steps
+        g = best[1]
+        here, there = points[g][at[g]], points[g][at[g] + 1]
+        steps.append(Step(g, there[0], there[1] - here[1], there[2] - here[2], there[3] - here[3]))
+        at[g] += 1
+
+
+def _slope(loss: float, saved: float) -> float:
+    if saved > 0:
+        return max(loss, 0.0) / saved
+    return 0.0 if loss <= 0 else math.inf
