@@ -290,8 +290,8 @@ class Propagation:
         for node in self.model.graph:
             if node.op_type not in ("Shape", "Size") or not rules.is_default_domain(node):
                 continue
-            source = node.inputs[0]
-            if not any(self.labels(source).shape[a] > 1 for a in _axes_read(node, len(self.shape(source)))):
+            labels = self.labels(node.inputs[0])  # of the input's rank, or none where its shape is unknown
+            if not any(labels.shape[a] > 1 for a in _axes_read(node, labels.ndim)):
                 continue
             for user, value in self._unchecked_uses(node.outputs[0]):
                 pinned = list(dict.fromkeys(t for t, axis in self._dims_read(value) if self.labels(t).shape[axis] > 1))

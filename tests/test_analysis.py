@@ -154,3 +154,17 @@ def test_the_cli_reports_how_far_the_outputs_moved(tmp_path, capsys):
     assert "outputs moved by" in capsys.readouterr().out
     deviation = json.loads(report.read_text())["verify"]["deviation"]
     assert deviation["exact"] is True and deviation["relative_error"] <= 1e-6 and not deviation["likely_broken"]
+
+
+def test_a_shape_read_of_a_value_of_unknown_shape_is_analyzed():
+    """Shape(custom_op(h)): nothing is known of the custom op's output, so there is no channel axis
+    to pin through it (found by the fuzzer: the analysis crashed on the unknown rank)."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    g.nodes.append(helper.make_node("Foo", [h], ["opaque"], domain="test.custom", name="foo"))
+    g.op("Cast", g.op("Shape", "opaque"), to=TensorProto.FLOAT)
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("test.custom", 1)])
+    analysis = spa.analyze(model)
+    assert any(b.op == "test.custom::Foo" for b in analysis.barriers)
