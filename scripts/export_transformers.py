@@ -20,6 +20,9 @@ is set to 1):
 * ``llama`` -- ``transformers.LlamaModel`` (grouped-query attention with 4
   query / 2 key-value heads, SwiGLU MLP, RMSNorm, rotary embeddings,
   ``use_cache=False``); input ``input_ids``;
+* ``llama_lm`` -- ``transformers.LlamaForCausalLM``, the same with its LM head: input
+  ``input_ids``, output ``logits`` (batch, seq, 256): the causal LM that generates its own
+  calibration text;
 * ``vit``   -- ``transformers.ViTModel`` (32x32 image, 8x8 patches, no
   pooler); input ``pixel_values`` float32 (batch, 3, 32, 32);
 * ``deit``  -- ``transformers.DeiTModel`` (as ``vit``, plus a distillation token), kept as
@@ -146,6 +149,14 @@ class HFTokens(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
 
+class HFLogits(HFTokens):
+    """input_ids -> logits (a causal LM with its head)."""
+
+    def forward(self, input_ids):
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask).logits
+
+
 class HFPixels(nn.Module):
     """pixel_values -> last_hidden_state (or another output)."""
 
@@ -192,6 +203,18 @@ def build_llama():
         use_cache=False, tie_word_embeddings=False, attn_implementation="sdpa",
     )
     return HFTokens(transformers.LlamaModel(cfg))
+
+
+def build_llama_lm():
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, max_position_embeddings=MAX_POS,
+        use_cache=False, tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    return HFLogits(transformers.LlamaForCausalLM(cfg))
 
 
 def _vit_like(config: str, model: str):
@@ -323,6 +346,7 @@ MODELS = {
                  "last_hidden_state", _BS),
     "gpt2": Spec(build_gpt2, [Input("input_ids", _ids, _BS)], "last_hidden_state", _BS),
     "llama": Spec(build_llama, [Input("input_ids", _ids, _BS)], "last_hidden_state", _BS),
+    "llama_lm": Spec(build_llama_lm, [Input("input_ids", _ids, _BS)], "logits", _BS),
     "vit": Spec(build_vit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),
                                   {0: "batch"})], "last_hidden_state", {0: "batch"}),
     "deit": Spec(build_deit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),

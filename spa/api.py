@@ -46,7 +46,7 @@ class Method:
     """How the channels were chosen and the layers repaired."""
 
     importance: str
-    calibration: str | None  # "data", "synthetic" or "batchnorm" (both data-free), or None
+    calibration: str | None  # "data", "synthetic", "generated" or "batchnorm" (the last three data-free), or None
     compensated: bool
     note: str | None = None  # why the data-free default was not used
     too_wide: list[str] = dataclasses.field(default_factory=list)  # layers over statistics.MAX_WIDTH inputs
@@ -57,6 +57,7 @@ class Method:
         source = {
             "data": "calibration data",
             "synthetic": "synthetic calibration (data-free)",
+            "generated": "calibration on text the model generated itself (data-free)",
             "batchnorm": "BatchNormalization statistics (data-free)",
             None: "no data",
         }[self.calibration]
@@ -171,7 +172,12 @@ def prune(
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
     consumers, note, data = statistics.consumers(work), None, None
-    if calibration is None and importance == "auto":
+    if calibration is None and importance == "auto" and calibration_source.token_input(work) is not None:
+        try:  # a causal language model writes its own calibration text
+            data, calibration = _Calibrated(work, "generated", input_shapes, seed), "generated"
+        except CalibrationError as e:
+            note = f"no generated calibration text ({e})"
+    elif calibration is None and importance == "auto":
         note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
         if note is None:
             try:  # data-free by default; a model that noise breaks (a Log of it) prunes without
@@ -197,7 +203,7 @@ def prune(
         raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
     compensating = compensate if compensate is not None else True
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
-    used = "synthetic" if isinstance(calibration, str) and calibration == "synthetic" else "data" if data else "batchnorm" if means else None
+    used = calibration if isinstance(calibration, str) and calibration in DATA_FREE else "data" if data else "batchnorm" if means else None
     too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
     method = Method(importance, used, compensating and used is not None, note, too_wide, allocation)
     scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
@@ -265,6 +271,8 @@ class _Calibrated:
         except Exception as e:  # onnxruntime raises untyped errors
             raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
         self.synthetic = isinstance(source, str) and source == "synthetic"
+        if isinstance(source, str) and source == "generated" and calibration_source.token_input(model) is None:
+            raise CalibrationError("--calibration generated needs a causal language model: token ids [batch, sequence] in, logits [batch, sequence, vocabulary] from an LM head out")
         feeds = calibration_source.batches(source, sess, input_shapes, seed)
         # Real samples the fit never sees measure the result (noise would measure nothing).
         self.feeds, self.held_out = (feeds, []) if self.synthetic else calibration_source.hold_out(feeds, sess)
@@ -329,6 +337,7 @@ def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal:
 
 
 _MAX_RATIO = 0.99
+DATA_FREE = ("synthetic", "generated")  # calibration sources spa makes itself
 _SEARCH_STEPS = 14  # ratio to within 1e-4
 
 

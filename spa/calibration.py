@@ -14,7 +14,7 @@ from spa import io
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
 from spa.statistics import KEPT_BYTES, POSITIONS_PER_SAMPLE, reads
-from spa.verify import random_inputs
+from spa.verify import class_scores, isolated, random_inputs
 
 BATCH = 32
 SYNTHETIC_SAMPLES = 256
@@ -25,12 +25,18 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
 
     source: a .npy file (one input) or .npz (keyed by input name); an array or a dict of arrays
     (samples along axis 0); an onnxruntime.quantization CalibrationDataReader (anything with
-    get_next()); or "synthetic": noise at the model's input shapes with the 1/f spectrum of natural
-    signals, the data-free mode (see the README for why, and what it costs).
+    get_next()); "synthetic": noise at the model's input shapes with the 1/f spectrum of natural
+    signals, the data-free mode (see the README for why, and what it costs); or "generated": text
+    that a causal language model samples itself (`generate`), its data-free mode.
     """
     names = [i.name for i in sess.get_inputs()]
     if isinstance(source, str) and source == "synthetic":
         return _synthetic(sess, input_shapes, seed)
+    if isinstance(source, str) and source == "generated":
+        tokens = causal_lm(sess)
+        if tokens is None:
+            raise CalibrationError("--calibration generated needs a causal language model: token ids [batch, sequence] in, logits [batch, sequence, vocabulary] out")
+        source = {tokens: generate(sess, tokens, seed)}
     if hasattr(source, "get_next"):
         feeds = []
         while (item := source.get_next()) is not None:
@@ -108,6 +114,78 @@ def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict
         shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
         feeds.append({k: _pink(v, seed + i) if v.dtype.kind == "f" else v for k, v in random_inputs(sess, shapes, seed + i).items()})
     return feeds
+
+
+# A causal language model calibrates, without data, on text it writes itself: GENERATED sequences
+# of GENERATED_LENGTH tokens, each from one random first token, sampled at temperature 1 from the
+# TOP_K likeliest next tokens. No KV cache: step t runs the model on t tokens (SmolLM2-135M: 32 x 48
+# tokens in about 3 minutes on two cores).
+GENERATED = 32
+GENERATED_LENGTH = 48
+TOP_K = 40
+_GENERATION_BATCH = 8  # sequences per run: the logits of 32 x 48 positions x 49k tokens are 300 MB
+
+
+def token_input(model: ir.Model) -> str | None:
+    """The model's token input where it could be a causal language model (`causal_lm` checks it
+    runs like one): one integer input [batch, sequence] with a free sequence length, and logits
+    [batch, sequence, vocabulary] from an LM head (spa.verify.class_scores) first out."""
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    if len(inputs) != 1 or inputs[0].dtype is None or inputs[0].dtype.is_floating_point() or inputs[0].shape is None:
+        return None
+    shape = list(inputs[0].shape)
+    if len(shape) != 2 or isinstance(shape[1], int) or not model.graph.outputs:
+        return None
+    logits = model.graph.outputs[0]  # from an LM head: hidden states out is an encoder, not an LM
+    return inputs[0].name if class_scores(model).get(logits.name) == "logits" and len(logits.shape or ()) == 3 else None
+
+
+def causal_lm(sess: ort.InferenceSession) -> str | None:
+    """The name of the token input, where the model is a causal language model: one integer input
+    [batch, sequence] with a free sequence length, logits [batch, sequence, vocabulary] first out,
+    and a position's logits do not depend on later tokens (checked on the model itself)."""
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or "int" not in inputs[0].type or len(inputs[0].shape) != 2 or isinstance(inputs[0].shape[1], int):
+        return None
+    if not outputs or outputs[0].type not in ("tensor(float)", "tensor(double)") or len(outputs[0].shape) != 3:
+        return None
+    name, dtype = inputs[0].name, np.dtype(inputs[0].type[len("tensor(") : -1])
+    probe = np.array([[1, 2, 3, 4], [1, 2, 3, 5]], dtype)
+
+    def check() -> bool:
+        logits = sess.run([outputs[0].name], {name: probe})[0]
+        return logits.shape[:2] == probe.shape and bool(np.allclose(logits[0, :3], logits[1, :3], rtol=1e-4, atol=1e-5)) and not np.allclose(logits[0, 3], logits[1, 3])
+
+    try:
+        return name if isolated(check, "checking whether the model is a causal language model") else None
+    except (RuntimeError, SpaError):
+        return None
+
+
+def generate(sess: ort.InferenceSession, name: str, seed: int = 0) -> np.ndarray:
+    """GENERATED sequences sampled from the model: [GENERATED, GENERATED_LENGTH] token ids."""
+    from spa.progress import Progress
+
+    logits_name = sess.get_outputs()[0].name
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(sess.get_inputs()[0].type[len("tensor(") : -1])
+    vocabulary = sess.run([logits_name], {name: np.ones((1, 1), dtype)})[0].shape[-1]
+    ids = np.zeros((GENERATED, GENERATED_LENGTH), dtype)
+    ids[:, 0] = rng.integers(0, vocabulary, GENERATED)
+    bar = Progress(GENERATED_LENGTH - 1, "generating calibration text")
+    for t in range(1, GENERATED_LENGTH):
+        for start in range(0, GENERATED, _GENERATION_BATCH):
+            rows = slice(start, start + _GENERATION_BATCH)
+            last = sess.run([logits_name], {name: ids[rows, :t]})[0][:, -1, :].astype(np.float64)
+            top = np.argpartition(-last, TOP_K, axis=-1)[:, :TOP_K]
+            weights = np.take_along_axis(last, top, -1)
+            weights = np.exp(weights - weights.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            choice = (weights.cumsum(-1) < rng.random((len(top), 1))).sum(-1).clip(max=TOP_K - 1)
+            ids[rows, t] = top[np.arange(len(top)), choice]
+        bar.update(t)
+    bar.close()
+    return ids
 
 
 # Spectral slopes of the synthetic samples, drawn per sample: natural images and sounds have

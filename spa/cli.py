@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=int, default=None, help=f"keep channel counts multiples of N (default here: {default_round_to()}, from the CPU's SIMD width)")
     prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
     prune.add_argument("--importance", choices=("auto", *CRITERIA, *DATA_CRITERIA), default="auto", help="channel importance: auto (obs with --calibration; without, obs on synthetic data where that is cheap, else l2), l2, l1, random, wanda, obs")
-    prune.add_argument("--calibration", default=None, metavar="FILE|synthetic", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' for data-free")
+    prune.add_argument("--calibration", default=None, metavar="FILE|synthetic|generated", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' (noise) or 'generated' (text a causal language model samples itself, its default without data) for data-free")
     prune.add_argument("--no-compensate", action="store_true", help="do not repair the layers that lost inputs (no refit from calibration data, no BatchNormalization means)")
     prune.add_argument("--seed", type=int, default=0, help="seed for --importance random")
     prune.add_argument("--allocation", choices=ALLOCATIONS, default="auto", help="how many channels each group loses: uniform (--ratio of every group), global (the lowest-scoring --ratio of all channels), sensitivity (--ratio of all channels, shared by measured effect on the outputs per MAC saved; needs --calibration); auto: sensitivity with --calibration data, else uniform")
@@ -192,7 +192,7 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     from spa import io
 
     reads = [f for model in (args.models if args.command == "bench" else [args.input]) for f in io.model_files(model)]
-    if getattr(args, "calibration", None) not in (None, "synthetic"):
+    if getattr(args, "calibration", None) not in (None, "synthetic", "generated"):
         reads.append((Path(args.calibration), "the calibration data"))
     if getattr(args, "inputs", None) is not None:
         reads.append((args.inputs, "the --inputs file"))

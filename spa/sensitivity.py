@@ -77,7 +77,7 @@ def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Count
     groups = [g for g in analysis.groups if not g.lossy and len(g.classes)]
     fractions = [k / STEPS for k in range(1, STEPS) if k / STEPS <= max_group_ratio + 1e-9]
     trials = len(groups) * len(fractions)
-    feeds = _samples(feeds, trials, max(before.macs, 1))
+    feeds = _samples(feeds, trials, _macs_per_sample(analysis, feeds[0], before))
     members = {g.id: [m for m in analysis.members if analysis.removed_mask(m.labels, g.classes).any()] for g in groups}
     values = list({m.value.name: m.value for ms in members.values() for m in ms}.values())
     sess = _overridable(model, values)
@@ -108,10 +108,20 @@ def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Count
     return Curves(points, steps, total, sum(len(next(iter(f.values()))) for f in feeds), trials)
 
 
-def _samples(feeds: list[dict], trials: int, macs_per_sample_batch: int) -> list[dict]:
-    """The first calibration samples, as many as the budget allows (the analysis' MACs are per its
-    batch, taken as one sample: an upper bound for batched analyses)."""
-    allowed = max(MIN_SAMPLES, int(BUDGET_MACS / (trials * macs_per_sample_batch + 1)))
+def _macs_per_sample(analysis: Analysis, feed: dict, before: Counts) -> float:
+    """The model's MACs on one calibration sample: its count at the analysis' shapes, scaled by how
+    much larger a sample is (an LM analyzed at one token, calibrated on windows of 128)."""
+    for value in analysis.model.graph.inputs:
+        shape = analysis.shapes.get(value)
+        if value.name in feed and shape and math.prod(shape):
+            per_sample = feed[value.name][0].size / (math.prod(shape) / max(shape[0], 1))
+            return max(before.macs, 1) * max(per_sample, 1.0)
+    return max(before.macs, 1)
+
+
+def _samples(feeds: list[dict], trials: int, macs_per_sample: float) -> list[dict]:
+    """The first calibration samples, as many as the budget allows."""
+    allowed = max(MIN_SAMPLES, int(BUDGET_MACS / (trials * macs_per_sample + 1)))
     chosen, left = [], allowed
     for f in feeds:
         n = len(next(iter(f.values())))
