@@ -25,7 +25,7 @@ def test_prune_prints_table_and_writes_json(tmp_path):
         assert row in run.stdout
     assert "method: importance obs, synthetic calibration (data-free), layers refit" in run.stdout
     data = json.loads(report.read_text())
-    assert data["method"] == {"importance": "obs", "calibration": "synthetic", "compensated": True, "note": None, "too_wide": []}
+    assert data["method"] == {"importance": "obs", "calibration": "synthetic", "compensated": True, "note": None, "too_wide": [], "allocation": "uniform", "sensitivity": None}
     assert data["after"]["macs"] < data["before"]["macs"]
     assert data["after"]["flops"] == 2 * data["after"]["macs"]
     assert data["groups"] and all("kept" in layer for g in data["groups"] for layer in g["layers"])
