@@ -9,9 +9,11 @@ features are one patch per channel, and its moments one small matrix per channel
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 
 import numpy as np
 import onnx_ir as ir
@@ -54,6 +56,15 @@ class Consumer:
             raise CalibrationError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2 --no-compensate)")
         return np.concatenate([rows.astype(np.float32), np.ones((*rows.shape[:-1], 1), np.float32)], axis=-1)
 
+    def output_rows(self, y: np.ndarray) -> np.ndarray:
+        """Rows of an output-shaped tensor at the positions `features` samples: (samples, channels)."""
+        if self.kind == "dense":
+            return y.reshape(-1, y.shape[-1]).astype(np.float32)
+        flat = y.reshape(y.shape[0], y.shape[1], -1)
+        total = flat.shape[2]
+        step = max(1, -(-total // POSITIONS_PER_SAMPLE))
+        return np.ascontiguousarray(flat[:, :, np.arange(0, total, step)].transpose(0, 2, 1)).reshape(-1, y.shape[1]).astype(np.float32)
+
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         """The weight as (outputs, features), features in the order of `features`."""
         w = np.moveaxis(weight, (self.out_axis, self.in_axis), (0, 1))
@@ -78,21 +89,27 @@ POSITIONS_PER_SAMPLE = 32
 
 
 def im2col(x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int], dilations: list[int], positions: int | None = None) -> np.ndarray:
-    """Conv input patches (N, C, *spatial) -> (N * positions, C * prod(kernel)), channel-major."""
+    """Conv input patches (N, C, *spatial) -> (N * positions, C * prod(kernel)), channel-major.
+
+    Only the chosen output positions are gathered (no padded copy of the whole input): each
+    patch element's input index, clamped into the input, and zero where it falls in the padding."""
     dims = len(kernel)
-    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)])
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + dims)))
-    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, d) for d in dilations)
-    windows = windows[index]  # (N, C, *out, *kernel)
-    n, c = windows.shape[:2]
-    out = windows.shape[2 : 2 + dims]
-    total = int(np.prod(out))
+    size = x.shape[2:]
+    out = [(size[i] + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1 for i in range(dims)]
+    total = math.prod(out)
     step = max(1, -(-total // positions)) if positions else 1
-    # Pick the positions before anything is copied: the view holds every window of every position.
-    chosen = np.unravel_index(np.arange(0, total, step), out)
-    windows = np.moveaxis(windows[(slice(None), slice(None), *chosen)], 1, 2)  # (N, positions, C, *kernel)
-    return windows.reshape(-1, c * int(np.prod(kernel)))
+    chosen = np.unravel_index(np.arange(0, total, step), out)  # per dim: (P,)
+    offsets = np.unravel_index(np.arange(math.prod(kernel)), kernel)  # per dim: (K,)
+    index, inside = np.zeros((len(chosen[0]), math.prod(kernel)), dtype=np.int64), True
+    for i in range(dims):
+        at = chosen[i][:, None] * strides[i] - pads[i] + offsets[i][None, :] * dilations[i]  # (P, K)
+        inside = inside & (at >= 0) & (at < size[i])
+        index = index * size[i] + np.clip(at, 0, size[i] - 1)
+    n, c = x.shape[:2]
+    patches = x.reshape(n, c, -1)[:, :, index]  # (N, C, P, K)
+    if not np.all(inside):
+        patches = patches * inside
+    return np.ascontiguousarray(patches.transpose(0, 2, 1, 3)).reshape(-1, c * math.prod(kernel))
 
 
 def consumers(model: ir.Model) -> list[Consumer]:
@@ -211,9 +228,45 @@ BUFFER_BYTES = 8 << 20  # per consumer: collect holds every consumer's buffer at
 
 
 def _products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """x^T y in float32, per block for 3-D features (overflow is checked on the sums)."""
+    """x^T y in float32, per block for 3-D features (overflow is checked on the sums).
+
+    Large products are cut into tiles of PRODUCT_TILE x PRODUCT_TILE outputs, computed on every
+    core by single-threaded BLAS (numpy lets go of the GIL): the tiles do not depend on the core
+    count, so neither do the bits (spa.statistics.one_blas_thread). x^T x computes its upper tiles
+    only and mirrors them."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return x.T @ y if x.ndim == 2 else np.matmul(x.transpose(1, 2, 0), y.transpose(1, 0, 2))
+        if x.ndim != 2:
+            return np.matmul(x.transpose(1, 2, 0), y.transpose(1, 0, 2))
+        rows, cols = _tiles(x.shape[1]), _tiles(y.shape[1])
+        if len(rows) * len(cols) == 1:
+            return x.T @ y
+        symmetric = y is x
+        out = np.empty((x.shape[1], y.shape[1]), dtype=np.result_type(x, y))
+        tasks = [(r, c) for r in rows for c in cols if not symmetric or c.start >= r.start]
+
+        def tile(task: tuple[slice, slice]) -> None:
+            r, c = task
+            out[r, c] = x[:, r].T @ y[:, c]
+
+        for _ in _pool().map(tile, tasks):
+            pass
+        if symmetric:
+            for r, c in tasks:
+                if c.start > r.start:
+                    out[c, r] = out[r, c].T
+        return out
+
+
+PRODUCT_TILE = 256
+
+
+def _tiles(size: int) -> list[slice]:
+    return [slice(i, min(i + PRODUCT_TILE, size)) for i in range(0, size, PRODUCT_TILE)]
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="spa-products")
 
 
 def _accumulate(total: np.ndarray | None, product: np.ndarray) -> np.ndarray:
