@@ -239,7 +239,7 @@ def prune(
     after = count(work, shapes=planned_shapes)
     verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
     if verdict is not None and data is not None and data.held_out:
-        pruned = verification.session(work, serialized=verdict.serialized, lean=large)
+        pruned = verification.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
         verdict.fidelity = verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(work), exact)
     if source is not None:
         before.file_bytes = io.file_bytes(source)
@@ -267,7 +267,7 @@ class _Calibrated:
     def __init__(self, model: ir.Model, source, input_shapes, seed: int):
         self.original = io.clone(model)
         try:
-            sess = verification.session(self.original)
+            sess = verification.session(self.original, threads=statistics.SESSION_THREADS)
         except Exception as e:  # onnxruntime raises untyped errors
             raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
         self.synthetic = isinstance(source, str) and source == "synthetic"

@@ -59,7 +59,7 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
         if np.ndim(source[name]) == 0:
             raise SpaError(f"{where}: the array for input '{name}' is a scalar; give samples along the first axis")
     count = len(source[names[0]])
-    step, fixed = _batch_size(sess)
+    step, fixed = batch_size(sess)
     if fixed:  # the model takes whole batches only
         count -= count % step
     if count == 0:
@@ -80,7 +80,7 @@ def hold_out(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> 
     held = sum(sizes) // HELD_OUT_SHARE
     if held == 0 or sum(sizes) - held < MIN_FIT:
         return feeds, []
-    fixed = _batch_size(sess)[1]
+    fixed = batch_size(sess)[1]
     fit, out = list(feeds), []
     while held > 0:
         if sizes[len(fit) - 1] <= held:
@@ -96,7 +96,7 @@ def hold_out(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> 
     return fit, out
 
 
-def _batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
+def batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
     """Samples per run: BATCH, or the batch size the model fixes (True): the first dim, when every
     input has the same fixed one (an RNN's initial state leads with its layers, not the batch)."""
     firsts = {a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None for a in sess.get_inputs()}
@@ -108,7 +108,7 @@ def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict
         if a.name not in (input_shapes or {}) and any(not isinstance(d, int) or d <= 0 for d in a.shape[1:]):
             raise CalibrationError(f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them with --input-shapes")
     feeds = []
-    batch, _ = _batch_size(sess)
+    batch, _ = batch_size(sess)
     for i in range(-(-SYNTHETIC_SAMPLES // batch)):
         shapes = {a.name: [batch, *a.shape[1:]] for a in sess.get_inputs()}  # all fixed, or given:
         shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
