@@ -71,6 +71,30 @@ def test_a_constant_channel_is_absorbed_into_the_bias():
     assert len(conv.inputs) == 3 and conv.inputs[2] is not None
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_the_last_layer_of_a_residual_block_makes_up_for_what_the_branch_lost(monkeypatch, residual):
+    """y = MatMul(MatMul(x, W1), W2) + x * c, where the pruned model's branch drifted (c moved, as
+    upstream pruning moves a residual stream): the refit of W2 reproduces the original sum, since
+    x (c - c') is linear in the 16 hidden features; fit to its own output only, it cannot."""
+    rng = np.random.default_rng(3)
+    c = rng.uniform(0.5, 1.5, 8).astype(np.float32)
+    g = Graph()
+    h = g.op("MatMul", "x", g.weight(8, 16))
+    g.op("Add", g.op("MatMul", h, g.weight(16, 8)), g.op("Mul", "x", g.const(c, "scale")))
+    g.nodes[-1].output[0] = "y"
+    original = ir.serde.deserialize_model(g.model({"x": [64, 8]}, {"y": [64, 8]}))
+    normalize.normalize(original)
+    pruned = io.clone(original)
+    scale = pruned.graph.initializers[next(n for n in pruned.graph.initializers if n.startswith("scale"))]
+    scale.const_value = ir.tensor(c + rng.uniform(0.2, 0.5, 8).astype(np.float32), name=scale.name)
+    if not residual:
+        monkeypatch.setattr(compensate, "_residual_partner", lambda *args: None)
+    feeds = [{"x": rng.standard_normal((64, 8)).astype(np.float32)} for _ in range(4)]
+    compensate.refit(original, pruned, statistics.consumers(original), feeds, {}, damping=1e-7)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    assert np.allclose(_run(original, x), _run(pruned, x), rtol=1e-3, atol=1e-3) == residual
+
+
 def test_a_layer_after_a_matmul_that_gained_a_bias_reads_it_with_the_bias():
     """x -> MatMul -> MatMul -> MatMul: removing a constant channel of the first gives the second a
     bias, an Add after it; the third must be refit on what it now reads, the Add's output (it read
