@@ -123,24 +123,32 @@ def _solve(consumer: Consumer, moments: _Halves | Means, original_node: ir.Node,
         solved[:, -1] += target @ moments.mean_other() - prior @ moments.mean()
         return solved
     features = prior.shape[1]
-    if cross_validate and features <= CV_FEATURES and moments.count < ROWS_PER_FEATURE * features and all(h.count for h in moments.halves):
-        damping = _cross_validated(moments.halves, target, prior.T, damping)
+    halves = all(h.count for h in moments.halves)
+    dampings = [damping]
+    if cross_validate and features <= CV_FEATURES and moments.count < ROWS_PER_FEATURE * features:
+        dampings = [damping * 10**k for k in range(4)]
+    targets = [target]
+    if residual and cross_validate:  # or its own output only, where that carries better
+        targets.insert(0, np.concatenate([target[:, :width], np.zeros_like(target[:, width:])], axis=1))
+    if halves and len(dampings) * len(targets) > 1:
+        target, damping = _cross_validated(moments.halves, targets, prior.T, dampings)
     return _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
 
 
-def _cross_validated(halves: tuple[Moments, Moments], target: np.ndarray, prior: np.ndarray, damping: float) -> float:
-    """The ridge, among damping x 1, 10, 100, 1000, whose fit on one half of the batches best
-    predicts the other's outputs, both ways: E|W x_p - T x_o|^2 = tr(W P W^T) - 2 tr(W C T^T) + const."""
-    stats = [(h.mean_gram(), h.mean_cross() @ target.T) for h in halves]
-    candidates = [damping * 10**k for k in range(4)]
-    errors = []
-    for candidate in candidates:
-        error = 0.0
-        for (gram, cross), (test_gram, test_cross) in ((stats[0], stats[1]), (stats[1], stats[0])):
-            x = _ridge(gram, cross, prior, candidate)  # (features, outputs)
-            error += float(np.sum((test_gram @ x) * x) - 2 * np.sum(test_cross * x))
-        errors.append(error)
-    return candidates[int(np.argmin(errors))]
+def _cross_validated(halves: tuple[Moments, Moments], targets: list[np.ndarray], prior: np.ndarray, dampings: list[float]) -> tuple[np.ndarray, float]:
+    """The target and ridge whose fit on one half of the batches best predicts the other's outputs
+    (those of the last target), both ways: E|W x_p - T x_o|^2 = tr(W P W^T) - 2 tr(W C T^T) + const."""
+    grams, crosses = [h.mean_gram() for h in halves], [h.mean_cross() for h in halves]
+    best, best_error = None, np.inf
+    for target in targets:
+        for damping in dampings:
+            error = 0.0
+            for fit, test in ((0, 1), (1, 0)):
+                x = _ridge(grams[fit], crosses[fit] @ target.T, prior, damping)  # (features, outputs)
+                error += float(np.sum((grams[test] @ x) * x) - 2 * np.sum((crosses[test] @ targets[-1].T) * x))
+            if error < best_error:
+                best, best_error = (target, damping), error
+    return best
 
 
 def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: float) -> np.ndarray:
