@@ -149,7 +149,7 @@ def test_the_ridge_is_cross_validated_where_rows_are_few(removed):
         halves.add(pruned_features[i : i + 8].astype(np.float32), original_features[i : i + 8].astype(np.float32))
     target = rng.standard_normal((5, 49))
     prior = target[:, list(range(40)) + [48]].T
-    chosen = compensate._cross_validated(halves.halves, target, prior, 0.01)
+    _, chosen = compensate._cross_validated(halves.halves, [target], prior, [0.01 * 10**k for k in range(4)])
     assert (chosen == 0.01) == (removed == "combinations of kept ones")
 
 
