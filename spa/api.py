@@ -124,6 +124,7 @@ def prune(
     max_group_ratio: float = 0.8,
     target_macs: float | None = None,
     target_params: float | None = None,
+    min_fidelity: float | None = None,
     prune_hidden: bool = False,
     calibration=None,
     compensate: bool | None = None,
@@ -150,6 +151,10 @@ def prune(
     global_ranking: the same as allocation="global".
     target_macs, target_params: search the ratio so that the model keeps at most this fraction of
         its MACs (params); `ratio` is then ignored.
+    min_fidelity: with calibration data, cut at most what `ratio` or the target asks, less where
+        needed so that the fidelity on held-out calibration samples (top-1 agreement for class
+        scores, else cosine; the worst output's) stays at least this: a bisection of the ratio, each
+        step a prune and refit of its own (about 6 of them).
     prune_hidden: also prune channels that normalizations (LayerNorm, RMSNorm) average over, such
         as a transformer's hidden size. Lossy: the statistics change, outputs are not preserved.
     calibration: sample inputs (a .npy/.npz path, an array, a dict of arrays, or an onnxruntime
@@ -161,7 +166,7 @@ def prune(
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
     start = time.perf_counter()
-    _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation)
+    _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation, min_fidelity)
     work, source = _load(model)
     large = io.is_large(work)  # then verified on shared weights and written with external data
     if output is not None:
@@ -171,49 +176,22 @@ def prune(
     reference = verification.reference(work, input_shapes, lean=large) if verify else None
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
-    consumers, note, data = statistics.consumers(work), None, None
-    if calibration is None and importance == "auto" and calibration_source.token_input(work) is not None:
-        try:  # a causal language model writes its own calibration text
-            data, calibration = _Calibrated(work, "generated", input_shapes, seed), "generated"
-        except CalibrationError as e:
-            note = f"no generated calibration text ({e})"
-    elif calibration is None and importance == "auto":
-        note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
-        if note is None:
-            try:  # data-free by default; a model that noise breaks (a Log of it) prunes without
-                result = prune(
-                    model, output, ratio=ratio, round_to=round_to, ignore=ignore, global_ranking=global_ranking,
-                    allocation=allocation, max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params,
-                    prune_hidden=prune_hidden, calibration="synthetic", compensate=compensate,
-                    input_shapes=input_shapes, verify=verify, seed=seed,
-                )  # fmt: skip
-                result.seconds = time.perf_counter() - start
-                return result
-            except CalibrationError as e:
-                note = f"the model fails on synthetic data ({e})"
-    elif calibration is not None:
-        data = _Calibrated(work, calibration, input_shapes, seed)
-    importance = ("obs" if data else "l2") if importance == "auto" else importance
-    allocation = "global" if global_ranking else allocation
-    if allocation == "auto":
-        allocation = "sensitivity" if data is not None and not data.synthetic else "uniform"
-    if allocation == "sensitivity" and data is None:
-        raise SpaError("--allocation sensitivity needs --calibration data")
-    if importance in DATA_CRITERIA and data is None:
-        raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
-    compensating = compensate if compensate is not None else True
-    means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
-    used = calibration if isinstance(calibration, str) and calibration in DATA_FREE else "data" if data else "batchnorm" if means else None
-    too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
-    method = Method(importance, used, compensating and used is not None, note, too_wide, allocation)
-    scores = data.scores(analysis, importance) if importance in DATA_CRITERIA else score(analysis, importance, seed)
-    if importance != "random":
-        scores = dead_first(analysis, scores)
+    consumers = statistics.consumers(work)
+    choice = dict(calibration=calibration, importance=importance, allocation="global" if global_ranking else allocation, compensate=compensate, input_shapes=input_shapes, seed=seed)
+    method, data, means = choose_method(work, analysis, consumers, large, **choice)
+    try:
+        scores = _scores(analysis, method, data, seed)
+    except CalibrationError as e:
+        if calibration is not None:
+            raise  # the user's own data: the error is theirs to see
+        # A model that noise breaks (NaN from a Log of it, float32 overflow) prunes without data.
+        method, data, means = choose_method(work, analysis, consumers, large, **choice, failed=f"the model fails on {method.calibration} data ({e})")
+        scores = _scores(analysis, method, data, seed)
     step = default_round_to() if round_to is None else round_to
 
     kind, goal = ("macs", target_macs) if target_params is None else ("params", target_params)
     curves = None
-    if allocation == "sensitivity":
+    if method.allocation == "sensitivity":
         measuring = time.perf_counter()
         curves = sensitivity.measure(
             analysis, lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
@@ -221,9 +199,9 @@ def prune(
         )  # fmt: skip
         method.sensitivity = {"samples": curves.samples, "trials": curves.trials, "seconds": time.perf_counter() - measuring}
 
-    def plan_for(r: float) -> Plan:
+    def plan_for(r: float, on: Analysis = analysis) -> Plan:
         shares = curves.shares(r) if curves is not None else None
-        return make_plan(analysis, scores, r, step, ignore, allocation == "global", max_group_ratio, shares)
+        return make_plan(on, scores, r, step, ignore, method.allocation == "global", max_group_ratio, shares)
 
     target = None
     if goal is not None:
@@ -231,12 +209,29 @@ def prune(
         target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
     else:
         plan = plan_for(ratio)
+    if min_fidelity is not None:
+        if data is None or not data.held_out:
+            raise SpaError("--min-fidelity needs --calibration data: real samples held out of the fit measure the fidelity")
+
+        def fidelity_at(r: float) -> float:  # a prune of a copy, refit, measured on the held-out samples
+            trial = io.clone(pristine)
+            on = analyze_model(trial, input_shapes, prune_hidden)
+            _remove_and_repair(on, plan_for(r, on).removed, statistics.consumers(trial), data if method.compensated else None, means)
+            pruned = verification.session(trial, threads=statistics.SESSION_THREADS, lean=large)
+            return verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(trial), False).similarity
+
+        pristine = io.clone(work)
+        ratio, target = _fidelity_search(fidelity_at, ratio, min_fidelity, target)
+        plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
     exact = verify and verification.all_zero(analysis, plan.removed)
-    if not _remove_and_repair(analysis, plan.removed, consumers, data if compensating else None, means) and used == "batchnorm":
+    if not _remove_and_repair(analysis, plan.removed, consumers, data if method.compensated else None, means) and method.calibration == "batchnorm":
         method.calibration, method.compensated = None, False  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
+    if target is not None and "kind" in target:  # the fidelity bound may have cut less
+        target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
+        target["met"] = target["reached"] <= goal
     verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
     if verdict is not None and data is not None and data.held_out:
         pruned = verification.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
@@ -246,6 +241,49 @@ def prune(
     if output is not None:
         after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
+
+
+def choose_method(
+    work: ir.Model, analysis: Analysis, consumers: list[statistics.Consumer], large: bool, *, calibration, importance: str, allocation: str,
+    compensate: bool | None, input_shapes, seed: int, failed: str | None = None,
+) -> tuple[Method, _Calibrated | None, dict]:
+    """How channels are chosen and layers repaired, from the options and the model: the criterion,
+    the calibration source (the user's data; else text a causal LM generates, or synthetic data
+    where that is cheap enough; else none), the allocation and the repair. Returns the method, the
+    calibration (None without data) and, for the data-free repair, BatchNormalization means.
+    failed: why a data-free source spa chose did not work (then none is tried)."""
+    note, data, source = failed, None, calibration
+    if calibration is None and importance == "auto" and failed is None:
+        if calibration_source.token_input(work) is not None:
+            source = "generated"  # a causal language model writes its own calibration text
+        else:
+            note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
+            source = "synthetic" if note is None else None
+    if source is not None:
+        try:
+            data = _Calibrated(work, source, input_shapes, seed)
+        except CalibrationError as e:
+            if calibration is not None:
+                raise
+            note = f"no generated calibration text ({e})" if source == "generated" else f"the model fails on synthetic data ({e})"
+    importance = ("obs" if data else "l2") if importance == "auto" else importance
+    if allocation == "auto":
+        allocation = "sensitivity" if data is not None and not data.synthetic else "uniform"
+    if allocation == "sensitivity" and data is None:
+        raise SpaError("--allocation sensitivity needs --calibration data")
+    if importance in DATA_CRITERIA and data is None:
+        raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
+    compensating = compensate if compensate is not None else True
+    means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
+    data_free = isinstance(source, str) and source in DATA_FREE
+    used = (source if data_free else "data") if data is not None else "batchnorm" if means else None
+    too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
+    return Method(importance, used, compensating and used is not None, note, too_wide, allocation), data, means
+
+
+def _scores(analysis: Analysis, method: Method, data: _Calibrated | None, seed: int) -> dict[int, float]:
+    scores = data.scores(analysis, method.importance) if method.importance in DATA_CRITERIA else score(analysis, method.importance, seed)
+    return scores if method.importance == "random" else dead_first(analysis, scores)
 
 
 def _remove_and_repair(analysis: Analysis, removed, consumers: list[statistics.Consumer], data: _Calibrated | None, means: dict) -> int:
@@ -294,7 +332,7 @@ class _Calibrated:
         refit(self.original, pruned, self.consumers, self.feeds, keeps, cross_validate=not self.synthetic)
 
 
-def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation) -> None:
+def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation, min_fidelity) -> None:
     if allocation not in ALLOCATIONS:
         raise SpaError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if not 0.0 <= ratio < 1.0:
@@ -310,6 +348,8 @@ def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, ta
     for name, value in (("--target-macs", target_macs), ("--target-params", target_params)):
         if value is not None and not 0.0 < value <= 1.0:
             raise SpaError(f"{name} must be a fraction in (0, 1], got {value}")
+    if min_fidelity is not None and not 0.0 < min_fidelity <= 1.0:
+        raise SpaError(f"--min-fidelity must be in (0, 1], got {min_fidelity}")
 
 
 def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal: float) -> tuple[float, Plan, float]:
@@ -336,6 +376,27 @@ def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal:
     return best
 
 
+def _fidelity_search(fidelity_at, ratio: float, bound: float, target: dict | None) -> tuple[float, dict]:
+    """The largest ratio up to `ratio` whose held-out fidelity is at least `bound`, by bisection
+    (fidelity falls as the cut grows). Returns it and the target record, which keeps the MACs or
+    params target the ratio came from and adds the fidelity steps."""
+    probes = [(ratio, fidelity_at(ratio))]
+    lo, hi, best = 0.0, ratio, None
+    if probes[0][1] >= bound:
+        best = ratio
+    else:
+        for _ in range(_FIDELITY_STEPS):
+            mid = (lo + hi) / 2
+            probes.append((mid, fidelity_at(mid)))
+            lo, hi = (mid, hi) if probes[-1][1] >= bound else (lo, mid)
+            best = lo if lo > 0 else None
+    chosen = best if best is not None else 0.0
+    reached = dict(probes).get(chosen, 1.0)
+    record = dict(target or {}, fidelity={"bound": bound, "reached": reached, "met": reached >= bound, "ratio": chosen, "steps": [{"ratio": r, "fidelity": f} for r, f in probes]})
+    return chosen, record
+
+
+_FIDELITY_STEPS = 5  # the ratio to within 1/32 of the cut asked for
 _MAX_RATIO = 0.99
 DATA_FREE = ("synthetic", "generated")  # calibration sources spa makes itself
 _SEARCH_STEPS = 14  # ratio to within 1e-4

@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with global or sensitivity allocation: the most any group may lose (default 0.8)")
     prune.add_argument("--target-macs", type=float, default=None, metavar="F", help="prune until at most the fraction F of the MACs remains (searches the ratio)")
     prune.add_argument("--target-params", type=float, default=None, metavar="F", help="prune until at most the fraction F of the params remains")
+    prune.add_argument("--min-fidelity", type=float, default=None, metavar="F", help="with --calibration: cut at most what --ratio or the target asks, less where needed to keep the fidelity on held-out calibration samples (top-1 agreement for class scores, else cosine) at least F; bisects the ratio, a prune and refit per step (about 6)")
     _prune_hidden(prune)
     _common(prune)
     prune.add_argument("--no-verify", action="store_true", help="skip the checker and onnxruntime checks of the result")
@@ -251,6 +252,7 @@ def _command(args) -> dict:
             max_group_ratio=args.max_group_ratio,
             target_macs=args.target_macs,
             target_params=args.target_params,
+            min_fidelity=args.min_fidelity,
             prune_hidden=args.prune_hidden,
             calibration=args.calibration,
             compensate=False if args.no_compensate else None,
@@ -267,10 +269,15 @@ def _command(args) -> dict:
         if not groups:
             print("nothing to prune: every channel reaches an input, an output or a barrier (see `spa analyze`); the model is written unchanged in structure")
         print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} units (channels or heads) removed in {result.seconds:.2f} s")
-        if result.target is not None:
-            t = result.target
-            verdict = "met" if t["met"] else "NOT met (the most spa can remove)"
+        t = result.target or {}
+        bound = t.get("fidelity")
+        if "kind" in t:
+            verdict = "met" if t["met"] else "NOT met (" + ("--min-fidelity stopped the cut" if bound else "the most spa can remove") + ")"
             print(f"target: {t['kind']} <= {t['target']:g} of the original; reached {t['reached']:.3f}, {verdict}")
+        if bound:
+            steps = ", ".join(f"{s['ratio']:.3g}: {s['fidelity']:.3f}" for s in bound["steps"])
+            verdict = f"kept at ratio {bound['ratio']:.3g}" if bound["ratio"] else "NOT met by any cut tried: nothing removed"
+            print(f"fidelity bound: held-out fidelity >= {bound['bound']:g}, {verdict} (ratio: fidelity tried: {steps})")
         print(f"method: {result.method.describe()}")
         print(report.table(result.before, result.after, latency))
         if latency is not None:

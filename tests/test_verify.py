@@ -112,3 +112,22 @@ def test_a_likely_broken_prune_says_so_on_stderr_and_in_the_json(tmp_path, capsy
     report = json.loads((tmp_path / "r.json").read_text())["verify"]
     assert report["likely_broken"] and report["fidelity"]["similarity"] < verify.BROKEN_SIMILARITY
     assert "WARNING: the pruned model is likely broken" in capsys.readouterr().err
+
+
+def test_min_fidelity_cuts_less_where_the_held_out_fidelity_would_fall_below_the_bound(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(classifier(), path)
+    x = np.random.default_rng(1).standard_normal((256, 16)).astype(np.float32)
+    options = dict(ratio=0.9, round_to=1, calibration=x, importance="l2", compensate=False, allocation="uniform")
+    deep = spa.prune(path, **options)
+    bound = (1.0 + deep.verdict.fidelity.similarity) / 2  # the full cut misses it
+    bounded = spa.prune(path, min_fidelity=bound, **options)
+    record = bounded.target["fidelity"]
+    assert 0 < bounded.ratio < 0.9 and record["met"] and record["steps"][0]["ratio"] == 0.9
+    assert bounded.verdict.fidelity.similarity >= bound and bounded.after.macs > deep.after.macs
+    np.savez(tmp_path / "cal.npz", x=x)
+    args = ["prune", str(path), str(tmp_path / "out.onnx"), "--ratio", "0.9", "--round-to", "1", "--importance", "l2", "--no-compensate", "--allocation", "uniform"]
+    assert main([*args, "--calibration", str(tmp_path / "cal.npz"), "--min-fidelity", str(bound)]) == 0
+    assert f"fidelity bound: held-out fidelity >= {bound:g}, kept at ratio {bounded.ratio:.3g}" in capsys.readouterr().out
+    assert main([*args, "--min-fidelity", "0.9"]) == 1  # no data, nothing to measure it on
+    assert "--min-fidelity needs --calibration data" in capsys.readouterr().err
