@@ -642,12 +642,57 @@ def save_rows(rows: list[Row], pass_s: float, weights: int) -> None:
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
+# ---------------------------------------------------------------------------- the CI slice
+
+SLICE_END = "/_blocks.7/Add_output_0"  # the stem and 8 MBConv blocks (4 residual), 250 K params
+SLICE = SCRIPTS.parent / "models" / "real" / "efficientnet_lite0_blocks0-7.onnx"
+SLICE_SIZE = 64  # pixels: the static padding is computed at run time, any size runs
+
+
+def ort_session_from(proto):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def write_slice() -> None:
+    """A small real model and real data for tests/test_real.py: EfficientNet-Lite0 (legacy export,
+    ImageNet weights) up to the end of block 7, and 64x64 uint8 crops: 64 for calibration from the
+    scikit-image photos, 32 for evaluation from the foolbox images (its 20 centre crops first)."""
+    import onnx
+    from PIL import Image
+
+    model = EfficientNetLite0()
+    full = onnx.shape_inference.infer_shapes(onnx.load(model.onnx("legacy")))
+    cut = onnx.utils.Extractor(full).extract_model(["input"], [SLICE_END])
+    for dim in cut.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_value = SLICE_SIZE
+    del cut.graph.value_info[:]
+    features = ort_session_from(cut).run(None, {"input": np.zeros((1, 3, SLICE_SIZE, SLICE_SIZE), np.float32)})[0]
+    out = cut.graph.output[0]
+    out.name = "features"
+    cut.graph.node[-1].output[0] = "features"
+    out.type.tensor_type.shape.dim[0].dim_param = "batch"
+    for dim, size in zip(out.type.tensor_type.shape.dim[1:], features.shape[1:]):
+        dim.dim_value = size
+    onnx.checker.check_model(cut, full_check=True)
+    SLICE.parent.mkdir(exist_ok=True)
+    onnx.save(cut, SLICE)
+
+    def small(x: np.ndarray) -> np.ndarray:  # (x - 127) / 128 of whole pixels, back to uint8, resized
+        pixels = np.clip(np.rint(x * 128 + 127), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return np.stack([np.asarray(Image.fromarray(p).resize((SLICE_SIZE, SLICE_SIZE), Image.BILINEAR)) for p in pixels]).transpose(0, 3, 1, 2)
+
+    np.savez_compressed(SLICE.with_suffix(".npz"), calibration=small(np.load(model.calibration)["input"][:64]), evaluation=small(np.load(model.evaluation)["input"][:32]))
+    print(f"wrote {SLICE} ({SLICE.stat().st_size:,} bytes) and {SLICE.with_suffix('.npz')} ({SLICE.with_suffix('.npz').stat().st_size:,} bytes)")
+
+
 # ---------------------------------------------------------------------------- main
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=("build", "measure"), default="measure")
+    parser.add_argument("command", nargs="?", choices=("build", "measure", "slice"), default="measure")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--exporters", default=None, help="legacy,dynamo (default: build both where they work; measure the first: "
                         + ", ".join(f"{m.name} {m.exporters[0]}" for m in MODELS.values()) + ")")
@@ -679,6 +724,8 @@ def main() -> None:
     models = [MODELS[name] for name in args.models.split(",")]
     if args.command == "build":
         return build(models, args.exporters)
+    if args.command == "slice":
+        return write_slice()
     import onnxruntime
 
     print(f"onnxruntime {onnxruntime.__version__}, {THREADS} threads; round_to {args.round_to}; spa from {args.spa or 'the installed package'}")
