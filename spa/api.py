@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from spa import io, verify as verification
+from spa import io, progress, verify as verification
 from spa.analysis import Analysis, analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
@@ -167,18 +167,24 @@ def prune(
     """
     start = time.perf_counter()
     _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation, min_fidelity)
+    progress.step("reading the model")
     work, source = _load(model)
     large = io.is_large(work)  # then verified on shared weights and written with external data
     if output is not None:
         io.check_output_path(source, Path(output))
     expected_signature = verification.signature(work)
+    progress.step("normalizing")
     normalize(work)
+    progress.step("running the original on the verification inputs")
     reference = verification.reference(work, input_shapes, lean=large) if verify else None
+    progress.step("finding the coupled channels")
     analysis = analyze_model(work, input_shapes, prune_hidden)
     before = count(work, shapes=analysis.shapes)
     consumers = statistics.consumers(work)
+    progress.step("choosing the method (and reading or making calibration data)")
     choice = dict(calibration=calibration, importance=importance, allocation="global" if global_ranking else allocation, compensate=compensate, input_shapes=input_shapes, seed=seed)
     method, data, means = choose_method(work, analysis, consumers, large, **choice)
+    progress.step(f"scoring channels ({method.importance})")
     try:
         scores = _scores(analysis, method, data, seed)
     except CalibrationError as e:
@@ -192,6 +198,7 @@ def prune(
     kind, goal = ("macs", target_macs) if target_params is None else ("params", target_params)
     curves = None
     if method.allocation == "sensitivity":
+        progress.step("measuring each group's sensitivity")
         measuring = time.perf_counter()
         curves = sensitivity.measure(
             analysis, lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
@@ -203,6 +210,7 @@ def prune(
         shares = curves.shares(r) if curves is not None else None
         return make_plan(on, scores, r, step, ignore, method.allocation == "global", max_group_ratio, shares)
 
+    progress.step("planning")
     target = None
     if goal is not None:
         ratio, plan, reached = _search_ratio(analysis, before, plan_for, kind, goal)
@@ -220,25 +228,30 @@ def prune(
             pruned = verification.session(trial, threads=statistics.SESSION_THREADS, lean=large)
             return verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(trial), False).similarity
 
+        progress.step(f"searching the cut that keeps fidelity >= {min_fidelity:g}")
         pristine = io.clone(work)
         ratio, target = _fidelity_search(fidelity_at, ratio, min_fidelity, target)
         plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
     exact = verify and verification.all_zero(analysis, plan.removed)
+    progress.step("removing channels" + (" and refitting" if method.compensated else ""))
     if not _remove_and_repair(analysis, plan.removed, consumers, data if method.compensated else None, means) and method.calibration == "batchnorm":
         method.calibration, method.compensated = None, False  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
     if target is not None and "kind" in target:  # the fidelity bound may have cut less
         target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
         target["met"] = target["reached"] <= goal
+    progress.step("verifying the pruned model")
     verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
     if verdict is not None and data is not None and data.held_out:
+        progress.step("measuring fidelity on held-out samples")
         pruned = verification.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
         verdict.fidelity = verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(work), exact)
     if source is not None:
         before.file_bytes = io.file_bytes(source)
     if output is not None:
+        progress.step("writing the pruned model")
         after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
 

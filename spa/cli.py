@@ -132,7 +132,8 @@ def _main(argv: list[str] | None) -> int:
         warnings.simplefilter("ignore")  # library warnings would break the one-line errors
     with _logging(args.verbose):
         try:
-            return _run(args)
+            with progress.watchdog(args.command):
+                return _run(args)
         except SpaError as e:
             line = f"error: {e}"
         except BrokenPipeError:  # `spa ... | head`: the reader has what it wanted; the work is done
@@ -262,6 +263,7 @@ def _command(args) -> dict:
         )
         latency = None
         if args.bench:
+            progress.step("timing the original and the pruned model")
             # Both from memory: the output is not in place until the command ends (all or nothing).
             timings = bench.benchmark([io.load(args.input), result.model], ["before", "after"], args.threads, input_shapes=shapes)
             latency = (timings[0].median_ms, timings[1].median_ms)

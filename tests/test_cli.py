@@ -98,3 +98,16 @@ def test_external_data_location_that_is_not_utf8_is_one_line(tmp_path):
     run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "not a valid file name" in run.stderr, run.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_step(tmp_path, capsys, monkeypatch):
+    from spa import progress
+    from spa.cli import main
+
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)  # every second of a step is "too long"
+    assert main(["prune", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("spa: ") and " s so far" in line for line in lines), lines
+    run = spa("prune", "-v", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx"))
+    for step in ("finding the coupled channels ...", "removing channels and refitting: ", "verifying the pruned model: "):
+        assert f"spa.progress: {step}" in run.stderr, run.stderr
