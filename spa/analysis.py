@@ -21,8 +21,9 @@ import onnx_ir as ir
 
 from spa import rules
 from spa.labels import LabelSets, compress, varying_axes
-from spa.normalize import opset_version
+from spa.graph import opset_version
 from spa.shapes import concrete_shapes
+from spa.graph import is_default_domain
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class Propagation:
         `x.size(1)`, a ConstantOfShape summed up, a Range, a barrier) would silently change, so the
         channels it reads stay."""
         for node in self.model.graph:
-            if node.op_type not in ("Shape", "Size") or not rules.is_default_domain(node):
+            if node.op_type not in ("Shape", "Size") or not is_default_domain(node):
                 continue
             labels = self.labels(node.inputs[0])  # of the input's rank, or none where its shape is unknown
             if not any(labels.shape[a] > 1 for a in _axes_read(node, labels.ndim)):
@@ -383,7 +384,7 @@ def _axes_read(node: ir.Node, rank: int) -> range:
 
 
 def _op_name(node: ir.Node) -> str:
-    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+    return f"{node.domain}::{node.op_type}" if not is_default_domain(node) else node.op_type
 
 
 def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False) -> Analysis:

@@ -15,7 +15,7 @@ from spa import io, progress, verify as verification
 from spa.analysis import Analysis, analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
-from spa.errors import CalibrationError, SpaError
+from spa.errors import CalibrationError, SpaError, first_line
 from spa.normalize import normalize
 from spa.plan import ALLOCATIONS, Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, sensitivity, statistics
@@ -87,7 +87,7 @@ def _corrupt_model_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ir.serde.SerdeError as e:
-            raise SpaError(f"the model cannot be serialized again, is it corrupt? ({str(e).splitlines()[0][:160]})") from None
+            raise SpaError(f"the model cannot be serialized again, is it corrupt? ({first_line(e, 160)})") from None
 
     return wrapper
 
@@ -320,7 +320,7 @@ class _Calibrated:
         try:
             sess = verification.session(self.original, threads=statistics.SESSION_THREADS)
         except Exception as e:  # onnxruntime raises untyped errors
-            raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0]}") from None
+            raise CalibrationError(f"onnxruntime cannot open the model for calibration: {first_line(e)}") from None
         self.synthetic = isinstance(source, str) and source == "synthetic"
         if isinstance(source, str) and source == "generated" and calibration_source.token_input(model) is None:
             raise CalibrationError("--calibration generated needs a causal language model: token ids [batch, sequence] in, logits [batch, sequence, vocabulary] from an LM head out")

@@ -17,6 +17,7 @@ from spa.labels import axis_keeps, varying_axes
 from spa.names import Names
 from spa.normalize import infer_shapes
 from spa.rules import shape_pieces
+from spa.graph import constant, is_default_domain, opset_version
 
 
 def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tuple[int, ...]]:
@@ -49,7 +50,7 @@ def apply(analysis: Analysis, removed: np.ndarray) -> None:
     surgery.slice_members()
     for node in list(analysis.model.graph):
         rewrite = _REWRITES.get(node.op_type)
-        if rewrite is not None and node.domain in ("", "ai.onnx"):
+        if rewrite is not None and is_default_domain(node):
             rewrite(surgery, node)
     surgery.rewrite_scaled_dims()
     common_passes.RemoveUnusedNodesPass()(analysis.model)
@@ -111,7 +112,7 @@ class _Surgery:
         if old is not None and np.array_equal(old.const_value.numpy(), array):
             return
         name = self.names.fresh(f"{old.name}_pruned" if old is not None and old.name else f"{node.name or node.op_type}_input{index}")
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+        value = constant(name, array)
         self.analysis.model.graph.register_initializer(value)
         if index >= len(node.inputs):
             node.resize_inputs(index + 1)
@@ -214,7 +215,7 @@ def _split(s: _Surgery, node: ir.Node) -> None:
     rank = len(s.analysis.shapes[x])
     axis = node.attributes.get_int("axis", 0) % rank
     sizes = np.array([s.dims(o)[axis] for o in node.outputs], dtype=np.int64)
-    if s.analysis.model.opset_imports.get("", 1) >= 13:
+    if opset_version(s.analysis.model) >= 13:
         node.attributes.pop("num_outputs", None)
         s.set_constant(node, 1, sizes)
     else:

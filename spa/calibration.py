@@ -251,7 +251,7 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
             features = shape[c.feature_axis]
             rows = math.prod(shape) // max(features, 1) // batch
         else:
-            features = shape[1] * math.prod(c.conv["kernel"]) // (shape[1] if c.kind == "depthwise" else 1)
+            features = shape[1] * c.kernel_size // (shape[1] if c.kind == "depthwise" else 1)
             rows = min(POSITIONS_PER_SAMPLE, math.prod(shape[2:])) * (shape[1] if c.kind == "depthwise" else 1)
         products += 3 * rows * features**2
         solves += 8 * features**3 if c.kind != "depthwise" else 0

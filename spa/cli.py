@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from spa import __version__, progress
-from spa.errors import Interrupted, SpaError, describe_os_error
+from spa.errors import Interrupted, SpaError, describe_os_error, first_line
 
 # Exit codes (README, "Robust by default"). An interrupt exits 128 + the signal's number, as a
 # shell reports a process that a signal ended: 130 for SIGINT (Ctrl-C), 143 for SIGTERM.
@@ -144,7 +144,7 @@ def _main(argv: list[str] | None) -> int:
         except Exception as e:  # a bug: still one line unless the user asked for details
             if args.verbose:
                 traceback.print_exc()
-            line = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with -v for details)"
+            line = f"internal error: {type(e).__name__}: {first_line(e)} (run with -v for details)"
     progress.clear()
     print(f"spa: {line}", file=sys.stderr)
     return EXIT_ERROR

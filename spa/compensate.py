@@ -30,6 +30,7 @@ import onnx_ir as ir
 from spa.names import Names
 from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Means, Moments, one_blas_thread
+from spa.graph import constant
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
 # Cross-validate lambda (DAMPING times 1, 10, 100, 1000) where a layer has fewer rows than this many
@@ -205,8 +206,7 @@ def _kept_features(consumer: Consumer, keep: list[np.ndarray] | None, features: 
         kept = np.ones(features, dtype=bool)
     else:
         per_channel = keep[consumer.in_axis]
-        kernel = int(np.prod(consumer.conv["kernel"])) if consumer.kind == "conv" else 1
-        kept = np.repeat(per_channel, kernel)
+        kept = np.repeat(per_channel, consumer.columns_per_channel)
     return np.append(kept, True)
 
 
@@ -235,7 +235,7 @@ def _set_bias(model: ir.Model, names: Names, node: ir.Node, bias: np.ndarray) ->
         current.shape = ir.Shape(bias.shape)
         return
     name = names.fresh(f"{node.inputs[1].name}_bias")
-    value = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)), const_value=ir.tensor(bias, name=name))
+    value = constant(name, bias)
     model.graph.register_initializer(value)
     if len(node.inputs) < 3:
         node.resize_inputs(3)
@@ -246,7 +246,7 @@ def _add_after(model: ir.Model, names: Names, node: ir.Node, bias: np.ndarray) -
     """A MatMul has no bias input: add one after it."""
     out = node.outputs[0]
     name = names.fresh(f"{node.inputs[1].name}_bias")
-    value = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)), const_value=ir.tensor(bias, name=name))
+    value = constant(name, bias)
     model.graph.register_initializer(value)
     add = ir.node("Add", [out, value], name=names.fresh(f"{node.name or node.op_type}_bias"))
     model.graph.insert_after(node, add)
@@ -276,9 +276,8 @@ def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndar
         if c.weight not in means or keep is None or node is None or keep[c.in_axis].all() or len(means[c.weight]) != len(keep[c.in_axis]):
             continue
         matrix = _with_bias(c, node, weights)[:, :-1]
-        kernel = int(np.prod(c.conv["kernel"])) if c.kind == "conv" else 1
         removed = ~_kept_features(c, keep, matrix.shape[1])[:-1]
-        shifts[c.weight] = (matrix[:, removed] @ np.repeat(means[c.weight], kernel)[removed])[keep[c.out_axis]]
+        shifts[c.weight] = (matrix[:, removed] @ np.repeat(means[c.weight], c.columns_per_channel)[removed])[keep[c.out_axis]]
     return shifts
 
 

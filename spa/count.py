@@ -13,6 +13,7 @@ import math
 import onnx_ir as ir
 
 from spa.shapes import concrete_shapes
+from spa.graph import is_default_domain
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -45,7 +46,7 @@ def count(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, sha
 
 def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
     """Multiply-accumulates of one node, 0 for ops that do not multiply matrices."""
-    if node.domain not in ("", "ai.onnx"):
+    if not is_default_domain(node):
         return 0
     op = node.op_type
     out = shapes.get(node.outputs[0]) if node.outputs else None

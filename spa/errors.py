@@ -38,6 +38,12 @@ _OS_ERRORS = {
 }
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (onnxruntime's run to pages), or its type's name."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError: the file concerned, then the problem and what to do."""
     problem = _OS_ERRORS.get(e.errno, e.strerror or str(e) or type(e).__name__)

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from spa.errors import SpaError
+from spa.errors import SpaError, first_line
+from spa.graph import opset_version
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as e:  # protobuf gives no typed errors
-        raise SpaError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+        raise SpaError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
     _check_external_data(model, path)
     _check_versions(model, path)
     _check_structure(model, path)
@@ -63,7 +64,7 @@ def _check_tensors(model: ir.Model, path: Path) -> None:
             else:
                 tensor.numpy()
         except Exception as e:
-            raise SpaError(f"{path}: tensor '{value.name}' does not match its shape {list(tensor.shape)} ({_first_line(e)})") from None
+            raise SpaError(f"{path}: tensor '{value.name}' does not match its shape {list(tensor.shape)} ({first_line(e)})") from None
 
 
 def _check_structure(model: ir.Model, path: Path) -> None:
@@ -98,7 +99,7 @@ def _checker_error(path: Path, proto: onnx.ModelProto | None = None) -> str | No
                 checkable = _checkable(proto or onnx.load(path, load_external_data=False), path, Path(folder))
                 onnx.checker.check_model(checkable, full_check=True)
     except Exception as e:
-        return _first_line(e)
+        return first_line(e)
     return None
 
 
@@ -150,16 +151,11 @@ def _check_versions(model: ir.Model, path: Path) -> None:
     """The onnx package here must know the model's IR version and default-domain opset."""
     if model.ir_version > onnx.IR_VERSION:
         raise SpaError(f"{path}: IR version {model.ir_version} is newer than this onnx supports ({onnx.IR_VERSION}); upgrade onnx")
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    opset = opset_version(model, default=None)
     if opset is not None and opset > onnx.defs.onnx_opset_version():
         raise SpaError(f"{path}: opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()}); upgrade onnx")
     if opset is not None and opset < 7:
         raise SpaError(f"{path}: opset {opset} is too old (spa needs 7 or newer); convert it with onnx.version_converter")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -254,7 +250,7 @@ def load_arrays(path: Path, flag: str) -> np.ndarray | dict[str, np.ndarray]:
     except SpaError:
         raise
     except (OSError, ValueError, EOFError) as e:
-        raise SpaError(f"{flag} {path}: not a readable .npy or .npz file ({_first_line(e)})") from None
+        raise SpaError(f"{flag} {path}: not a readable .npy or .npz file ({first_line(e)})") from None
 
 
 def _check_npy_header(f, size: int, where: str) -> None:
@@ -419,6 +415,6 @@ def _inline_external_tensors(model: ir.Model) -> None:
 
 
 def clone(model: ir.Model) -> ir.Model:
-    """An independent copy (weights read into memory)."""
-    _inline_external_tensors(model)
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """An independent copy of the graph that shares the weight tensors (memory-mapped ones stay
+    so): spa never writes into a tensor, it replaces a value's tensor (apply, compensate)."""
+    return model.clone()

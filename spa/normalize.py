@@ -15,6 +15,7 @@ import onnx_ir.passes.common as common_passes
 
 from spa.evaluate import run_node
 from spa.names import Names
+from spa.graph import constant, is_default_domain, opset_version
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def push_casts_into_concats(model: ir.Model) -> int:
     pushed = 0
     for node in list(graph):
         concat = node.inputs[0].producer() if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None else None
-        if concat is None or concat.op_type != "Concat" or node.domain not in ("", "ai.onnx") or concat.domain not in ("", "ai.onnx"):
+        if concat is None or concat.op_type != "Concat" or not is_default_domain(node) or not is_default_domain(concat):
             continue
         out, vector = node.outputs[0], node.inputs[0]
         if out.is_graph_output() or vector.type is None or vector.type.dtype not in _INTEGERS or vector.shape is None or len(vector.shape) != 1:
@@ -134,10 +135,6 @@ def _all_zeros(value: ir.Value) -> bool:
     return False
 
 
-def opset_version(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
 def fold_constants(model: ir.Model) -> int:
     """Replace every default-domain node whose inputs are all constant by initializers.
 
@@ -148,7 +145,7 @@ def fold_constants(model: ir.Model) -> int:
     graph = model.graph
     folded = 0
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC:
+        if not is_default_domain(node) or node.op_type in _NONDETERMINISTIC:
             continue
         if any(isinstance(a.value, (ir.Graph, list)) and a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             continue
@@ -170,7 +167,7 @@ def fold_constants(model: ir.Model) -> int:
         for out, array in zip(node.outputs, results):
             if not out.name or not out.uses():
                 continue
-            const = ir.Value(name=out.name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=out.name))
+            const = constant(out.name, array)
             out.replace_all_uses_with(const)
             out.name = None
             graph.register_initializer(const)

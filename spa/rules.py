@@ -29,6 +29,7 @@ import onnx_ir as ir
 from spa.evaluate import run_node
 from spa.labels import varying_axes
 from spa.labels import compress as compress_labels
+from spa.graph import is_default_domain
 
 if TYPE_CHECKING:
     from spa.analysis import Propagation
@@ -49,10 +50,6 @@ def rule(*ops: str):
         return fn
 
     return register
-
-
-def is_default_domain(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx")
 
 
 def rule_for(node: ir.Node) -> Rule | None:
@@ -666,7 +663,7 @@ def _shape_entries(prop: Propagation, value: ir.Value) -> list:
 def dims_of(prop: Propagation, value: ir.Value) -> list | None:
     """Trace a run-time integer vector back through Shape and the ops that pick its elements."""
     producer = value.producer()
-    if producer is None or producer.domain not in ("", "ai.onnx"):
+    if producer is None or not is_default_domain(producer):
         return None
     if producer.op_type == "Shape":
         source = producer.inputs[0]

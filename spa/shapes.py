@@ -11,7 +11,7 @@ import math
 
 import onnx_ir as ir
 
-from spa.errors import SpaError
+from spa.errors import SpaError, first_line
 from spa.normalize import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) ->
     except SpaError:
         raise
     except Exception as e:  # custom ops, or a model onnxruntime refuses: those shapes stay unknown
-        logger.info("no shapes from onnxruntime: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        logger.info("no shapes from onnxruntime: %s", first_line(e))
         return {}
     finally:
         model.graph.outputs.clear()

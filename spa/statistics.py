@@ -20,9 +20,10 @@ import onnx_ir as ir
 import threadpoolctl
 
 from spa.analysis import Analysis
-from spa.errors import CalibrationError
+from spa.errors import CalibrationError, first_line
 from spa.progress import Progress
 from spa.verify import session
+from spa.graph import is_default_domain
 
 
 @dataclasses.dataclass
@@ -37,6 +38,16 @@ class Consumer:
     feature_axis: int = -1  # the input's feature axis (dense; 0 for Gemm with transA)
     groups: int = 1  # a depthwise conv's groups: its input channels
     width: int = 0  # input features (a depthwise conv: per channel)
+
+    @property
+    def kernel_size(self) -> int:
+        """Weights per input channel and output: a conv's kernel elements, else 1."""
+        return math.prod(self.conv["kernel"]) if self.conv is not None else 1
+
+    @property
+    def columns_per_channel(self) -> int:
+        """Weight-matrix columns per input channel: a (non-depthwise) conv's kernel, else 1."""
+        return self.kernel_size if self.kind == "conv" else 1
 
     @property
     def wide(self) -> bool:
@@ -115,7 +126,7 @@ def im2col(x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int]
 def consumers(model: ir.Model) -> list[Consumer]:
     found = []
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        if not is_default_domain(node) or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if w is None or w.const_value is None or x is None or x.const_value is not None or not w.name:
@@ -424,14 +435,14 @@ def _open(model: ir.Model, only_for: list[str] | None = None):
     try:
         return session(model, threads=SESSION_THREADS, only_for=only_for)
     except Exception as e:  # onnxruntime raises untyped errors
-        raise CalibrationError(f"onnxruntime cannot open the model for calibration: {str(e).strip().splitlines()[0][:300]}") from None
+        raise CalibrationError(f"onnxruntime cannot open the model for calibration: {first_line(e)}") from None
 
 
 def _run(sess, names: list[str], feed: dict) -> list:
     try:
         return sess.run(names, feed)
     except Exception as e:  # onnxruntime raises untyped errors
-        raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {str(e).strip().splitlines()[0]}") from None
+        raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {first_line(e)}") from None
 
 
 def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndarray]:

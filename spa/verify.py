@@ -23,8 +23,9 @@ import onnxruntime as ort
 
 ort.set_default_logger_severity(4)  # onnxruntime's own log lines would break the one-line errors
 
-from spa.errors import SpaError
-from spa.io import _PROTO_LIMIT, _first_line, _inline_external_tensors, is_large
+from spa.errors import SpaError, first_line
+from spa.graph import is_default_domain
+from spa.io import _PROTO_LIMIT, _inline_external_tensors, is_large
 
 
 T = TypeVar("T")
@@ -47,7 +48,7 @@ def isolated(run: Callable[[], T], doing: str) -> T:
             try:
                 payload = pickle.dumps((True, run()))
             except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent
-                payload = pickle.dumps((False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
+                payload = pickle.dumps((False, f"{type(e).__name__}: {first_line(e)}"))
             with os.fdopen(write, "wb") as pipe:
                 pipe.write(payload)
         finally:
@@ -199,16 +200,12 @@ def class_scores(model: ir.Model) -> dict[str, str]:
         if not isinstance(last, int) or last < 2:
             continue
         value = output
-        while value.producer() is not None and value.producer().op_type in _PASS_THROUGH and is_default(value.producer()):
+        while value.producer() is not None and value.producer().op_type in _PASS_THROUGH and is_default_domain(value.producer()):
             value = value.producer().inputs[0]
         producer = value.producer()
-        if producer is not None and is_default(producer) and producer.op_type in _SCORE_MAKERS:
+        if producer is not None and is_default_domain(producer) and producer.op_type in _SCORE_MAKERS:
             found[output.name] = _SCORE_MAKERS[producer.op_type]
     return found
-
-
-def is_default(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx")
 
 
 def compare(names: list[str], pairs, inputs: str, exact: bool, scores: dict[str, str] | None = None, held_out: bool = False) -> Deviation:
@@ -238,7 +235,7 @@ def fidelity(original: ort.InferenceSession, pruned: ort.InferenceSession, batch
     except SpaError:
         raise
     except Exception as e:
-        raise SpaError(f"the pruned model fails to run on {inputs}, where the original runs: {_first_line(e)}") from None
+        raise SpaError(f"the pruned model fails to run on {inputs}, where the original runs: {first_line(e)}") from None
 
 
 @dataclasses.dataclass
@@ -339,7 +336,7 @@ def _check(model: bytes | str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        raise SpaError(f"pruned model fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+        raise SpaError(f"pruned model fails the ONNX checker: {first_line(e)}") from None
 
 
 # Weights onnxruntime can take from memory as they are (numpy dtypes it maps one to one).
@@ -404,7 +401,7 @@ def _opened(make) -> ort.InferenceSession:
     try:
         return make()
     except Exception as e:
-        raise SpaError(f"onnxruntime cannot open the pruned model: {str(e).strip().splitlines()[0]}") from None
+        raise SpaError(f"onnxruntime cannot open the pruned model: {first_line(e)}") from None
 
 
 def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -430,7 +427,7 @@ def reference(original: ir.Model, input_shapes: dict[str, list[int]] | None = No
     try:
         sess = session(original, lean=lean)
     except Exception as e:
-        raise SpaError(f"onnxruntime cannot open the original model: {_first_line(e)}") from None
+        raise SpaError(f"onnxruntime cannot open the original model: {first_line(e)}") from None
     feeds = random_inputs(sess, input_shapes)
     inputs = "1 random sample (" + ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items()) + ")"
     try:
@@ -438,7 +435,7 @@ def reference(original: ir.Model, input_shapes: dict[str, list[int]] | None = No
     except SpaError:
         raise
     except Exception as e:  # onnxruntime's errors are untyped
-        raise SpaError(f"the original model fails to run on spa's test inputs, {inputs}: {_first_line(e)}; give --input-shapes, or skip the check with --no-verify") from None
+        raise SpaError(f"the original model fails to run on spa's test inputs, {inputs}: {first_line(e)}; give --input-shapes, or skip the check with --no-verify") from None
     return Reference(feeds, outputs, inputs)
 
 
@@ -466,7 +463,7 @@ def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, e
     except SpaError:
         raise
     except Exception as e:
-        raise SpaError(f"the pruned model fails to run in onnxruntime on {expected.inputs}, where the original runs: {_first_line(e)}") from None
+        raise SpaError(f"the pruned model fails to run in onnxruntime on {expected.inputs}, where the original runs: {first_line(e)}") from None
     names = [arg.name for arg in sess.get_outputs()]
     for output, name, shape in zip(outputs, names, expected_shapes):
         if shape is not None and output.shape != tuple(shape):
