@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -34,11 +35,19 @@ class PruneResult:
     ratio: float  # the ratio used: given, or found for a target
     target: dict | None = None  # {"kind", "target", "reached"} when pruned to a target
     method: Method | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # every option, as given and as resolved
 
     def report(self) -> dict:
         from spa.report import prune_report
 
         return prune_report(self)
+
+    def __repr__(self) -> str:
+        macs = self.after.macs / self.before.macs if self.before.macs else float("nan")
+        params = self.after.params / self.before.params if self.before.params else float("nan")
+        moved = self.verdict.measured if self.verdict is not None else None
+        return (f"PruneResult(ratio={self.ratio:.4g}, macs={macs:.3f}x, params={params:.3f}x, groups={len(self.analysis.groups)}, "
+                f"removed={len(self.plan.removed)}, similarity={'-' if moved is None else f'{moved.similarity:.4f}'}, seconds={self.seconds:.1f})")
 
 
 @dataclasses.dataclass
@@ -166,6 +175,12 @@ def prune(
     verify: check the result (checker, onnxruntime, same signature) before writing it.
     """
     start = time.perf_counter()
+    options = dict(
+        ratio=ratio, round_to=round_to, ignore=list(ignore), importance=importance, allocation=allocation, global_ranking=global_ranking,
+        max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params, min_fidelity=min_fidelity,
+        prune_hidden=prune_hidden, calibration=calibration_source.describe(calibration), compensate=compensate, input_shapes=input_shapes,
+        verify=verify, seed=seed,
+    )  # fmt: skip
     _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation, min_fidelity)
     progress.step("reading the model")
     work, source = _load(model)
@@ -194,6 +209,7 @@ def prune(
         method, data, means = choose_method(work, analysis, consumers, large, **choice, failed=f"the model fails on {method.calibration} data ({e})")
         scores = _scores(analysis, method, data, seed)
     step = default_round_to() if round_to is None else round_to
+    options["resolved"] = {"round_to": step, "importance": method.importance, "allocation": method.allocation, "calibration": method.calibration}
 
     kind, goal = ("macs", target_macs) if target_params is None else ("params", target_params)
     curves = None
@@ -242,6 +258,7 @@ def prune(
     if target is not None and "kind" in target:  # the fidelity bound may have cut less
         target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
         target["met"] = target["reached"] <= goal
+    _record_provenance(work, options, before, after)
     progress.step("verifying the pruned model")
     verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
     if verdict is not None and data is not None and data.held_out:
@@ -253,7 +270,16 @@ def prune(
     if output is not None:
         progress.step("writing the pruned model")
         after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
-    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method)
+    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method, options)
+
+
+def _record_provenance(model: ir.Model, options: dict, before: Counts, after: Counts) -> None:
+    """The pruned model says what made it (metadata_props, which every ONNX tool keeps)."""
+    from spa import __version__
+
+    model.metadata_props["spa.version"] = __version__
+    model.metadata_props["spa.options"] = json.dumps(options, sort_keys=True, default=str)
+    model.metadata_props["spa.ratios"] = json.dumps({k: getattr(after, k) / getattr(before, k) for k in ("macs", "params") if getattr(before, k)})
 
 
 def choose_method(

@@ -73,6 +73,17 @@ HELD_OUT_SHARE = 8
 MIN_FIT = 8
 
 
+def describe(source) -> str | None:
+    """The calibration source in a report: the file, the data-free mode, or what kind of object."""
+    if source is None or isinstance(source, (str, os.PathLike)):
+        return None if source is None else str(source)
+    if hasattr(source, "get_next"):
+        return f"a {type(source).__name__} (calibration data reader)"
+    if isinstance(source, dict):
+        return "arrays: " + ", ".join(f"{k} {list(np.shape(v))}" for k, v in source.items())
+    return f"an array {list(np.shape(source))}"
+
+
 def hold_out(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> tuple[list[dict], list[dict]]:
     """(fit, held out): the last 1/HELD_OUT_SHARE of the samples, a batch split where the model
     takes any batch size. Nothing is held out of too few samples."""

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="prune at several ratios; print MACs, params and latency; plot them")
     sweep.add_argument("input", type=Path, help="the model (.onnx)")
     sweep.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
-    sweep.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the plot here (needs matplotlib: pip install 'spa[plot]')")
+    sweep.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the plot here (needs matplotlib: pip install 'spa-onnx[plot]')")
     sweep.add_argument("--round-to", type=int, default=None, help="as for prune")
     _common(sweep)
     _threads(sweep)
@@ -297,7 +297,7 @@ def _command(args) -> dict:
         if blocked:
             print(f"left alone: {len(blocked)} barrier op(s) ({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`")
         data = result.report()
-        data.update(input=str(args.input), output=str(args.output), ratio=result.ratio, target=result.target)
+        data.update(input=str(args.input), output=str(args.output))
         if latency is not None:
             data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads}
     return data

@@ -233,10 +233,11 @@ def infer_shapes(model: ir.Model, keep_signature: bool = True) -> None:
     Inference is partial where an op has no shape function; the analysis treats unknown shapes as
     barriers.
     """
+    declared = {}
     for node in model.graph:
         for out in node.outputs:
             if not out.is_graph_output():
-                out.shape = None
+                declared[out], out.shape = out.shape, None
     # The signature is the user's contract: inference must not rename or fill symbolic dims.
     signature = [(v, v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)] if keep_signature else []
     # Some converters write -1 for a dynamic dim; onnx's C++ inference can abort on it (an assertion
@@ -249,3 +250,18 @@ def infer_shapes(model: ir.Model, keep_signature: bool = True) -> None:
         value.shape = shape
     for value, shape, type_ in signature:
         value.shape, value.type = shape, type_
+    for value, old in declared.items():
+        value.shape = _named_dims(value.shape, old)
+
+
+def _named_dims(new: ir.Shape | None, old: ir.Shape | None) -> ir.Shape | None:
+    """Where inference could only invent a symbol (unk__N) for a dim the file named (batch), keep
+    the name: pruning changes channel counts, never symbolic dims."""
+    if new is None or old is None or len(new) != len(old):
+        return new
+    dims = [o if _invented(n) and isinstance(o, ir.SymbolicDim) and o.value and not _invented(o) else n for n, o in zip(new, old)]
+    return ir.Shape(dims) if dims != list(new) else new
+
+
+def _invented(dim) -> bool:
+    return isinstance(dim, ir.SymbolicDim) and (dim.value is None or dim.value.startswith("unk__"))

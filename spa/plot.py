@@ -14,7 +14,7 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SpaError("plotting needs matplotlib: pip install 'spa[plot]'") from None
+        raise SpaError("plotting needs matplotlib: pip install 'spa-onnx[plot]'") from None
     base = rows[0]
     macs = [r["macs"] / base["macs"] for r in rows]
     params = [r["params"] / base["params"] for r in rows]

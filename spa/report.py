@@ -98,8 +98,27 @@ def normalizations_line(analysis: Analysis) -> str | None:
     return f"kept: channels that {len(analysis.normalizations)} normalization(s) ({', '.join(ops)}) average over; --prune-hidden prunes them (lossy)"
 
 
+REPORT_SCHEMA = 2  # 2: schema, versions, options, ratio and target added; the same from the API and the CLI
+
+
+def versions() -> dict:
+    import numpy
+    import onnx
+    import onnx_ir
+    import onnxruntime
+
+    from spa import __version__
+
+    return {"spa": __version__, "onnx": onnx.__version__, "onnx_ir": onnx_ir.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+
+
 def prune_report(result) -> dict:
     return {
+        "schema": REPORT_SCHEMA,
+        "versions": versions(),
+        "options": result.options,
+        "ratio": result.ratio,
+        "target": result.target,
         "before": counts_dict(result.before),
         "after": counts_dict(result.after),
         "ratios": {

@@ -111,3 +111,19 @@ def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_
     run = spa("prune", "-v", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx"))
     for step in ("finding the coupled channels ...", "removing channels and refitting: ", "verifying the pruned model: "):
         assert f"spa.progress: {step}" in run.stderr, run.stderr
+
+
+def test_the_report_and_the_model_say_what_made_them_and_keep_the_dim_names(tmp_path):
+    from spa import api
+
+    out = tmp_path / "small.onnx"
+    result = api.prune(MODELS / "resnet_dynamo.onnx", out, ratio=0.3, seed=3)
+    assert len(repr(result)) < 300 and "macs=" in repr(result)
+    data = result.report()
+    assert data["schema"] >= 2 and set(data["versions"]) >= {"spa", "onnx", "onnxruntime"}
+    assert data["options"]["seed"] == 3 and data["options"]["resolved"]["round_to"] >= 1 and data["ratio"] == 0.3
+    model = onnx.load(out)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["spa.version"] == data["versions"]["spa"] and json.loads(props["spa.options"])["seed"] == 3
+    dims = {d.dim_param for v in model.graph.value_info for d in v.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    assert dims == {"batch"}  # as the exporter named it; shape inference alone would invent unk__0
