@@ -147,6 +147,14 @@ def _conv(s: _Surgery, node: ir.Node) -> None:
         node.attributes["group"] = ir.AttrInt64("group", new_groups)
 
 
+def _group_norm(s: _Surgery, node: ir.Node) -> None:
+    """Whole groups went (the analysis unites each group's channels): fewer groups, as wide."""
+    groups = node.attributes.get_int("num_groups", 1)
+    old, new = s.analysis.shapes[node.inputs[0]][1], s.dims(node.inputs[0])[1]
+    if new != old:
+        node.attributes["num_groups"] = ir.AttrInt64("num_groups", new // (old // groups))
+
+
 def _reshape(s: _Surgery, node: ir.Node) -> None:
     out = node.outputs[0]
     if not s.changed(out):
@@ -281,6 +289,7 @@ _REWRITES = {
     "Slice": _slice,
     "Gather": _gather,
     "Resize": _resize,
+    "GroupNormalization": _group_norm,
     "LSTM": _recurrent,
     "GRU": _recurrent,
     "RNN": _recurrent,

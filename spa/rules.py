@@ -44,8 +44,12 @@ _RULES: dict[str, Rule] = {}
 
 
 def rule(*ops: str):
+    """Register `fn` as the analysis rule of the standard ONNX ops `ops`; one rule per op."""
+
     def register(fn: Rule) -> Rule:
         for op in ops:
+            if op in _RULES:
+                raise ValueError(f"{op} already has a rule: {_RULES[op].__name__}")
             _RULES[op] = fn
         return fn
 
@@ -403,15 +407,36 @@ def pool(prop: Propagation, node: ir.Node) -> None:
     axis_local(prop, node, range(2, len(prop.shape(node.inputs[0]))))
 
 
-@rule("LRN", "GroupNormalization", "MeanVarianceNormalization")
+@rule("LRN", "MeanVarianceNormalization")
 def across_channels(prop: Propagation, node: ir.Node) -> None:
     """Normalizing across channels: removing one would change the others, so they are pinned."""
     rank = len(prop.shape(node.inputs[0]))
-    if node.op_type == "MeanVarianceNormalization":
-        axes = node.attributes.get_ints("axes", [0, 2, 3])
-    else:
-        axes = range(1, rank) if node.op_type == "GroupNormalization" else [1]
+    axes = node.attributes.get_ints("axes", [0, 2, 3]) if node.op_type == "MeanVarianceNormalization" else [1]
     axis_local(prop, node, axes)
+
+
+@rule("GroupNormalization")
+def group_norm(prop: Propagation, node: ir.Node) -> None:
+    """Statistics per group of channels: a whole group goes or stays (the others' statistics do
+    not change; the rewrite lowers num_groups). Scale and bias per channel, as opset 21 has them
+    (opset 18's per-group form is deprecated: the checker refuses it)."""
+    x = node.inputs[0]
+    rank = len(prop.shape(x))
+    _pin_along(prop, x, range(2, rank))
+    channels = _channel_vector(prop, x, 1)
+    groups = node.attributes.get_int("num_groups", 1)
+    if groups < 1 or len(channels) % groups:
+        raise NotHandled(f"{len(channels)} channels in {groups} groups")
+    per_group = channels.reshape(groups, -1)
+    prop.sets.union(per_group, per_group[:, :1])
+    for i in (1, 2):
+        value = node.inputs[i] if len(node.inputs) > i else None
+        if value is None or not prop.is_constant(value):
+            raise NotHandled(f"input {i} is not a constant")
+        if tuple(value.const_value.shape) != (len(channels),):
+            raise NotHandled(f"input {i} is not one value per channel")
+        prop.member(node, i, channels)
+    prop.set(node.outputs[0], _at_axis(channels, 1, rank))
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum")
@@ -527,9 +552,11 @@ def move(prop: Propagation, node: ir.Node) -> None:
             arrays.append(None)
         elif i in data:
             arrays.append(np.ascontiguousarray(np.broadcast_to(prop.labels(value), prop.shape(value))))
+        elif node.op_type == "Gather" and i == 1 and not prop.is_constant(value):
+            arrays.append(_runtime_indices(prop, node))
         else:
             arrays.append(_shape_input(prop, node, i))
-    if node.op_type == "Gather" and arrays[1].ndim > 1:
+    if node.op_type == "Gather" and arrays[1].ndim > 1 and prop.is_constant(node.inputs[1]):
         raise NotHandled("Gather with multi-dimensional indices")
     if node.op_type == "Slice":
         _check_slice_steps(prop, node)
@@ -541,6 +568,20 @@ def move(prop: Propagation, node: ir.Node) -> None:
             prop.set(out, labels)
             if node.op_type in ("Slice", "Split", "Gather") and labels.any():
                 prop.segments.append(np.unique(labels[labels != 0]))
+
+
+def _runtime_indices(prop: Propagation, node: ir.Node) -> np.ndarray:
+    """Indices known only at run time (a graph's edges, a point cloud's neighbours, chosen tokens)
+    along an axis the channel labels do not vary along move whole channel vectors: any index
+    gives the same labels, so index 0 stands for all. Along a channel axis they pin."""
+    labels = prop.labels(node.inputs[0])  # broadcastable: size 1 along the axes it does not vary along
+    axis = node.attributes.get_int("axis", 0) % labels.ndim
+    if axis in varying_axes(labels):
+        raise NotHandled("input 1 (indices) is computed at run time and addresses a channel axis")
+    shape = prop.shape(node.inputs[1])
+    if shape is None:
+        raise NotHandled("input 1 (indices) is computed at run time and its shape is unknown")
+    return np.zeros(shape, dtype=np.int64)
 
 
 def _shape_input(prop: Propagation, node: ir.Node, index: int) -> np.ndarray:

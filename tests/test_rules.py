@@ -375,3 +375,48 @@ def test_round_to_and_keep_one():
     assert keep_count(3, 0.9, 1) == 1
     assert keep_count(24, 0.1, 16) == 24  # rounding never removes more than asked (not 8 of 24)
     assert keep_count(40, 0.3, 8) == 32  # 28 kept -> up to 32
+
+
+def _message_passing(axis: int) -> onnx.ModelProto:
+    """Node features through a layer, gathered along `axis` by run-time indices (a graph's edges),
+    through another layer: axis 0 picks nodes (the channels move whole), axis 1 picks channels."""
+    g = Graph()
+    h = g.op("Relu", g.gemm("x", 8, 16))
+    picked = g.op("Gather", h, "edges", axis=axis)
+    y = g.gemm(picked, 16, 4) if axis == 0 else g.op("ReduceSum", picked, keepdims=1)
+    shapes = {0: [10, 4], 1: [6, 1]}[axis]
+    graph = onnx.helper.make_graph(
+        g.nodes, "gnn",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6, 8]), onnx.helper.make_tensor_value_info("edges", onnx.TensorProto.INT64, [10 if axis == 0 else 16])],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, shapes)], g.inits,
+    )  # fmt: skip
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_run_time_indices_along_an_axis_without_channels_move_whole_channel_vectors():
+    analysis = spa.analyze(_message_passing(axis=0))
+    assert [g.width for g in analysis.groups] == [16] and not analysis.barriers
+    error, removed = spa.zero_channel_check(_message_passing(axis=0), ratio=0.5)
+    assert removed == 8 and error < 1e-5
+
+
+def test_run_time_indices_along_a_channel_axis_pin_it():
+    analysis = spa.analyze(_message_passing(axis=1))
+    assert not analysis.groups and "addresses a channel axis" in analysis.barriers[0].reason
+
+
+def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
+    g = Graph()
+    h = g.conv("x", 8, 16)
+    scale, bias = (g.const(g.rng.uniform(0.5, 1.5, 16).astype(np.float32)), g.const(g.rng.standard_normal(16).astype(np.float32)))
+    h = g.op("Relu", g.op("GroupNormalization", h, scale, bias, num_groups=4, epsilon=1e-5))
+    g.op("Conv", h, g.weight(4, 16, 3, 3), pads=[1, 1, 1, 1])
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]}, opset=21)
+    analysis = spa.analyze(model)
+    group = next(gr for gr in analysis.groups if gr.width * gr.channels_per_class == 16)
+    assert group.channels_per_class == 4  # a unit is one group of channels
+    _zero_check(model, removed_at_least=1)
+    pruned = _pruned(model)
+    norm = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
+    assert helper.get_attribute_value(norm.attribute[[a.name for a in norm.attribute].index("num_groups")]) == 2
