@@ -43,7 +43,7 @@ METHODS = {
 
 
 def top1(model, x: np.ndarray, y: np.ndarray) -> float:
-    sess = spa.verify.session(model if not isinstance(model, Path) else spa.io.load(model))
+    sess = spa.runtime.session(model if not isinstance(model, Path) else spa.io.load(model))
     name = sess.get_inputs()[0].name
     logits = np.concatenate([sess.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
     return float((logits.argmax(axis=1) == y).mean() * 100)

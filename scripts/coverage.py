@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 import spa
-from spa import verify
+from spa import runtime, verify
 
 FRAMEWORKS = {
     "torch": "PyTorch",
@@ -68,8 +68,8 @@ def input_shapes(path: Path) -> dict[str, list[int]]:
 
 def rounding_noise(path: Path, shapes: dict[str, list[int]]) -> float:
     """Relative output change of the unpruned model when its float inputs change by 1e-7."""
-    sess = verify.session(spa.io.load(path))
-    feeds = verify.random_inputs(sess, shapes)
+    sess = runtime.session(spa.io.load(path))
+    feeds = runtime.random_inputs(sess, shapes)
     rng = np.random.default_rng(1)
     nudged = {k: v * (1 + 1e-7 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
     return verify.relative_error(sess.run(None, feeds), sess.run(None, nudged))

@@ -63,7 +63,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import spa  # noqa: E402
-from spa.verify import session  # noqa: E402
+from spa.runtime import session  # noqa: E402
 
 SEQ = 64
 SHAPES = {"input_ids": [1, SEQ], "attention_mask": [1, SEQ], "token_type_ids": [1, SEQ]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from spa import io, progress, verify as verification
+from spa import io, progress, runtime, verify as verification
 from spa.analysis import Analysis, analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
@@ -22,6 +23,8 @@ from spa.plan import ALLOCATIONS, Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, sensitivity, statistics
 from spa.compensate import mean_shifts, refit, shift_biases
 from spa.score import CRITERIA, DATA_CRITERIA, dead_first, score, score_with_statistics
+
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PruneResult:
@@ -241,7 +244,7 @@ def prune(
             trial = io.clone(pristine)
             on = analyze_model(trial, input_shapes, prune_hidden)
             _remove_and_repair(on, plan_for(r, on).removed, statistics.consumers(trial), data if method.compensated else None, means)
-            pruned = verification.session(trial, threads=statistics.SESSION_THREADS, lean=large)
+            pruned = runtime.session(trial, threads=statistics.SESSION_THREADS, lean=large)
             return verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(trial), False).similarity
 
         progress.step(f"searching the cut that keeps fidelity >= {min_fidelity:g}")
@@ -263,7 +266,7 @@ def prune(
     verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
     if verdict is not None and data is not None and data.held_out:
         progress.step("measuring fidelity on held-out samples")
-        pruned = verification.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
+        pruned = runtime.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
         verdict.fidelity = verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(work), exact)
     if source is not None:
         before.file_bytes = io.file_bytes(source)
@@ -298,6 +301,8 @@ def choose_method(
         else:
             note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
             source = "synthetic" if note is None else None
+            if note is not None:  # said up front, before the steps that take long
+                logger.warning("no data-free refit: %s; channels by magnitude", note)
     if source is not None:
         try:
             data = _Calibrated(work, source, input_shapes, seed)
@@ -344,7 +349,7 @@ class _Calibrated:
     def __init__(self, model: ir.Model, source, input_shapes, seed: int):
         self.original = io.clone(model)
         try:
-            sess = verification.session(self.original, threads=statistics.SESSION_THREADS)
+            sess = runtime.session(self.original, threads=statistics.SESSION_THREADS)
         except Exception as e:  # onnxruntime raises untyped errors
             raise CalibrationError(f"onnxruntime cannot open the model for calibration: {first_line(e)}") from None
         self.synthetic = isinstance(source, str) and source == "synthetic"
@@ -356,7 +361,7 @@ class _Calibrated:
         self.session = sess
         # Once in a child process: a native crash there is an error line, not the end of spa.
         try:
-            verification.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
+            runtime.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
         except RuntimeError as e:
             raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {e}") from None
         self.consumers = statistics.consumers(self.original)
@@ -473,12 +478,12 @@ def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: d
     analysis.groups = [g for g in analysis.groups if chosen(g)]
     plan = make_plan(analysis, score(analysis, "random", seed), ratio, round_to=1)
     verification.zero_classes(analysis, plan.removed)
-    reference = verification.session(io.clone(work))
+    reference = runtime.session(io.clone(work))
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     consumers = statistics.consumers(work)
     _remove_and_repair(analysis, plan.removed, consumers, data, statistics.batchnorm_means(work, consumers) if data is None else {})
-    pruned = verification.session(work)
-    feeds = verification.random_inputs(reference, input_shapes, seed)
+    pruned = runtime.session(work)
+    feeds = runtime.random_inputs(reference, input_shapes, seed)
     error = verification.relative_error(reference.run(None, feeds), pruned.run(None, feeds))
     return error, len(plan.removed)
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from spa import io
 from spa.errors import SpaError
 from spa.progress import Progress
-from spa.verify import random_inputs, session, session_options
+from spa.runtime import random_inputs, session, session_options
 
 
 @dataclasses.dataclass

@@ -14,7 +14,8 @@ from spa import io
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
 from spa.statistics import KEPT_BYTES, POSITIONS_PER_SAMPLE, reads
-from spa.verify import class_scores, isolated, random_inputs
+from spa.runtime import isolated, random_inputs
+from spa.verify import class_scores
 
 BATCH = 32
 SYNTHETIC_SAMPLES = 256

@@ -206,8 +206,9 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
 
 
 def _run(args) -> int:
-    from spa import io
+    from spa import io, runtime
 
+    runtime.quiet()
     io.check_targets(*_files(args))
     with io.all_or_nothing():  # the model, the JSON, the plot: all written, or none
         data = _command(args)

@@ -25,9 +25,9 @@ from spa.graph import opset_version
 logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
-_PROTO_LIMIT = 2**31 - 64 * 2**20
+PROTO_LIMIT = 2**31 - 64 * 2**20
 # Models with more weight bytes than this are large: their weights are never serialized in memory
-# (the verification shares them with onnxruntime, spa.verify._skeleton) and the pruned model keeps
+# (the verification shares them with onnxruntime, spa.runtime.skeleton) and the pruned model keeps
 # them in external data. Serializing costs two copies (the proto, its bytes) and onnxruntime a
 # third; external data is written one tensor at a time, and external tensors stay memory-mapped.
 LARGE_BYTES = 2**30
@@ -279,7 +279,7 @@ def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = No
     """
     path = Path(path)
     check_writable(path, "output")
-    external = weight_bytes(model) > _PROTO_LIMIT if external is None else external
+    external = weight_bytes(model) > PROTO_LIMIT if external is None else external
     data = path.with_name(path.name + ".data")
     if external:
         _check_data_target(model, data, path)
@@ -297,7 +297,7 @@ def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = No
         elif serialized is not None:
             tmp.write_bytes(serialized)
         else:
-            _inline_external_tensors(model)
+            inline_external_tensors(model)
             ir.save(model, tmp)
 
     return write_file(path, write, data if external else None)
@@ -407,7 +407,7 @@ def _check_data_target(model: ir.Model, data: Path, path: Path) -> None:
             raise SpaError(f"{path}: its external data file '{data}' is the input's; choose another output name")
 
 
-def _inline_external_tensors(model: ir.Model) -> None:
+def inline_external_tensors(model: ir.Model) -> None:
     # Unchanged tensors still point into the input's data file; the output must stand alone.
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from spa import io, verify
+from spa import io, runtime, verify
 from spa.analysis import Analysis
 from spa.count import Counts, count
 from spa.apply import pruned_shapes
@@ -143,7 +143,7 @@ def _overridable(model: ir.Model, values: list[ir.Value]):
     added = [v for v in values if v not in graph.inputs]
     graph.inputs.extend(added)
     try:
-        return verify.session(model, threads=SESSION_THREADS, lean=io.is_large(model))
+        return runtime.session(model, threads=SESSION_THREADS, lean=io.is_large(model))
     finally:
         for v in added:
             graph.inputs.remove(v)

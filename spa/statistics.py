@@ -22,7 +22,7 @@ import threadpoolctl
 from spa.analysis import Analysis
 from spa.errors import CalibrationError, first_line
 from spa.progress import Progress
-from spa.verify import session
+from spa.runtime import session
 from spa.graph import is_default_domain
 
 

@@ -8,63 +8,18 @@ with one comparison.
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
-import os
-import pickle
-import signal
 import tempfile
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-ort.set_default_logger_severity(4)  # onnxruntime's own log lines would break the one-line errors
-
 from spa.errors import SpaError, first_line
 from spa.graph import is_default_domain
-from spa.io import _PROTO_LIMIT, _inline_external_tensors, is_large
-
-
-T = TypeVar("T")
-
-
-def isolated(run: Callable[[], T], doing: str) -> T:
-    """run() in a forked child process. onnxruntime can die of a native fault (an integer division
-    by zero on a degenerate shape: SIGFPE) that no `except` catches; in a child, that becomes a
-    one-line SpaError and spa lives on. The result must pickle; an exception comes back as a
-    RuntimeError with its type and first line. Where there is no fork, run() runs here."""
-    if not hasattr(os, "fork"):
-        return run()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        try:
-            os.close(read)
-            faulthandler.disable()  # a crash is reported by the parent, in one line
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-            try:
-                payload = pickle.dumps((True, run()))
-            except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent
-                payload = pickle.dumps((False, f"{type(e).__name__}: {first_line(e)}"))
-            with os.fdopen(write, "wb") as pipe:
-                pipe.write(payload)
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        payload = pipe.read()  # before waiting: a large result would fill the pipe
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        raise SpaError(f"onnxruntime crashed ({signal.Signals(os.WTERMSIG(status)).name}) while {doing}")
-    if not payload:
-        raise SpaError(f"onnxruntime's process ended without a result (exit {os.waitstatus_to_exitcode(status)}) while {doing}")
-    ok, value = pickle.loads(payload)
-    if not ok:
-        raise RuntimeError(value)
-    return value
+from spa.io import is_large
+from spa.runtime import isolated, lean_session, random_inputs, serialize, session, skeleton
 
 
 @dataclasses.dataclass
@@ -271,64 +226,15 @@ def signature(model: ir.Model) -> tuple[list, list]:
     return inputs, [describe(v) for v in model.graph.outputs]
 
 
-def _serialize(model: ir.Model, outputs: list[str] | None = None) -> bytes | None:
-    _inline_external_tensors(model)
-    proto = ir.serde.serialize_model(model)
-    if outputs is not None:
-        _keep_nodes_for(proto.graph, outputs)
-    return proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
-
-
-def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:
-    """Drop the nodes that `outputs` do not depend on: onnxruntime runs every node of a graph,
-    needed or not (an early layer's input costs the whole model otherwise). Graphs with subgraphs
-    stay whole: their nodes read outer values that the node inputs do not list."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        return
-    needed, kept = set(outputs), []
-    for node in reversed(graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if threads != 1:  # idle threads that spin for work starve every other process on a busy machine
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 4  # errors come back as exceptions; keep stderr to one line
-    return options
-
-
-def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, lean: bool | None = None, only_for: list[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session of `model`.
-
-    lean: share the weights with onnxruntime instead of serializing them (see `_skeleton`); the
-    default is lean for large models (`spa.io.is_large`). A lean session runs without graph
-    optimizations and without prepacked weights, so it costs no copy of the weights.
-    only_for: output names; the session keeps only the nodes they need (not on the lean path).
-    """
-    if serialized is None and not (is_large(model) if lean is None else lean):
-        serialized = _serialize(model, only_for)
-    if serialized is not None:
-        return ort.InferenceSession(serialized, session_options(threads), providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="spa-") as folder:
-        path, shared = _skeleton(model, Path(folder))
-        return _lean_session(path, shared, threads)
-
-
 def check(model: ir.Model, serialized: bytes | None = None) -> None:
     """onnx's full checker (with shape inference); raise SpaError on failure."""
     if serialized is None and not is_large(model):
-        serialized = _serialize(model)
+        serialized = serialize(model)
     if serialized is not None:
         _check(serialized)
         return
     with tempfile.TemporaryDirectory(prefix="spa-") as folder:
-        path, _ = _skeleton(model, Path(folder))
+        path, _ = skeleton(model, Path(folder))
         _check(str(path))
 
 
@@ -339,86 +245,11 @@ def _check(model: bytes | str) -> None:
         raise SpaError(f"pruned model fails the ONNX checker: {first_line(e)}") from None
 
 
-# Weights onnxruntime can take from memory as they are (numpy dtypes it maps one to one).
-_SHAREABLE = {
-    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL,
-    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
-}
-_SHARE_MIN_BYTES = 1024  # smaller tensors (shape constants and the like) stay in the graph
-_PLACEHOLDER = "weights.data"
-
-
-def _skeleton(model: ir.Model, folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    """Write `model` to `folder/model.onnx` without its weights: every large initializer points
-    into `weights.data`, a sparse file of zeros that takes no disk space, and comes back as an
-    array to hand to onnxruntime (`_lean_session`).
-
-    The checker only reads the graph and checks that the data file is there; onnxruntime uses the
-    shared arrays, memory-mapped external data included, without copying them. Nothing is
-    serialized in memory but the graph, so a model over 2 GB costs no second copy of its weights.
-    The model is left as it was; its external tensors stay memory-mapped.
-    """
-    shared: dict[str, np.ndarray] = {}
-    replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    offset = 0
-    try:
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is None or tensor.dtype not in _SHAREABLE or tensor.nbytes <= _SHARE_MIN_BYTES:
-                continue
-            shared[value.name] = np.ascontiguousarray(tensor.numpy())
-            replaced.append((value, tensor))
-            value.const_value = ir.ExternalTensor(_PLACEHOLDER, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=folder)
-            offset += tensor.nbytes
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value, tensor in replaced:
-            value.const_value = tensor
-    path = folder / "model.onnx"
-    onnx.save(proto, path)
-    with open(folder / _PLACEHOLDER, "wb") as f:
-        f.truncate(offset)
-    return path, shared
-
-
-def _lean_session(path: Path, shared: dict[str, np.ndarray], threads: int) -> ort.InferenceSession:
-    """A session of a skeleton (`_skeleton`) that runs on the shared arrays. Graph optimizations
-    would read the placeholder zeros instead of the shared weights (constant folding), and
-    prepacking copies the weights: both are off."""
-    options = session_options(threads)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
-    for name, value in values.items():
-        options.add_initializer(name, value)
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    sess._spa_shared = values  # onnxruntime borrows the arrays: they live as long as the session
-    return sess
-
-
 def _opened(make) -> ort.InferenceSession:
     try:
         return make()
     except Exception as e:
         raise SpaError(f"onnxruntime cannot open the pruned model: {first_line(e)}") from None
-
-
-def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for arg in sess.get_inputs():
-        given = (input_shapes or {}).get(arg.name)
-        shape = given or [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-        kind = arg.type[len("tensor(") : -1]
-        dtype = np.dtype({"float": "float32", "double": "float64"}.get(kind, kind)) if kind != "string" else None
-        if dtype is None:
-            raise SpaError(f"input '{arg.name}' is a string tensor: spa cannot make test inputs for it")
-        if dtype.kind == "f":
-            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[arg.name] = np.ones(shape, dtype=dtype)  # ids and masks: 1 is valid for any vocabulary
-    return feeds
 
 
 def reference(original: ir.Model, input_shapes: dict[str, list[int]] | None = None, lean: bool | None = None) -> Reference:
@@ -446,18 +277,18 @@ def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, e
     zero) they must not have moved at all.
 
     lean (default: for large models): check a skeleton of the model and run it on shared weights
-    (`_skeleton`) instead of serializing it; the verdict then carries no serialized model."""
+    (`spa.runtime.skeleton`) instead of serializing it; the verdict then carries no serialized model."""
     if signature(pruned) != expected_signature:
         raise SpaError(f"pruned model changed the inputs or outputs: {expected_signature} -> {signature(pruned)}")
-    serialized = None if (is_large(pruned) if lean is None else lean) else _serialize(pruned)
+    serialized = None if (is_large(pruned) if lean is None else lean) else serialize(pruned)
     if serialized is not None:
         _check(serialized)
         sess = _opened(lambda: session(pruned, serialized=serialized))
     else:
         with tempfile.TemporaryDirectory(prefix="spa-") as folder:
-            path, shared = _skeleton(pruned, Path(folder))
+            path, shared = skeleton(pruned, Path(folder))
             _check(str(path))
-            sess = _opened(lambda: _lean_session(path, shared, 1))
+            sess = _opened(lambda: lean_session(path, shared, 1))
     try:
         outputs = isolated(lambda: sess.run(None, expected.feeds), f"running the pruned model on {expected.inputs}")
     except SpaError:

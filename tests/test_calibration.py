@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import spa
-from spa import calibration, io, verify
+from spa import calibration, io, runtime
 from spa.cli import main
 
 MODELS = Path(__file__).parent.parent / "models" / "transformers"
@@ -22,13 +22,13 @@ def test_a_causal_lm_is_token_ids_in_and_logits_from_an_lm_head_out(name, lm):
     model = io.load(MODELS / f"{name}.onnx")
     assert (calibration.token_input(model) == "input_ids") is lm
     if lm:
-        assert calibration.causal_lm(verify.session(model)) == "input_ids"
+        assert calibration.causal_lm(runtime.session(model)) == "input_ids"
 
 
 def test_generated_text_is_sampled_from_the_model_deterministically(monkeypatch):
     monkeypatch.setattr(calibration, "GENERATED", 6)
     monkeypatch.setattr(calibration, "GENERATED_LENGTH", 10)
-    sess = verify.session(io.load(MODELS / "llama_lm_legacy.onnx"))
+    sess = runtime.session(io.load(MODELS / "llama_lm_legacy.onnx"))
     ids = calibration.generate(sess, "input_ids", seed=3)
     assert ids.shape == (6, 10) and ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 256
     assert np.array_equal(ids, calibration.generate(sess, "input_ids", seed=3))

@@ -14,7 +14,7 @@ from spa.analysis import analyze
 
 
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    sess = spa.verify.session(io.clone(model))
+    sess = spa.runtime.session(io.clone(model))
     return sess.run(None, {"x": x})[0]
 
 
@@ -269,11 +269,11 @@ def test_default_without_data_is_magnitude_for_integer_inputs():
 
 def test_a_model_with_a_fixed_batch_takes_calibration_in_batches_of_its_size():
     """Batches of the model's own size; samples that do not fill one are left out."""
-    from spa import calibration, verify
+    from spa import calibration, runtime
 
     fixed = io.load("models/mnist/vgg.onnx")
     fixed.graph.inputs[0].shape = ir.Shape([4, *fixed.graph.inputs[0].shape[1:]])
-    sess = verify.session(fixed)
+    sess = runtime.session(fixed)
     x = np.zeros((10, *sess.get_inputs()[0].shape[1:]), np.float32)
     feeds = calibration.batches(x, sess)
     assert [f[sess.get_inputs()[0].name].shape[0] for f in feeds] == [4, 4]

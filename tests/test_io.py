@@ -25,7 +25,7 @@ def test_external_data_model_loads_and_output_stands_alone(tmp_path):
 
 def test_save_switches_to_external_data_past_the_limit(tmp_path, monkeypatch):
     model = io.load(MODELS / "vgg_dynamo.onnx")
-    monkeypatch.setattr(io, "_PROTO_LIMIT", 1000)
+    monkeypatch.setattr(io, "PROTO_LIMIT", 1000)
     io.save(model, tmp_path / "big.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     proto = onnx.load(tmp_path / "big.onnx")
@@ -46,7 +46,7 @@ def test_symbolic_dims_survive(tmp_path):
 def test_pruned_model_runs_with_a_larger_batch(tmp_path):
     out = tmp_path / "p.onnx"
     spa.prune(MODELS / "shufflenet_legacy.onnx", out, ratio=0.5)
-    session = spa.verify.session(ir.load(out))
+    session = spa.runtime.session(ir.load(out))
     (y,) = session.run(None, {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)})
     assert y.shape == (3, 10)
 
@@ -72,9 +72,9 @@ def test_large_model_is_verified_on_shared_weights_and_keeps_external_data(tmp_p
 
 def test_lean_session_runs_on_the_weights_in_place():
     model = io.load(TRANSFORMERS / "llama_dynamo.onnx")
-    reference = spa.verify.session(io.load(TRANSFORMERS / "llama_dynamo.onnx"))
-    lean = spa.verify.session(model, lean=True)
-    feeds = spa.verify.random_inputs(reference)
+    reference = spa.runtime.session(io.load(TRANSFORMERS / "llama_dynamo.onnx"))
+    lean = spa.runtime.session(model, lean=True)
+    feeds = spa.runtime.random_inputs(reference)
     assert spa.verify.relative_error(reference.run(None, feeds), lean.run(None, feeds)) < 1e-5
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values() if v.const_value.nbytes > 1024)
 

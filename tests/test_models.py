@@ -62,10 +62,10 @@ def test_zero_channels_light(name):
 def test_zero_channel_test_sees_a_real_change():
     """Pruning without zeroing first must change the outputs: the comparison is not vacuous."""
     model = randomized(LIGHT_DIR / "light_resnet50.onnx")
-    reference = spa.verify.session(io.clone(model))
+    reference = spa.runtime.session(io.clone(model))
     result = spa.prune(model, ratio=0.5, round_to=1, verify=False)
-    feeds = spa.verify.random_inputs(reference)
-    error = spa.verify.relative_error(reference.run(None, feeds), spa.verify.session(result.model).run(None, feeds))
+    feeds = spa.runtime.random_inputs(reference)
+    error = spa.verify.relative_error(reference.run(None, feeds), spa.runtime.session(result.model).run(None, feeds))
     assert error > 1e-2
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import spa
 from graphs import Graph
-from spa import io, verify
+from spa import io, runtime, verify
 from spa.analysis import analyze
 from spa.normalize import normalize
 from spa.plan import make_plan
@@ -36,7 +36,7 @@ def test_the_defaults_remove_dead_channels_before_any_live_one(name):
     dead = _half_dead(MODELS / name)
     result = spa.prune(dead, ratio=0.5, verify=False)
     session = ort.InferenceSession(dead.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = verify.random_inputs(session)
+    feeds = runtime.random_inputs(session)
     pruned = ir.serde.serialize_model(result.model)
     assert verify.relative_error(_outputs(dead, feeds), _outputs(pruned, feeds)) <= 1e-4
     assert len(result.plan.removed) > 0

@@ -117,7 +117,7 @@ def test_control_flow_is_a_barrier_and_the_rest_prunes():
     assert sorted(g.width for g in analysis.groups) == [16]  # the chain the branches capture stays
     result = spa.prune(model, ratio=0.5, round_to=1)  # verified valid
     for cond in (True, False):
-        sess = spa.verify.session(result.model)
+        sess = spa.runtime.session(result.model)
         out = sess.run(None, {"x": np.ones((1, 3, 6, 6), np.float32), "cond": np.array(cond)})[0]
         assert out.shape == (1, 4, 6, 6)
 

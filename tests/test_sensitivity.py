@@ -9,7 +9,7 @@ import pytest
 from graphs import Graph
 
 import spa
-from spa import io, sensitivity, verify
+from spa import io, sensitivity, runtime, verify
 from spa.analysis import analyze
 from spa.apply import apply
 from spa.count import count
@@ -36,11 +36,11 @@ def test_the_measured_loss_is_the_loss_of_removing_the_channels():
     curves = _curves(analysis, scores, [{"input": x}])
     group = max(analysis.groups, key=lambda g: g.width)
     fraction, classes, _, loss = curves.points[group.id][4]  # half of the group
-    original = verify.session(io.clone(model)).run(None, {"input": x})
+    original = runtime.session(io.clone(model)).run(None, {"input": x})
     removed = make_plan(analysis, scores, 0.0, 1, shares={group.id: fraction}).removed
     assert len(removed) == classes > 0
     apply(analysis, removed)
-    pruned = verify.session(model).run(None, {"input": x})
+    pruned = runtime.session(model).run(None, {"input": x})
     names = [o.name for o in model.graph.outputs]
     assert loss > 0 and sensitivity._loss(names, original, pruned, verify.class_scores(model)) == pytest.approx(loss, rel=1e-4)
 
