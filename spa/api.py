@@ -18,6 +18,7 @@ from spa.analysis import Analysis, analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
 from spa.count import Counts, count
 from spa.errors import CalibrationError, SpaError, first_line
+from spa.graph import quantized_ops
 from spa.normalize import normalize
 from spa.plan import ALLOCATIONS, Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, sensitivity, statistics
@@ -190,6 +191,11 @@ def prune(
     large = io.is_large(work)  # then verified on shared weights and written with external data
     if output is not None:
         io.check_output_path(source, Path(output))
+    if quantized := quantized_ops(work):
+        raise SpaError(
+            f"the model is quantized ({', '.join(quantized)}): spa prunes float models. Prune the float model, then quantize"
+            " the pruned one (onnxruntime's quantization keeps the speed-up)"
+        )
     expected_signature = verification.signature(work)
     progress.step("normalizing")
     normalize(work)

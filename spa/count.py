@@ -1,7 +1,9 @@
 """Model size figures: parameters, MACs, FLOPs, file size, op counts.
 
-MACs count Conv, ConvTranspose, Gemm and MatMul (attention matmuls too), and the input and
-recurrent matrix products of LSTM, GRU and RNN at every step; bias excluded; FLOPs = 2 x MACs. Parameters are the elements of floating-point initializers.
+MACs count Conv, ConvTranspose, Gemm and MatMul (attention matmuls too), their integer forms
+(ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul), and the input and recurrent matrix
+products of LSTM, GRU and RNN at every step; bias excluded; FLOPs = 2 x MACs. Parameters are the
+elements of floating-point initializers and of 8- and 4-bit integer ones (quantized weights).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import onnx_ir as ir
 from spa.shapes import concrete_shapes
 from spa.graph import is_default_domain
 
-_FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+_WEIGHT_TYPES = {
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
+    ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+}
+# Where the data and the weight are: the float ops and their integer (quantized) forms.
+_CONVS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3)}
+_MATMULS = {"MatMul", "MatMulInteger", "QLinearMatMul"}
 
 
 @dataclasses.dataclass
@@ -37,7 +45,7 @@ def count(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, sha
     params = sum(
         math.prod(shapes.get(v, v.const_value.shape))
         for v in model.graph.initializers.values()
-        if v.const_value is not None and v.const_value.dtype in _FLOAT
+        if v.const_value is not None and v.const_value.dtype in _WEIGHT_TYPES
     )
     macs = sum(node_macs(node, shapes) for node in model.graph)
     ops = collections.Counter(node.op_type for node in model.graph)
@@ -50,13 +58,14 @@ def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
         return 0
     op = node.op_type
     out = shapes.get(node.outputs[0]) if node.outputs else None
-    if op in ("Conv", "ConvTranspose"):
-        w = shapes.get(node.inputs[1]) if len(node.inputs) > 1 else None
-        x = shapes.get(node.inputs[0])
+    if op in _CONVS:
+        data, weight = _CONVS[op]
+        w = shapes.get(node.inputs[weight]) if len(node.inputs) > weight else None
+        x = shapes.get(node.inputs[data])
         if w is None or out is None or x is None or len(w) < 3:
             return 0
         kernel = math.prod(w[2:])
-        if op == "Conv":  # each output element reads in/groups channels x kernel
+        if op != "ConvTranspose":  # each output element reads in/groups channels x kernel
             return math.prod(out) * w[1] * kernel
         return math.prod(x) * w[1] * kernel  # each input element writes out/groups channels x kernel
     if op == "Gemm":
@@ -65,7 +74,7 @@ def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
             return 0
         k = a[0] if node.attributes.get_int("transA", 0) else a[1]
         return math.prod(out) * k
-    if op == "MatMul":
+    if op in _MATMULS:
         a = shapes.get(node.inputs[0])
         if a is None or out is None or not a:
             return 0

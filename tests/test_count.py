@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
+
+import spa
 
 from graphs import Graph
 from spa import analysis, apply, count, io, normalize, plan, score
@@ -77,3 +80,30 @@ def test_estimate_of_a_plan_equals_the_counts_after_surgery(name):
     apply.apply(a, p.removed)
     real = count.count(m)
     assert (estimate.macs, estimate.params) == (real.macs, real.params)
+
+
+def _quantized_conv() -> onnx.ModelProto:
+    """x -> QuantizeLinear -> DequantizeLinear -> Conv whose int8 weight is dequantized: the QDQ
+    form onnxruntime's static quantization writes; and the same conv as a ConvInteger."""
+    h = onnx.helper
+    w = onnx.numpy_helper.from_array(np.ones((8, 3, 3, 3), np.int8), "w_q")
+    scale, zero = onnx.numpy_helper.from_array(np.float32(0.1), "s"), onnx.numpy_helper.from_array(np.int8(0), "z")
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        h.make_node("DequantizeLinear", ["w_q", "s", "z"], ["w"]), h.make_node("Conv", ["xd", "w"], ["y"], pads=[1, 1, 1, 1]),
+        h.make_node("ConvInteger", ["xq", "w_q"], ["yi"], pads=[1, 1, 1, 1]),
+    ]  # fmt: skip
+    graph = h.make_graph(nodes, "q", [h.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                         [h.make_tensor_value_info("y", 1, [1, 8, 8, 8]), h.make_tensor_value_info("yi", onnx.TensorProto.INT32, [1, 8, 8, 8])], [w, scale, zero])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+
+
+def test_quantized_weights_count_as_params_and_integer_convs_as_macs():
+    counts = count.count(ir.serde.deserialize_model(_quantized_conv()))
+    assert counts.params >= 8 * 3 * 3 * 3
+    assert counts.macs == 2 * 8 * 8 * 8 * 3 * 3 * 3  # the Conv and the ConvInteger
+
+
+def test_a_quantized_model_is_refused_with_the_order_that_works():
+    with pytest.raises(spa.SpaError, match="quantized .*ConvInteger.*DequantizeLinear.*Prune the float model, then quantize"):
+        spa.prune(_quantized_conv())
