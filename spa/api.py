@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
+import glob
 import json
 import logging
 import os
@@ -131,6 +133,7 @@ def prune(
     ratio: float = 0.5,
     round_to: int | None = None,
     ignore: list[str] | tuple[str, ...] = (),
+    exclude_ops: list[str] | tuple[str, ...] = (),
     importance: str = "auto",
     global_ranking: bool = False,
     allocation: str = "auto",
@@ -150,6 +153,7 @@ def prune(
     ratio: fraction of the channels of every prunable group to remove, in [0, 1).
     round_to: keep channel counts multiples of this (default: what the CPU's SIMD width rewards).
     ignore: glob patterns of node or initializer names to leave alone.
+    exclude_ops: op types (Conv, Gemm, ...) whose nodes are left alone, as if ignored by name.
     importance: "auto" (the default: "obs" with calibration data or, without, with synthetic data
         where that is cheap enough (spa.calibration.why_not_data_free); else "l2"), "l2", "l1" (group
         magnitude), "random", or with calibration data "wanda" (|W| x input RMS) or "obs" (output
@@ -180,7 +184,7 @@ def prune(
     """
     start = time.perf_counter()
     options = dict(
-        ratio=ratio, round_to=round_to, ignore=list(ignore), importance=importance, allocation=allocation, global_ranking=global_ranking,
+        ratio=ratio, round_to=round_to, ignore=list(ignore), exclude_ops=list(exclude_ops), importance=importance, allocation=allocation, global_ranking=global_ranking,
         max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params, min_fidelity=min_fidelity,
         prune_hidden=prune_hidden, calibration=calibration_source.describe(calibration), compensate=compensate, input_shapes=input_shapes,
         verify=verify, seed=seed,
@@ -199,6 +203,7 @@ def prune(
     expected_signature = verification.signature(work)
     progress.step("normalizing")
     normalize(work)
+    ignore = _ignore_patterns(work, ignore, exclude_ops)
     progress.step("running the original on the verification inputs")
     reference = verification.reference(work, input_shapes, lean=large) if verify else None
     progress.step("finding the coupled channels")
@@ -280,6 +285,19 @@ def prune(
         progress.step("writing the pruned model")
         after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
     return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method, options)
+
+
+def _ignore_patterns(model: ir.Model, patterns, exclude_ops) -> list[str]:
+    """The name patterns to leave alone: the given ones (a note for each that matches nothing) and
+    the names of the nodes of the excluded op types."""
+    names = [n.name for n in model.graph if n.name] + list(model.graph.initializers)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            logger.warning("ignore pattern %r matches no node or initializer name", pattern)
+    excluded = [n.name for n in model.graph if n.op_type in set(exclude_ops) and n.name]
+    for op in sorted(set(exclude_ops) - {n.op_type for n in model.graph}):
+        logger.warning("excluded op type %r: the model has no such node", op)
+    return [*patterns, *(glob.escape(name) for name in excluded)]
 
 
 def _record_provenance(model: ir.Model, options: dict, before: Counts, after: Counts) -> None:

@@ -36,9 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="remove the least important channels and write a smaller model")
     prune.add_argument("input", type=Path, help="the model to prune (.onnx)")
     prune.add_argument("output", type=Path, help="where to write the pruned model")
-    prune.add_argument("--ratio", type=float, default=0.5, help="fraction of each group's channels to remove (default 0.5)")
+    prune.add_argument("--ratio", type=float, default=None, help="fraction of each group's channels to remove (default 0.5; a target replaces it)")
     prune.add_argument("--round-to", type=int, default=None, help=f"keep channel counts multiples of N (default here: {default_round_to()}, from the CPU's SIMD width)")
     prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
+    prune.add_argument("--exclude-ops", action="append", default=[], metavar="OP[,OP...]", help="op types whose layers keep all their channels, e.g. Conv,Gemm (repeatable)")
+    prune.add_argument("--dry-run", action="store_true", help="plan, verify and report, but write no model (--json still writes the report)")
     prune.add_argument("--importance", choices=("auto", *CRITERIA, *DATA_CRITERIA), default="auto", help="channel importance: auto (obs with --calibration; without, obs on synthetic data where that is cheap, else l2), l2, l1, random, wanda, obs")
     prune.add_argument("--calibration", default=None, metavar="FILE|synthetic|generated", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' (noise) or 'generated' (text a causal language model samples itself, its default without data) for data-free")
     prune.add_argument("--no-compensate", action="store_true", help="do not repair the layers that lost inputs (no refit from calibration data, no BatchNormalization means)")
@@ -87,7 +89,7 @@ def _threads(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-shapes", nargs="+", default=[], metavar="NAME:DIMS", help="fix symbolic input dims for the analysis: x:1,3,224,224 [mask:1,128 ...]")
+    p.add_argument("--input-shapes", action="append", default=[], metavar="NAME:DIMS", help="fix symbolic input dims for the analysis: x:1,3,224,224 (repeatable, or several in one quoted argument)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage; show tracebacks")
 
@@ -199,7 +201,7 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     if getattr(args, "inputs", None) is not None:
         reads.append((args.inputs, "the --inputs file"))
     writes = []
-    if args.command == "prune":
+    if args.command == "prune" and not args.dry_run:
         writes += [(args.output, "output"), (args.output.with_name(args.output.name + ".data"), "the output's external data")]
     writes += [(getattr(args, flag), f"--{flag}") for flag in ("json", "plot") if getattr(args, flag, None) is not None]
     return reads, writes
@@ -242,10 +244,13 @@ def _command(args) -> dict:
             print(f"plot: {args.plot}")
         data = {"threads": args.threads, "rows": rows}
     else:
+        if args.ratio is not None and (args.target_macs is not None or args.target_params is not None):
+            print(f"note: --ratio {args.ratio:g} is ignored: the target decides the ratio")
         result = api.prune(
             args.input,
-            args.output,
-            ratio=args.ratio,
+            None if args.dry_run else args.output,
+            ratio=0.5 if args.ratio is None else args.ratio,
+            exclude_ops=[op for ops in args.exclude_ops for op in ops.split(",") if op],
             round_to=args.round_to,
             ignore=args.ignore,
             importance=args.importance,
@@ -271,7 +276,7 @@ def _command(args) -> dict:
         groups = result.analysis.groups
         if not groups:
             print("nothing to prune: every channel reaches an input, an output or a barrier (see `spa analyze`); the model is written unchanged in structure")
-        print(f"{args.input} -> {args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} units (channels or heads) removed in {result.seconds:.2f} s")
+        print(f"{args.input} -> {'(dry run, nothing written)' if args.dry_run else args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} units (channels or heads) removed in {result.seconds:.2f} s")
         t = result.target or {}
         bound = t.get("fidelity")
         if "kind" in t:

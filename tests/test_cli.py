@@ -127,3 +127,17 @@ def test_the_report_and_the_model_say_what_made_them_and_keep_the_dim_names(tmp_
     assert props["spa.version"] == data["versions"]["spa"] and json.loads(props["spa.options"])["seed"] == 3
     dims = {d.dim_param for v in model.graph.value_info for d in v.type.tensor_type.shape.dim if d.HasField("dim_param")}
     assert dims == {"batch"}  # as the exporter named it; shape inference alone would invent unk__0
+
+
+def test_dry_run_exclusions_and_the_notes_on_options_that_do_nothing(tmp_path, capsys):
+    from spa.cli import main
+
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = ["prune", "--input-shapes", "input:1,3,32,32", str(MODELS / "resnet_dynamo.onnx"), str(out)]  # flags before the files
+    assert main([*args, "--target-macs", "0.6", "--ratio", "0.3", "--ignore", "nomatch*", "--exclude-ops", "Conv,Foo", "--dry-run", "--json", str(report)]) == 0
+    stdout = capsys.readouterr().out
+    assert "dry run, nothing written" in stdout and not out.exists() and report.is_file()
+    for note in ("--ratio 0.3 is ignored", "'nomatch*' matches no node", "excluded op type 'Foo'"):
+        assert note in stdout, stdout
+    data = json.loads(report.read_text())
+    assert all(g["removed"] == 0 for g in data["groups"])  # every layer is a Conv (or reads one)
