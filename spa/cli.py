@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=int, default=None, help=f"keep channel counts multiples of N (default here: {default_round_to()}, from the CPU's SIMD width)")
     prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
     prune.add_argument("--exclude-ops", action="append", default=[], metavar="OP[,OP...]", help="op types whose layers keep all their channels, e.g. Conv,Gemm (repeatable)")
+    prune.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw every layer's channels before and after, in graph order (needs matplotlib: pip install 'spa-onnx[plot]')")
     prune.add_argument("--dry-run", action="store_true", help="plan, verify and report, but write no model (--json still writes the report)")
     prune.add_argument("--importance", choices=("auto", *CRITERIA, *DATA_CRITERIA), default="auto", help="channel importance: auto (obs with --calibration; without, obs on synthetic data where that is cheap, else l2), l2, l1, random, wanda, obs")
     prune.add_argument("--calibration", default=None, metavar="FILE|synthetic|generated", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' (noise) or 'generated' (text a causal language model samples itself, its default without data) for data-free")
@@ -304,6 +305,12 @@ def _command(args) -> dict:
             print(f"left alone: {len(blocked)} barrier op(s) ({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`")
         data = result.report()
         data.update(input=str(args.input), output=str(args.output))
+        if args.plot is not None:
+            from spa.plot import layers_plot
+
+            title = f"{args.input.name}: MACs x{result.after.macs / max(result.before.macs, 1):.3f}, params x{result.after.params / max(result.before.params, 1):.3f}"
+            io.write_file(args.plot, lambda tmp: layers_plot(data["groups"], tmp, title))
+            print(f"plot: {args.plot}")
         if latency is not None:
             data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads}
     return data

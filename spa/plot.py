@@ -1,4 +1,4 @@
-"""The sweep as a picture: latency against MACs, one point per ratio (matplotlib, optional)."""
+"""Pictures (matplotlib, optional): a sweep's latency against MACs, and a prune's layers by depth."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from spa.errors import SpaError
 
 
-def sweep_plot(rows: list[dict], path: str | Path, title: str) -> None:
+def _pyplot():
     try:
         import matplotlib
 
@@ -15,6 +15,11 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SpaError("plotting needs matplotlib: pip install 'spa-onnx[plot]'") from None
+    return plt
+
+
+def sweep_plot(rows: list[dict], path: str | Path, title: str) -> None:
+    plt = _pyplot()
     base = rows[0]
     macs = [r["macs"] / base["macs"] for r in rows]
     params = [r["params"] / base["params"] for r in rows]
@@ -32,6 +37,29 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def layers_plot(groups: list[dict], path: str | Path, title: str) -> None:
+    """Every layer's output channels before (light) and after (dark), in graph order: where the
+    model got thinner. `groups` as in the JSON report's "groups"."""
+    plt = _pyplot()
+    layers = sorted(((layer["position"], layer["node"], layer["width"], len(layer["kept"])) for g in groups for layer in g["layers"]))
+    if not layers:
+        raise SpaError("--plot: no prunable layer to draw")
+    x = range(len(layers))
+    fig, ax = plt.subplots(figsize=(min(16, 4 + 0.12 * len(layers)), 4.2), dpi=120)
+    ax.bar(x, [w for _, _, w, _ in layers], color="0.82", width=0.85, label="before")
+    ax.bar(x, [k for _, _, _, k in layers], color="tab:blue", width=0.85, label="after")
+    ax.set_xlabel("layer (graph order)")
+    ax.set_ylabel("output channels")
+    step = max(1, len(layers) // 12)
+    ax.set_xticks(list(x)[::step], [n[:18] for _, n, _, _ in layers][::step], rotation=45, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -63,7 +63,7 @@ def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
         for s in group.spaces:
             space = analysis.spaces[s]
             keep = ~analysis.removed_mask(space.labels, removed)
-            spaces.append({"node": space.node, "op": space.op, "width": len(space.labels), "kept": np.flatnonzero(keep).tolist()})
+            spaces.append({"node": space.node, "op": space.op, "position": s, "width": len(space.labels), "kept": np.flatnonzero(keep).tolist()})
         lost = int(np.isin(group.classes, removed).sum())
         groups.append({
             "id": group.id, "width": group.width, "unit": unit_name(group), "channels_per_unit": group.channels_per_class, "lossy": group.lossy,

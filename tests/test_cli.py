@@ -141,3 +141,12 @@ def test_dry_run_exclusions_and_the_notes_on_options_that_do_nothing(tmp_path, c
         assert note in stdout, stdout
     data = json.loads(report.read_text())
     assert all(g["removed"] == 0 for g in data["groups"])  # every layer is a Conv (or reads one)
+
+
+def test_plot_draws_the_layers_before_and_after(tmp_path):
+    pytest.importorskip("matplotlib")
+    from spa.cli import main
+
+    plot = tmp_path / "layers.png"
+    assert main(["prune", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx"), "--importance", "l2", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
