@@ -22,10 +22,11 @@ from spa.count import Counts, count
 from spa.errors import CalibrationError, SpaError, first_line
 from spa.graph import quantized_ops
 from spa.normalize import normalize
-from spa.plan import ALLOCATIONS, Plan, default_round_to, make_plan
+from spa.options import PruneOptions
+from spa.plan import Plan, default_round_to, make_plan
 from spa import calibration as calibration_source, sensitivity, statistics
 from spa.compensate import mean_shifts, refit, shift_biases
-from spa.score import CRITERIA, DATA_CRITERIA, dead_first, score, score_with_statistics
+from spa.score import DATA_CRITERIA, dead_first, score, score_with_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -126,70 +127,14 @@ def analyze(model, input_shapes: dict[str, list[int]] | None = None, prune_hidde
 
 
 @_corrupt_model_errors
-def prune(
-    model,
-    output: str | os.PathLike | None = None,
-    *,
-    ratio: float = 0.5,
-    round_to: int | None = None,
-    ignore: list[str] | tuple[str, ...] = (),
-    exclude_ops: list[str] | tuple[str, ...] = (),
-    importance: str = "auto",
-    global_ranking: bool = False,
-    allocation: str = "auto",
-    max_group_ratio: float = 0.8,
-    target_macs: float | None = None,
-    target_params: float | None = None,
-    min_fidelity: float | None = None,
-    prune_hidden: bool = False,
-    calibration=None,
-    compensate: bool | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    verify: bool = True,
-    seed: int = 0,
-) -> PruneResult:
-    """Prune `model` and, if `output` is given, write the result there.
-
-    ratio: fraction of the channels of every prunable group to remove, in [0, 1).
-    round_to: keep channel counts multiples of this (default: what the CPU's SIMD width rewards).
-    ignore: glob patterns of node or initializer names to leave alone.
-    exclude_ops: op types (Conv, Gemm, ...) whose nodes are left alone, as if ignored by name.
-    importance: "auto" (the default: "obs" with calibration data or, without, with synthetic data
-        where that is cheap enough (spa.calibration.why_not_data_free); else "l2"), "l2", "l1" (group
-        magnitude), "random", or with calibration data "wanda" (|W| x input RMS) or "obs" (output
-        error of removing a channel, optimally compensated; greedy, with the weights updated as
-        channels go).
-    allocation: how many channels each group loses. "uniform": `ratio` of every group. "global":
-        the lowest-scoring `ratio` of all channels, wherever they are. "sensitivity" (needs
-        calibration data): `ratio` of all channels, each group's share decided by how far the
-        model's outputs move when it alone loses channels, per MAC saved (spa.sensitivity).
-        "auto" (the default): sensitivity with real calibration data, else uniform. No group loses
-        more than `max_group_ratio` of its channels under global or sensitivity.
-    global_ranking: the same as allocation="global".
-    target_macs, target_params: search the ratio so that the model keeps at most this fraction of
-        its MACs (params); `ratio` is then ignored.
-    min_fidelity: with calibration data, cut at most what `ratio` or the target asks, less where
-        needed so that the fidelity on held-out calibration samples (top-1 agreement for class
-        scores, else cosine; the worst output's) stays at least this: a bisection of the ratio, each
-        step a prune and refit of its own (about 6 of them).
-    prune_hidden: also prune channels that normalizations (LayerNorm, RMSNorm) average over, such
-        as a transformer's hidden size. Lossy: the statistics change, outputs are not preserved.
-    calibration: sample inputs (a .npy/.npz path, an array, a dict of arrays, or an onnxruntime
-        CalibrationDataReader), or "synthetic" for the data-free mode (see spa.calibration).
-    compensate: repair the layers that lost inputs (spa.compensate): a refit with calibration
-        data (synthetic included), else where BatchNormalization survives its channels' means move
-        into the next biases. Default True; False does neither.
-    input_shapes: concrete shapes for symbolic input dims, used for the analysis only.
-    verify: check the result (checker, onnxruntime, same signature) before writing it.
-    """
+def prune(model, output: str | os.PathLike | None = None, **options) -> PruneResult:
+    """Prune `model` (a path, onnx.ModelProto or onnx_ir.Model) and, if `output` is given, write
+    the result there. The options (ratio, target_macs, calibration, importance, allocation, ...)
+    are spa.options.PruneOptions' fields, each documented there."""
     start = time.perf_counter()
-    options = dict(
-        ratio=ratio, round_to=round_to, ignore=list(ignore), exclude_ops=list(exclude_ops), importance=importance, allocation=allocation, global_ranking=global_ranking,
-        max_group_ratio=max_group_ratio, target_macs=target_macs, target_params=target_params, min_fidelity=min_fidelity,
-        prune_hidden=prune_hidden, calibration=calibration_source.describe(calibration), compensate=compensate, input_shapes=input_shapes,
-        verify=verify, seed=seed,
-    )  # fmt: skip
-    _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation, min_fidelity)
+    o = PruneOptions.of(options)
+    ratio, ignore = o.ratio, o.ignore  # a target replaces the ratio; excluded op types add patterns
+    record = o.record(calibration_source.describe)
     progress.step("reading the model")
     work, source = _load(model)
     large = io.is_large(work)  # then verified on shared weights and written with external data
@@ -203,42 +148,42 @@ def prune(
     expected_signature = verification.signature(work)
     progress.step("normalizing")
     normalize(work)
-    ignore = _ignore_patterns(work, ignore, exclude_ops)
+    ignore = _ignore_patterns(work, ignore, o.exclude_ops)
     progress.step("running the original on the verification inputs")
-    reference = verification.reference(work, input_shapes, lean=large) if verify else None
+    reference = verification.reference(work, o.input_shapes, lean=large) if o.verify else None
     progress.step("finding the coupled channels")
-    analysis = analyze_model(work, input_shapes, prune_hidden)
+    analysis = analyze_model(work, o.input_shapes, o.prune_hidden)
     before = count(work, shapes=analysis.shapes)
     consumers = statistics.consumers(work)
     progress.step("choosing the method (and reading or making calibration data)")
-    choice = dict(calibration=calibration, importance=importance, allocation="global" if global_ranking else allocation, compensate=compensate, input_shapes=input_shapes, seed=seed)
+    choice = dict(calibration=o.calibration, importance=o.importance, allocation="global" if o.global_ranking else o.allocation, compensate=o.compensate, input_shapes=o.input_shapes, seed=o.seed)
     method, data, means = choose_method(work, analysis, consumers, large, **choice)
     progress.step(f"scoring channels ({method.importance})")
     try:
-        scores = _scores(analysis, method, data, seed)
+        scores = _scores(analysis, method, data, o.seed)
     except CalibrationError as e:
-        if calibration is not None:
+        if o.calibration is not None:
             raise  # the user's own data: the error is theirs to see
         # A model that noise breaks (NaN from a Log of it, float32 overflow) prunes without data.
         method, data, means = choose_method(work, analysis, consumers, large, **choice, failed=f"the model fails on {method.calibration} data ({e})")
-        scores = _scores(analysis, method, data, seed)
-    step = default_round_to() if round_to is None else round_to
-    options["resolved"] = {"round_to": step, "importance": method.importance, "allocation": method.allocation, "calibration": method.calibration}
+        scores = _scores(analysis, method, data, o.seed)
+    step = default_round_to() if o.round_to is None else o.round_to
+    record["resolved"] = {"round_to": step, "importance": method.importance, "allocation": method.allocation, "calibration": method.calibration}
 
-    kind, goal = ("macs", target_macs) if target_params is None else ("params", target_params)
+    kind, goal = ("macs", o.target_macs) if o.target_params is None else ("params", o.target_params)
     curves = None
     if method.allocation == "sensitivity":
         progress.step("measuring each group's sensitivity")
         measuring = time.perf_counter()
         curves = sensitivity.measure(
             analysis, lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
-            data.feeds, before, kind, max_group_ratio,
+            data.feeds, before, kind, o.max_group_ratio,
         )  # fmt: skip
         method.sensitivity = {"samples": curves.samples, "trials": curves.trials, "seconds": time.perf_counter() - measuring}
 
     def plan_for(r: float, on: Analysis = analysis) -> Plan:
         shares = curves.shares(r) if curves is not None else None
-        return make_plan(on, scores, r, step, ignore, method.allocation == "global", max_group_ratio, shares)
+        return make_plan(on, scores, r, step, ignore, method.allocation == "global", o.max_group_ratio, shares)
 
     progress.step("planning")
     target = None
@@ -247,24 +192,24 @@ def prune(
         target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
     else:
         plan = plan_for(ratio)
-    if min_fidelity is not None:
+    if o.min_fidelity is not None:
         if data is None or not data.held_out:
-            raise SpaError("--min-fidelity needs --calibration data: real samples held out of the fit measure the fidelity")
+            raise SpaError("min_fidelity needs calibration data: real samples held out of the fit measure the fidelity")
 
         def fidelity_at(r: float) -> float:  # a prune of a copy, refit, measured on the held-out samples
             trial = io.clone(pristine)
-            on = analyze_model(trial, input_shapes, prune_hidden)
+            on = analyze_model(trial, o.input_shapes, o.prune_hidden)
             _remove_and_repair(on, plan_for(r, on).removed, statistics.consumers(trial), data if method.compensated else None, means)
             pruned = runtime.session(trial, threads=statistics.SESSION_THREADS, lean=large)
             return verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(trial), False).similarity
 
-        progress.step(f"searching the cut that keeps fidelity >= {min_fidelity:g}")
+        progress.step(f"searching the cut that keeps fidelity >= {o.min_fidelity:g}")
         pristine = io.clone(work)
-        ratio, target = _fidelity_search(fidelity_at, ratio, min_fidelity, target)
+        ratio, target = _fidelity_search(fidelity_at, ratio, o.min_fidelity, target)
         plan = plan_for(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
-    exact = verify and verification.all_zero(analysis, plan.removed)
+    exact = o.verify and verification.all_zero(analysis, plan.removed)
     progress.step("removing channels" + (" and refitting" if method.compensated else ""))
     if not _remove_and_repair(analysis, plan.removed, consumers, data if method.compensated else None, means) and method.calibration == "batchnorm":
         method.calibration, method.compensated = None, False  # no removed channel came from a BN
@@ -272,9 +217,9 @@ def prune(
     if target is not None and "kind" in target:  # the fidelity bound may have cut less
         target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
         target["met"] = target["reached"] <= goal
-    _record_provenance(work, options, before, after)
+    _record_provenance(work, record, before, after)
     progress.step("verifying the pruned model")
-    verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if verify else None
+    verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if o.verify else None
     if verdict is not None and data is not None and data.held_out:
         progress.step("measuring fidelity on held-out samples")
         pruned = runtime.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
@@ -284,7 +229,7 @@ def prune(
     if output is not None:
         progress.step("writing the pruned model")
         after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
-    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method, options)
+    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method, record)
 
 
 def _ignore_patterns(model: ir.Model, patterns, exclude_ops) -> list[str]:
@@ -400,26 +345,6 @@ class _Calibrated:
         refit(self.original, pruned, self.consumers, self.feeds, keeps, cross_validate=not self.synthetic)
 
 
-def _check_options(ratio, importance, round_to, max_group_ratio, target_macs, target_params, allocation, min_fidelity) -> None:
-    if allocation not in ALLOCATIONS:
-        raise SpaError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    if not 0.0 <= ratio < 1.0:
-        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
-    if importance not in ("auto", *CRITERIA, *DATA_CRITERIA):
-        raise SpaError(f"--importance must be one of auto, {', '.join(CRITERIA + DATA_CRITERIA)}, got {importance!r}")
-    if round_to is not None and round_to < 1:
-        raise SpaError(f"--round-to must be a positive integer, got {round_to}")
-    if not 0.0 < max_group_ratio < 1.0:
-        raise SpaError(f"--max-group-ratio must be in (0, 1), got {max_group_ratio}")
-    if target_macs is not None and target_params is not None:
-        raise SpaError("give --target-macs or --target-params, not both")
-    for name, value in (("--target-macs", target_macs), ("--target-params", target_params)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise SpaError(f"{name} must be a fraction in (0, 1], got {value}")
-    if min_fidelity is not None and not 0.0 < min_fidelity <= 1.0:
-        raise SpaError(f"--min-fidelity must be in (0, 1], got {min_fidelity}")
-
-
 def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal: float) -> tuple[float, Plan, float]:
     """The smallest ratio whose plan keeps at most `goal` of the MACs (params): bisection on the
     counts of the planned shapes, no surgery until the answer is known."""
@@ -470,8 +395,9 @@ DATA_FREE = ("synthetic", "generated")  # calibration sources spa makes itself
 _SEARCH_STEPS = 14  # ratio to within 1e-4
 
 
-def sweep(model, ratios: list[float], threads: int = 1, input_shapes=None, **options) -> list[dict]:
-    """Prune at each ratio, then time the original and every pruned model in one interleaved loop."""
+def sweep(model, ratios: list[float], threads: int = 1, **options) -> list[dict]:
+    """Prune at each ratio (the other options as for prune), then time the original and every
+    pruned model in one interleaved loop."""
     from spa.bench import benchmark
     from spa.progress import Progress
 
@@ -479,13 +405,15 @@ def sweep(model, ratios: list[float], threads: int = 1, input_shapes=None, **opt
     results = []
     bar = Progress(len(ratios), "prune")
     for i, r in enumerate(ratios):
-        results.append(prune(model, ratio=r, input_shapes=input_shapes, **options))
+        results.append(prune(model, **{**options, "ratio": r}))
         bar.update(i + 1)
     bar.close()
-    timings = benchmark([original] + [r.model for r in results], names=["original"] + [f"ratio {r}" for r in ratios], threads=threads, input_shapes=input_shapes)
+    names = ["original"] + [f"ratio {r}" for r in ratios]
+    timings = benchmark([original] + [r.model for r in results], names=names, threads=threads, input_shapes=options.get("input_shapes"))
     rows = [{"ratio": 0.0, "macs": results[0].before.macs, "params": results[0].before.params, "latency_ms": timings[0].median_ms, "latency_ratio": 1.0}]
     for r, result, timing in zip(ratios, results, timings[1:]):
-        rows.append({"ratio": r, "macs": result.after.macs, "params": result.after.params, "latency_ms": timing.median_ms, "latency_ratio": timing.ratio})
+        rows.append({"ratio": r, "macs": result.after.macs, "params": result.after.params, "latency_ms": timing.median_ms, "latency_ratio": timing.ratio,
+                     "units_removed": len(result.plan.removed)})  # fmt: skip
     return rows
 
 

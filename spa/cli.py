@@ -26,8 +26,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def _parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: main() catches an interrupt during the imports.
-    from spa.plan import ALLOCATIONS, default_round_to
-    from spa.score import CRITERIA, DATA_CRITERIA
+    from spa.options import PruneOptions
 
     parser = argparse.ArgumentParser(prog="spa", description="Structural pruning for ONNX models.")
     parser.add_argument("--version", action="version", version=f"spa {__version__}")
@@ -36,25 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="remove the least important channels and write a smaller model")
     prune.add_argument("input", type=Path, help="the model to prune (.onnx)")
     prune.add_argument("output", type=Path, help="where to write the pruned model")
-    prune.add_argument("--ratio", type=float, default=None, help="fraction of each group's channels to remove (default 0.5; a target replaces it)")
-    prune.add_argument("--round-to", type=int, default=None, help=f"keep channel counts multiples of N (default here: {default_round_to()}, from the CPU's SIMD width)")
-    prune.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="glob of node or initializer names to leave alone (repeatable)")
-    prune.add_argument("--exclude-ops", action="append", default=[], metavar="OP[,OP...]", help="op types whose layers keep all their channels, e.g. Conv,Gemm (repeatable)")
+    PruneOptions.add_arguments(prune)
     prune.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw every layer's channels before and after, in graph order (needs matplotlib: pip install 'spa-onnx[plot]')")
     prune.add_argument("--dry-run", action="store_true", help="plan, verify and report, but write no model (--json still writes the report)")
-    prune.add_argument("--importance", choices=("auto", *CRITERIA, *DATA_CRITERIA), default="auto", help="channel importance: auto (obs with --calibration; without, obs on synthetic data where that is cheap, else l2), l2, l1, random, wanda, obs")
-    prune.add_argument("--calibration", default=None, metavar="FILE|synthetic|generated", help="sample inputs (.npy for one input, .npz keyed by input name) for data-aware importance and compensation; 'synthetic' (noise) or 'generated' (text a causal language model samples itself, its default without data) for data-free")
-    prune.add_argument("--no-compensate", action="store_true", help="do not repair the layers that lost inputs (no refit from calibration data, no BatchNormalization means)")
-    prune.add_argument("--seed", type=int, default=0, help="seed for --importance random")
-    prune.add_argument("--allocation", choices=ALLOCATIONS, default="auto", help="how many channels each group loses: uniform (--ratio of every group), global (the lowest-scoring --ratio of all channels), sensitivity (--ratio of all channels, shared by measured effect on the outputs per MAC saved; needs --calibration); auto: sensitivity with --calibration data, else uniform")
-    prune.add_argument("--global", dest="global_ranking", action="store_true", help="the same as --allocation global")
-    prune.add_argument("--max-group-ratio", type=float, default=0.8, help="with global or sensitivity allocation: the most any group may lose (default 0.8)")
-    prune.add_argument("--target-macs", type=float, default=None, metavar="F", help="prune until at most the fraction F of the MACs remains (searches the ratio)")
-    prune.add_argument("--target-params", type=float, default=None, metavar="F", help="prune until at most the fraction F of the params remains")
-    prune.add_argument("--min-fidelity", type=float, default=None, metavar="F", help="with --calibration: cut at most what --ratio or the target asks, less where needed to keep the fidelity on held-out calibration samples (top-1 agreement for class scores, else cosine) at least F; bisects the ratio, a prune and refit per step (about 6)")
-    _prune_hidden(prune)
     _common(prune)
-    prune.add_argument("--no-verify", action="store_true", help="skip the checker and onnxruntime checks of the result")
     prune.add_argument("--bench", action="store_true", help="time the original and the pruned model (interleaved) and add the latency to the table")
     _threads(prune)
 
@@ -70,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("input", type=Path, help="the model (.onnx)")
     sweep.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
     sweep.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the plot here (needs matplotlib: pip install 'spa-onnx[plot]')")
-    sweep.add_argument("--round-to", type=int, default=None, help="as for prune")
+    PruneOptions.add_arguments(sweep, sweep=True)
     _common(sweep)
     _threads(sweep)
 
@@ -223,6 +207,7 @@ def _run(args) -> int:
 def _command(args) -> dict:
     """Run the command, print its report, and return the report for --json."""
     from spa import api, bench, io, report
+    from spa.options import PruneOptions
     from spa.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(" ".join(args.input_shapes))
@@ -236,7 +221,8 @@ def _command(args) -> dict:
         data = {"threads": args.threads, "models": [dataclasses.asdict(t) for t in timings]}
     elif args.command == "sweep":
         ratios = _ratios(args.ratios)
-        rows = api.sweep(args.input, ratios, threads=args.threads, input_shapes=shapes, round_to=args.round_to)
+        options = PruneOptions.from_args(args, input_shapes=shapes)
+        rows = api.sweep(args.input, ratios, threads=args.threads, **options.as_kwargs())
         print(report.sweep_table(rows, args.threads))
         if args.plot is not None:
             from spa.plot import sweep_plot
@@ -247,27 +233,8 @@ def _command(args) -> dict:
     else:
         if args.ratio is not None and (args.target_macs is not None or args.target_params is not None):
             print(f"note: --ratio {args.ratio:g} is ignored: the target decides the ratio")
-        result = api.prune(
-            args.input,
-            None if args.dry_run else args.output,
-            ratio=0.5 if args.ratio is None else args.ratio,
-            exclude_ops=[op for ops in args.exclude_ops for op in ops.split(",") if op],
-            round_to=args.round_to,
-            ignore=args.ignore,
-            importance=args.importance,
-            global_ranking=args.global_ranking,
-            allocation=args.allocation,
-            max_group_ratio=args.max_group_ratio,
-            target_macs=args.target_macs,
-            target_params=args.target_params,
-            min_fidelity=args.min_fidelity,
-            prune_hidden=args.prune_hidden,
-            calibration=args.calibration,
-            compensate=False if args.no_compensate else None,
-            input_shapes=shapes,
-            verify=not args.no_verify,
-            seed=args.seed,
-        )
+        options = PruneOptions.from_args(args, input_shapes=shapes)
+        result = api.prune(args.input, None if args.dry_run else args.output, **options.as_kwargs())
         latency = None
         if args.bench:
             progress.step("timing the original and the pruned model")

@@ -28,8 +28,6 @@ def default_round_to() -> int:
     return 4
 
 
-# How many channels each group loses (spa.api.prune's allocation).
-ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
 
 
 @dataclasses.dataclass

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from spa.analysis import Analysis
+from spa.options import CRITERIA, DATA_CRITERIA  # noqa: F401 -- declared with the options; DATA_CRITERIA need calibration statistics
 from spa.statistics import feature_classes, one_blas_thread
-
-CRITERIA = ("l2", "l1", "random")
-DATA_CRITERIA = ("wanda", "obs")  # need calibration statistics
 
 
 def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int, float]:

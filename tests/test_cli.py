@@ -62,7 +62,7 @@ def test_version():
         (b"", ["bad.onnx", "out.onnx"], "empty file"),
         (b"hello, I am text\n", ["bad.onnx", "out.onnx"], "not a readable ONNX model"),
         (b"\x08\x07\x12\xff\xff\xff", ["bad.onnx", "out.onnx"], "not a readable ONNX model"),
-        ("model", ["in.onnx", "out.onnx", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
+        ("model", ["in.onnx", "out.onnx", "--ratio", "1.5"], "ratio must be in [0, 1)"),
         ("model", ["in.onnx", "in.onnx"], "output in.onnx: is the input model"),
         ("model", ["in.onnx", "nowhere/out.onnx"], "does not exist"),
         ("model", ["in.onnx", "out.onnx", "--input-shapes", "nope:1,2"], "unknown input"),
@@ -150,3 +150,18 @@ def test_plot_draws_the_layers_before_and_after(tmp_path):
     plot = tmp_path / "layers.png"
     assert main(["prune", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx"), "--importance", "l2", "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_every_prune_option_is_a_flag_and_an_api_keyword_from_one_declaration(tmp_path):
+    import dataclasses
+
+    from spa.cli import _parser
+    from spa.options import PruneOptions
+
+    flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["prune"]._actions}
+    fields = {f.name for f in dataclasses.fields(PruneOptions)}
+    assert fields <= flags  # input_shapes too, through --input-shapes
+    with pytest.raises(Exception, match="unknown option"):
+        __import__("spa").prune(MODELS / "resnet_dynamo.onnx", ratioo=0.3)
+    sweep_flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["sweep"]._actions}
+    assert {"importance", "calibration", "allocation", "ignore", "round_to", "compensate"} <= sweep_flags

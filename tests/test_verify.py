@@ -130,4 +130,4 @@ def test_min_fidelity_cuts_less_where_the_held_out_fidelity_would_fall_below_the
     assert main([*args, "--calibration", str(tmp_path / "cal.npz"), "--min-fidelity", str(bound)]) == 0
     assert f"fidelity bound: held-out fidelity >= {bound:g}, kept at ratio {bounded.ratio:.3g}" in capsys.readouterr().out
     assert main([*args, "--min-fidelity", "0.9"]) == 1  # no data, nothing to measure it on
-    assert "--min-fidelity needs --calibration data" in capsys.readouterr().err
+    assert "min_fidelity needs calibration data" in capsys.readouterr().err
