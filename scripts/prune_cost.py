@@ -90,15 +90,7 @@ def export_llama(path: Path, ids: np.ndarray) -> None:
     start = time.perf_counter()
     lm = transformers.LlamaForCausalLM(llama_config()).eval()
 
-    class Logits(torch.nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids):
-            return self.lm(input_ids=input_ids, use_cache=False).logits
-
-    net = Logits(lm).eval()
+    net = real_models.logits_only(lm)
     real_models.torch_export(net, (torch.from_numpy(ids[:2, :16]),), path, "dynamo", (["input_ids"], ["logits"]), {"input_ids": {0: "batch", 1: "seq"}})
     real_models.check_export(net, path, {"input_ids": ids[:2, :24]})
     print(f"llama2g: exported {path} in {time.perf_counter() - start:.0f} s, {real_models.model_bytes(path) / 1e9:.2f} GB")

@@ -256,6 +256,22 @@ class EfficientNetLite0(Model):
         return f"top-1 {(reference['logits'][: len(labels)].argmax(1) == labels).mean():.2f} on the {len(labels)} labelled images"
 
 
+def logits_only(lm):
+    """A transformers causal LM as input_ids -> logits, no KV cache (the causal mask comes from the
+    shape), for the exporters."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    return Logits(lm).eval()
+
+
 def torch_tensor(x: np.ndarray):
     import torch
 
@@ -316,16 +332,8 @@ class SmolLM2(Model):
         import torch
         import transformers
 
-        class Logits(torch.nn.Module):
-            def __init__(self, lm):
-                super().__init__()
-                self.lm = lm
-
-            def forward(self, input_ids):
-                return self.lm(input_ids=input_ids, use_cache=False).logits
-
         lm = transformers.AutoModelForCausalLM.from_pretrained(self.folder_of_gguf(), gguf_file=GGUF, dtype=torch.float32)
-        return Logits(lm.eval()).eval()
+        return logits_only(lm.eval())
 
     def outputs(self, sess) -> dict:
         ids = np.load(self.evaluation)["input_ids"]  # 4 windows a run: their logits are 200 MB
