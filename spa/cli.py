@@ -235,7 +235,7 @@ def _command(args) -> dict:
             print(f"note: --ratio {args.ratio:g} is ignored: the target decides the ratio")
         options = PruneOptions.from_args(args, input_shapes=shapes)
         result = api.prune(args.input, None if args.dry_run else args.output, **options.as_kwargs())
-        latency = None
+        latency, timings = None, None
         if args.bench:
             progress.step("timing the original and the pruned model")
             # Both from memory: the output is not in place until the command ends (all or nothing).
@@ -279,7 +279,8 @@ def _command(args) -> dict:
             io.write_file(args.plot, lambda tmp: layers_plot(data["groups"], tmp, title))
             print(f"plot: {args.plot}")
         if latency is not None:
-            data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads}
+            data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads, "runs": timings[0].runs,
+                                  "p10_p90": {"before": [timings[0].p10_ms, timings[0].p90_ms], "after": [timings[1].p10_ms, timings[1].p90_ms]}}
     return data
 
 

@@ -79,7 +79,7 @@ def test_prune_bench_adds_a_latency_row(tmp_path):
     run = _cli("prune", RESNET, str(tmp_path / "p.onnx"), "--bench", "--json", str(tmp_path / "r.json"))
     assert run.returncode == 0, run.stderr
     assert "latency" in run.stdout and "speed-up" in run.stdout
-    assert set(json.loads((tmp_path / "r.json").read_text())["latency_ms"]) == {"before", "after", "threads"}
+    assert set(json.loads((tmp_path / "r.json").read_text())["latency_ms"]) == {"before", "after", "threads", "runs", "p10_p90"}
 
 
 def test_sweep_prints_rows_and_plots(tmp_path):
