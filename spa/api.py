@@ -23,7 +23,7 @@ from spa.errors import CalibrationError, SpaError, first_line
 from spa.graph import quantized_ops
 from spa.normalize import normalize
 from spa.options import PruneOptions
-from spa.plan import Plan, default_round_to, make_plan
+from spa.plan import Plan, default_round_to, make_plan, plan_from_report
 from spa import calibration as calibration_source, sensitivity, statistics
 from spa.compensate import mean_shifts, refit, shift_biases
 from spa.score import DATA_CRITERIA, dead_first, score, score_with_statistics
@@ -172,7 +172,7 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
 
     kind, goal = ("macs", o.target_macs) if o.target_params is None else ("params", o.target_params)
     curves = None
-    if method.allocation == "sensitivity":
+    if method.allocation == "sensitivity" and o.plan is None:
         progress.step("measuring each group's sensitivity")
         measuring = time.perf_counter()
         curves = sensitivity.measure(
@@ -187,7 +187,10 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
 
     progress.step("planning")
     target = None
-    if goal is not None:
+    if o.plan is not None:
+        plan = plan_from_report(analysis, io.load_json(o.plan, "--plan") if isinstance(o.plan, (str, os.PathLike)) else o.plan)
+        ratio = len(plan.removed) / max(1, sum(g.width for g in analysis.groups))  # the fraction of units the report removes
+    elif goal is not None:
         ratio, plan, reached = _search_ratio(analysis, before, plan_for, kind, goal)
         target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
     else:

@@ -183,6 +183,8 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     reads = [f for model in (args.models if args.command == "bench" else [args.input]) for f in io.model_files(model)]
     if getattr(args, "calibration", None) not in (None, "synthetic", "generated"):
         reads.append((Path(args.calibration), "the calibration data"))
+    if getattr(args, "plan", None) is not None:
+        reads.append((Path(args.plan), "the --plan report"))
     if getattr(args, "inputs", None) is not None:
         reads.append((args.inputs, "the --inputs file"))
     writes = []

@@ -7,6 +7,7 @@ The files a command reads and writes are checked together before anything is wri
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from spa.errors import SpaError, first_line
+from spa.errors import SpaError, describe_os_error, first_line
 from spa.graph import opset_version
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,16 @@ def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = No
             ir.save(model, tmp)
 
     return write_file(path, write, data if external else None)
+
+
+def load_json(path: str | os.PathLike, flag: str):
+    """A JSON file a flag names, or one error line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SpaError(f"{flag} {describe_os_error(e)}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpaError(f"{flag} {path}: not a JSON file ({first_line(e)})") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> int:

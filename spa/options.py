@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from spa.errors import SpaError
@@ -64,6 +65,10 @@ class PruneOptions:
         None, "do not repair the layers that lost inputs (no refit from calibration data, no BatchNormalization means)",
         sweep=True, flag="--no-compensate", action="store_const", const=False,
     )  # fmt: skip
+    plan: Any = _option(
+        None, "apply the kept channels of an earlier prune's JSON report (a file, or its dict from Python) instead of planning: "
+        "the same model or a re-export with the same node names; ratio and targets are then ignored", metavar="REPORT.json",
+    )  # fmt: skip
     input_shapes: dict[str, list[int]] | None = _option(None, "concrete shapes for symbolic input dims, for the analysis only")  # --input-shapes: every command
     verify: bool = _option(True, "skip the checker and onnxruntime checks of the result", flag="--no-verify", action="store_const", const=False)
     seed: int = _option(0, "seed for --importance random and the synthetic data", sweep=True, type=int)
@@ -102,7 +107,8 @@ class PruneOptions:
     def record(self, describe_calibration) -> dict:
         """The options as the report and the model's metadata record them."""
         record = self.as_kwargs()
-        record.update(ignore=list(self.ignore), exclude_ops=list(self.exclude_ops), calibration=describe_calibration(self.calibration))
+        plan = self.plan if self.plan is None or isinstance(self.plan, (str, os.PathLike)) else "a report (dict)"
+        record.update(ignore=list(self.ignore), exclude_ops=list(self.exclude_ops), calibration=describe_calibration(self.calibration), plan=plan and str(plan))
         return record
 
     @classmethod

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from spa.analysis import Analysis
+from spa.errors import SpaError
 
 
 @functools.cache
@@ -85,6 +86,35 @@ def make_plan(
     removed = np.concatenate(list(by_group.values())) if by_group else np.zeros(0, np.int64)
     removed = _keep_one_per_segment(analysis, scores, removed, by_group)
     return Plan(removed=np.sort(removed), by_group=by_group)
+
+
+def plan_from_report(analysis: Analysis, report: dict) -> Plan:
+    """The plan an earlier prune's JSON report describes ("groups" -> "layers" -> "kept"), for this
+    model: layers are matched by node name and width, their dropped channels removed. Refused where
+    the report names a layer this model lacks, would remove channels that must stay, or keeps
+    channels in one layer that a coupled layer drops (what stays must be what the report says)."""
+    layers = {layer["node"]: layer for group in report.get("groups", []) for layer in group.get("layers", [])}
+    spaces = {s.node: s for s in analysis.spaces if s.node}
+    missing = sorted(set(layers) - set(spaces))
+    if missing:
+        raise SpaError(f"the plan names {len(missing)} layer(s) this model lacks: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    removed = set()
+    for name, layer in layers.items():
+        labels = spaces[name].labels
+        if layer["width"] != len(labels):
+            raise SpaError(f"the plan's layer {name} has {layer['width']} channels, this model's {len(labels)}")
+        dropped = np.setdiff1d(np.arange(len(labels)), np.asarray(layer["kept"], dtype=np.int64))
+        removed |= set(analysis.sets.find(labels[dropped]).tolist())
+    removable = {int(c): g.id for g in analysis.groups for c in g.classes}
+    if removed - set(removable):
+        raise SpaError("the plan removes channels this model must keep (they reach an input, an output or a barrier; see `spa analyze`)")
+    plan_removed = np.array(sorted(removed), dtype=np.int64)
+    for name, layer in layers.items():
+        kept = np.flatnonzero(~analysis.removed_mask(spaces[name].labels, plan_removed))
+        if kept.tolist() != sorted(layer["kept"]):
+            raise SpaError(f"the plan keeps channels of {name} that a layer coupled with it drops: coupled layers keep the same channels")
+    by_group = {g.id: np.array([c for c in plan_removed if removable[int(c)] == g.id], dtype=np.int64) for g in analysis.groups}
+    return Plan(removed=plan_removed, by_group=by_group)
 
 
 def _ranked(classes: list[int], scores: dict[int, float]) -> list[int]:

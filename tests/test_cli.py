@@ -165,3 +165,21 @@ def test_every_prune_option_is_a_flag_and_an_api_keyword_from_one_declaration(tm
         __import__("spa").prune(MODELS / "resnet_dynamo.onnx", ratioo=0.3)
     sweep_flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["sweep"]._actions}
     assert {"importance", "calibration", "allocation", "ignore", "round_to", "compensate"} <= sweep_flags
+
+
+def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what_does_not_fit(tmp_path, capsys):
+    from spa.cli import main
+
+    model, report = str(MODELS / "resnet_dynamo.onnx"), tmp_path / "r.json"
+    assert main(["prune", model, str(tmp_path / "a.onnx"), "--ratio", "0.4", "--importance", "l1", "--json", str(report)]) == 0
+    first = json.loads(report.read_text())
+    assert main(["prune", model, str(tmp_path / "b.onnx"), "--plan", str(report), "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    kept = lambda r: {layer["node"]: layer["kept"] for g in r["groups"] for layer in g["layers"]}  # noqa: E731
+    assert kept(again) == kept(first) and again["after"]["macs"] == first["after"]["macs"]
+    layer = next(layer for g in first["groups"] for layer in g["layers"] if len(g["layers"]) > 1)
+    layer["kept"] = layer["kept"][1:]  # one layer of a coupled group loses a channel the others keep
+    report.write_text(json.dumps(first))
+    capsys.readouterr()
+    assert main(["prune", model, str(tmp_path / "c.onnx"), "--plan", str(report)]) == 1
+    assert "coupled layers keep the same channels" in capsys.readouterr().err
