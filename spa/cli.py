@@ -258,6 +258,9 @@ def _command(args) -> dict:
             print(f"fidelity bound: held-out fidelity >= {bound['bound']:g}, {verdict} (ratio: fidelity tried: {steps})")
         print(f"method: {result.method.describe()}")
         print(report.table(result.before, result.after, latency))
+        symbolic = [f"{v.name}[{i}] {d}" for v in result.model.graph.inputs if v.name not in shapes for i, d in enumerate(v.shape or ()) if not isinstance(d, int)]
+        if symbolic:
+            print(f"note: MACs and FLOPs count the symbolic input dims as 1 ({', '.join(symbolic[:4])}); --input-shapes counts other sizes")
         if latency is not None:
             print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")
         if result.verdict is not None and result.verdict.measured is not None:

@@ -38,10 +38,13 @@ _OS_ERRORS = {
 }
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (onnxruntime's run to pages), or its type's name."""
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (onnxruntime's run to pages), or its type's name;
+    cut at `limit` characters (with an ellipsis) where a caller needs it short."""
     text = str(e).strip().splitlines()
-    return text[0][:limit] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return text[0] if limit is None or len(text[0]) <= limit else text[0][: limit - 3] + "..."
 
 
 def describe_os_error(e: OSError) -> str:

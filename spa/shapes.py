@@ -64,7 +64,7 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
 def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) -> dict[ir.Value, tuple[int, ...]]:
     """Shapes that inference could not work out (Range, GatherND, ...), read off one onnxruntime
     run on inputs of the same concrete shapes. Nothing if onnxruntime cannot run the model."""
-    from spa.verify import isolated, random_inputs, session
+    from spa.runtime import isolated, random_inputs, session
 
     outputs = list(model.graph.outputs)
     try:
