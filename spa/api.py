@@ -398,9 +398,9 @@ DATA_FREE = ("synthetic", "generated")  # calibration sources spa makes itself
 _SEARCH_STEPS = 14  # ratio to within 1e-4
 
 
-def sweep(model, ratios: list[float], threads: int = 1, **options) -> list[dict]:
+def sweep(model, ratios: list[float], threads: int = 1, on_result=None, **options) -> list[dict]:
     """Prune at each ratio (the other options as for prune), then time the original and every
-    pruned model in one interleaved loop."""
+    pruned model in one interleaved loop. on_result(ratio, PruneResult) is called after each prune."""
     from spa.bench import benchmark
     from spa.progress import Progress
 
@@ -410,6 +410,8 @@ def sweep(model, ratios: list[float], threads: int = 1, **options) -> list[dict]
     for i, r in enumerate(ratios):
         results.append(prune(model, **{**options, "ratio": r}))
         bar.update(i + 1)
+        if on_result is not None:
+            on_result(r, results[-1])
     bar.close()
     names = ["original"] + [f"ratio {r}" for r in ratios]
     timings = benchmark([original] + [r.model for r in results], names=names, threads=threads, input_shapes=options.get("input_shapes"))

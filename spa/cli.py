@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("input", type=Path, help="the model (.onnx)")
     sweep.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
     sweep.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the plot here (needs matplotlib: pip install 'spa-onnx[plot]')")
+    sweep.add_argument("--save-dir", type=Path, default=None, metavar="DIR", help="also write each pruned model there, as NAME_ratioR.onnx")
     PruneOptions.add_arguments(sweep, sweep=True)
     _common(sweep)
     _threads(sweep)
@@ -191,6 +192,10 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     if args.command == "prune" and not args.dry_run:
         writes += [(args.output, "output"), (args.output.with_name(args.output.name + ".data"), "the output's external data")]
     writes += [(getattr(args, flag), f"--{flag}") for flag in ("json", "plot") if getattr(args, flag, None) is not None]
+    if getattr(args, "save_dir", None) is not None:
+        for ratio in _ratios(args.ratios):
+            path = args.save_dir / f"{args.input.stem}_ratio{ratio:g}.onnx"
+            writes += [(path, "--save-dir's model"), (path.with_name(path.name + ".data"), "--save-dir's external data")]
     return reads, writes
 
 
@@ -198,6 +203,8 @@ def _run(args) -> int:
     from spa import io, runtime
 
     runtime.quiet()
+    if getattr(args, "save_dir", None) is not None:  # the folder the user asked for; its files are checked next
+        args.save_dir.mkdir(parents=True, exist_ok=True)
     io.check_targets(*_files(args))
     with io.all_or_nothing():  # the model, the JSON, the plot: all written, or none
         data = _command(args)
@@ -224,7 +231,19 @@ def _command(args) -> dict:
     elif args.command == "sweep":
         ratios = _ratios(args.ratios)
         options = PruneOptions.from_args(args, input_shapes=shapes)
-        rows = api.sweep(args.input, ratios, threads=args.threads, **options.as_kwargs())
+
+        def done(ratio: float, result) -> None:  # a line per step as it goes, and its model saved
+            removed = len(result.plan.removed)
+            line = f"ratio {ratio:g}: MACs x{result.after.macs / max(result.before.macs, 1):.3f}, params x{result.after.params / max(result.before.params, 1):.3f}, {removed} units removed in {result.seconds:.1f} s"
+            if not removed:
+                line += f" (nothing removed: at this ratio every group rounds to all its channels; round-to {result.options['resolved']['round_to']})"
+            if args.save_dir is not None:
+                path = args.save_dir / f"{args.input.stem}_ratio{ratio:g}.onnx"  # as _files checked it
+                io.save(result.model, path)
+                line += f"; {path}"
+            print(line, flush=True)
+
+        rows = api.sweep(args.input, ratios, threads=args.threads, on_result=done, **options.as_kwargs())
         print(report.sweep_table(rows, args.threads))
         if args.plot is not None:
             from spa.plot import sweep_plot

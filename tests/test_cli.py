@@ -183,3 +183,13 @@ def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what
     capsys.readouterr()
     assert main(["prune", model, str(tmp_path / "c.onnx"), "--plan", str(report)]) == 1
     assert "coupled layers keep the same channels" in capsys.readouterr().err
+
+
+def test_sweep_takes_the_method_options_prints_each_step_and_saves_the_models(tmp_path, capsys):
+    from spa.cli import main
+
+    args = ["sweep", str(MODELS / "resnet_dynamo.onnx"), "--ratios", "0.05,0.5", "--importance", "l2", "--save-dir", str(tmp_path / "models")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ratio 0.05: MACs x1.000" in out and "nothing removed" in out and "ratio 0.5: MACs x0.2" in out
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["resnet_dynamo_ratio0.05.onnx", "resnet_dynamo_ratio0.5.onnx"]
