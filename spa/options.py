@@ -88,6 +88,8 @@ class PruneOptions:
             raise SpaError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio}")
         if self.target_macs is not None and self.target_params is not None:
             raise SpaError("give target_macs or target_params, not both")
+        if self.plan is not None and (self.target_macs is not None or self.target_params is not None or self.min_fidelity is not None):
+            raise SpaError("a plan decides the channels: give it without target_macs, target_params or min_fidelity")
         for name in ("target_macs", "target_params", "min_fidelity"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
