@@ -339,9 +339,12 @@ def pointwise(prop: Propagation, node: ir.Node) -> None:
 def per_channel(prop: Propagation, node: ir.Node) -> None:
     if len([o for o in node.outputs if o.name and o.uses()]) > 1:
         raise NotHandled("training-mode outputs")
-    rank = len(prop.shape(node.inputs[0]))
     if node.op_type == "InstanceNormalization":
-        _pin_along(prop, node.inputs[0], range(2, rank))
+        # Statistics per (sample, axis-1 row) over the other axes: channels that vary along those
+        # axes (GroupNorm as exporters write it: Reshape to (N, groups, -1), InstanceNormalization,
+        # Reshape back) go together, one class per row, so that whole rows (groups) go or stay.
+        _per_row_norm(prop, node, _channel_vector(prop, node.inputs[0], 1))
+        return
     elementwise(prop, node, [(0, None)] + [(i, [1]) for i in range(1, len(node.inputs)) if node.inputs[i] is not None])
 
 
@@ -429,6 +432,12 @@ def group_norm(prop: Propagation, node: ir.Node) -> None:
         raise NotHandled(f"{len(channels)} channels in {groups} groups")
     per_group = channels.reshape(groups, -1)
     prop.sets.union(per_group, per_group[:, :1])
+    _per_row_norm(prop, node, channels)
+
+
+def _per_row_norm(prop: Propagation, node: ir.Node, channels: np.ndarray) -> None:
+    """A normalization whose statistics stay within each position of axis 1 (`channels`, its
+    labels): scale and bias, one value per position, belong to them; the output carries them."""
     for i in (1, 2):
         value = node.inputs[i] if len(node.inputs) > i else None
         if value is None or not prop.is_constant(value):
@@ -436,7 +445,7 @@ def group_norm(prop: Propagation, node: ir.Node) -> None:
         if tuple(value.const_value.shape) != (len(channels),):
             raise NotHandled(f"input {i} is not one value per channel")
         prop.member(node, i, channels)
-    prop.set(node.outputs[0], _at_axis(channels, 1, rank))
+    prop.set(node.outputs[0], _at_axis(channels, 1, len(prop.shape(node.inputs[0]))))
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum")

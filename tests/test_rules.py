@@ -420,3 +420,18 @@ def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     pruned = _pruned(model)
     norm = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
     assert helper.get_attribute_value(norm.attribute[[a.name for a in norm.attribute].index("num_groups")]) == 2
+
+
+def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly():
+    """Reshape (N, C, H, W) -> (N, groups, -1), InstanceNormalization, Reshape back, then the
+    per-channel gamma and beta: torch's legacy exporter's GroupNorm. A group is one unit."""
+    g = Graph()
+    h = g.op("Reshape", g.conv("x", 8, 16), g.const(np.array([1, 4, -1], np.int64)))
+    h = g.op("InstanceNormalization", h, g.const(np.ones(4, np.float32)), g.const(np.zeros(4, np.float32)), epsilon=1e-5)
+    h = g.op("Reshape", h, g.const(np.array([1, 16, 6, 6], np.int64)))
+    h = g.op("Add", g.op("Mul", h, g.const(g.rng.uniform(0.5, 1.5, (16, 1, 1)).astype(np.float32))), g.const(g.rng.standard_normal((16, 1, 1)).astype(np.float32)))
+    g.op("Conv", g.op("Relu", h), g.weight(4, 16, 3, 3), pads=[1, 1, 1, 1])
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]})
+    assert [(gr.width, gr.channels_per_class) for gr in spa.analyze(model).groups] == [(4, 4)]
+    _zero_check(model, removed_at_least=1)
