@@ -110,7 +110,7 @@ def test_a_likely_broken_prune_says_so_on_stderr_and_in_the_json(tmp_path, capsy
     args = ["prune", str(path), str(tmp_path / "out.onnx"), "--calibration", str(tmp_path / "cal.npz"), "--ratio", "0.95", "--round-to", "1"]
     assert main([*args, "--importance", "random", "--no-compensate", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())["verify"]
-    assert report["likely_broken"] and report["fidelity"]["similarity"] < verify.BROKEN_SIMILARITY
+    assert report["likely_broken"] and report["fidelity"]["similarity"] < verify.BROKEN_HELD_OUT
     assert "WARNING: the pruned model is likely broken" in capsys.readouterr().err
 
 
