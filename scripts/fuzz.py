@@ -1002,31 +1002,37 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     start = time.perf_counter()
     it = run_cases(cases, max(1, args.jobs), args.in_process, args.timeout, str(bugs_dir), args.mem_limit_gb, rerun)
-    try:
-        for r in it:
-            results.append(r)
-            n = len(results)
-            if r.outcome not in (OK, CLEAN):
-                print(f"  [{n}/{len(cases)}] case {r.index}: {r.outcome}: {r.mutation} on {r.seed_model}: {r.reason}", flush=True)
-            elif n % 25 == 0:
-                print(f"  [{n}/{len(cases)}] {time.perf_counter() - start:.0f} s", flush=True)
-    except KeyboardInterrupt:
-        print("interrupted: summary of the cases run so far", flush=True)
-    finally:
-        it.close()  # kills the workers
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Each result is on disk as soon as it is known: a run that is killed keeps what it found.
+    with open(args.out / f"results-seed{args.seed}.jsonl", "w") as saved:
+        try:
+            for r in it:
+                results.append(r)
+                saved.write(_result_line(r))
+                saved.flush()
+                _progress(r, len(results), len(cases), start)
+        except KeyboardInterrupt:
+            print("interrupted: summary of the cases run so far", flush=True)
+        finally:
+            it.close()  # kills the workers
     elapsed = time.perf_counter() - start
     results.sort(key=lambda r: r.index)
-
     report(results, f"{elapsed:.1f} s wall ({args.jobs} job(s), {mode})", bugs_dir)
-    bugs = [r for r in results if r.outcome not in (OK, CLEAN)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / f"results-seed{args.seed}.jsonl", "w") as f:
-        for r in results:
-            info = dataclasses.asdict(r)
-            info["stderr"] = info["stderr"][-2000:]
-            info["verbose_stderr"] = info["verbose_stderr"][-4000:]
-            f.write(json.dumps(info) + "\n")
-    return 1 if bugs else 0
+    return 1 if any(r.outcome not in (OK, CLEAN) for r in results) else 0
+
+
+def _result_line(r: Result) -> str:
+    info = dataclasses.asdict(r)
+    info["stderr"] = info["stderr"][-2000:]
+    info["verbose_stderr"] = info["verbose_stderr"][-4000:]
+    return json.dumps(info) + "\n"
+
+
+def _progress(r: Result, n: int, total: int, start: float) -> None:
+    if r.outcome not in (OK, CLEAN):
+        print(f"  [{n}/{total}] case {r.index}: {r.outcome}: {r.mutation} on {r.seed_model}: {r.reason}", flush=True)
+    elif n % 25 == 0:
+        print(f"  [{n}/{total}] {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
