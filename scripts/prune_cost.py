@@ -28,6 +28,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,15 +114,38 @@ def one_pass_seconds(path: Path, calibration: Path) -> float:
     return time.perf_counter() - start
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def stage_profile(stages: dict, done: threading.Event) -> None:
+    """Every 0.1 s, the running pipeline step (spa.progress) and the resident memory: per step, its
+    seconds and its peak."""
+    from spa import progress
+
+    while not done.wait(0.1):
+        stage = progress._stage
+        if stage is not None:
+            seconds, peak = stages.get(stage[0], (0.0, 0))
+            stages[stage[0]] = (time.perf_counter() - stage[1], max(peak, rss_bytes()))
+
+
 def prune_child(request: dict) -> None:
     import spa
+    from spa import progress
 
     options = {}
     if request["calibrated"]:
         options["calibration"] = dict(np.load(request["calibration"]))
+    stages, done = {}, threading.Event()
+    sampler = threading.Thread(target=stage_profile, args=(stages, done), daemon=True)
+    sampler.start()
     result = spa.prune(request["input"], request["output"], target_macs=TARGET, input_shapes=request["input_shapes"], **options)
+    done.set()
+    sampler.join()
     report = {"seconds": result.seconds, "macs": result.after.macs / max(result.before.macs, 1), "method": result.method.describe() if result.method else None,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "stages": stages}
     Path(request["report"]).write_text(json.dumps(report))
 
 
@@ -167,6 +191,8 @@ def measure(names: list[str], methods: list[str]) -> None:
                 line = (f"  {method}: {report['seconds']:.0f} s = {report['seconds'] / pass_s:.1f}x a pass, peak {report['peak_rss_bytes'] / 1e9:.2f} GB"
                         f" = {report['peak_rss_bytes'] / weights:.2f}x the weights; MACs {report['macs']:.3f}; {report['method']}")
             print(line, flush=True)
+            for stage, (seconds, peak) in report.get("stages", {}).items():
+                print(f"    {stage}: {seconds:.1f} s, peak {peak / 1e9:.2f} GB", flush=True)
             results[f"{name} {method}"] = dict(report, pass_s=pass_s, weight_bytes=weights, measured=time.strftime("%Y-%m-%d %H:%M"))
             results_path.write_text(json.dumps(results, indent=1) + "\n")
             rows.append((name, method, weights, pass_s, report))
