@@ -83,25 +83,34 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     original_run, pruned_run = Forward(original, feeds), Forward(pruned, feeds)
     names = Names(pruned)
     for i, (value, group) in enumerate(readers.items()):
-        moments = {c.weight: Means() if c.wide else _Halves() for c in group}
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
         now = _node_of(pruned, group[0]).inputs[0].name
         partners = {c.weight: _residual_partner(original, pruned, c) if c.kind != "depthwise" else None for c in group}
         streams = {w: zip(original_run.values(p[0]), pruned_run.values(p[1])) for w, p in partners.items() if p is not None}
+        # Consumers that fit the same features to the same targets (Q, K and V; gate and up) share
+        # one set of moments; a residual target or a depthwise conv's kept channels are its own.
+        key = {c.weight: c.reads if c.weight not in streams and c.kind != "depthwise" else c.weight for c in group}
+        owners: dict = {}  # one consumer per set of moments
+        for c in group:
+            owners.setdefault(key[c.weight], c)
+        moments = {k: Means() if c.wide else _Halves() for k, c in owners.items()}
         for x_p, x_o in zip(pruned_run.values(now), original_run.values(value)):
-            for c in group:
+            features = {}
+            for k, c in owners.items():
+                if c.reads not in features:
+                    features[c.reads] = c.features(x_p), c.features(x_o)
+                features_p, features_o = features[c.reads]
                 kept_channels = _kept_channels(c, keeps.get(c.weight))
-                features = c.features(x_o)
-                other = features[:, kept_channels] if kept_channels is not None else features
+                other = features_o[:, kept_channels] if kept_channels is not None else features_o
                 if c.weight in streams:  # what the residual branch lost upstream, to be made up here
                     r_o, r_p = next(streams[c.weight])
                     keep = keeps.get(c.weight)
                     if keep is not None:
                         r_o = np.compress(keep[c.out_axis], r_o, axis=1 if c.kind != "dense" else -1)
                     other = np.concatenate([other, c.output_rows(r_o - r_p)], axis=1)
-                moments[c.weight].add(c.features(x_p), other)
+                moments[k].add(features_p, other)
         for c in group:
-            _write(pruned, names, _node_of(pruned, c), c, _solve(c, moments[c.weight], _node_of(original, c), weights, keeps.get(c.weight), damping, cross_validate, partners[c.weight] is not None))
+            _write(pruned, names, _node_of(pruned, c), c, _solve(c, moments[key[c.weight]], _node_of(original, c), weights, keeps.get(c.weight), damping, cross_validate, partners[c.weight] is not None))
             refit_count += 1
         bar.update(i + 1)
     bar.close()

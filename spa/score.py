@@ -82,6 +82,7 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     Classes that no consumer reads keep their magnitude score, scaled down."""
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
     readers: dict[int, list[tuple]] = {}  # group id -> (weights, inverse Hessian, feature classes, energy)
+    inverses: dict[int, np.ndarray] = {}
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
     for consumer in found:
         members = analysis.members_named(consumer.weight)
@@ -108,8 +109,10 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
             errors = np.bincount(classes, weights=weights * variances, minlength=len(totals))
             totals += _accumulated(analysis, errors / max(float(weights @ squares), 1e-30))
             continue
-        damp = damping * float(np.mean(np.diag(gram))) or damping
-        inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
+        if id(stats) not in inverses:  # consumers that share their statistics share the inverse
+            damp = damping * float(np.mean(np.diag(gram))) or damping
+            inverses[id(stats)] = np.linalg.inv(gram + damp * np.eye(len(gram)))
+        inverse = inverses[id(stats)]
         features = np.append(classes, 0)  # the constant feature belongs to no class
         matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
         energy = max(float(np.sum((matrix @ gram) * matrix)), 1e-30)  # tr(W H W^T)

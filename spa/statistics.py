@@ -50,6 +50,13 @@ class Consumer:
         return self.kernel_size if self.kind == "conv" else 1
 
     @property
+    def reads(self) -> tuple:
+        """What its features are made of: consumers with equal keys (a transformer's Q, K and V,
+        an FFN's gate and up projections) have equal features, and share their statistics."""
+        conv = tuple(tuple(v) for v in self.conv.values()) if self.conv is not None else None
+        return (self.input, self.kind, self.feature_axis, self.groups, conv)
+
+    @property
     def wide(self) -> bool:
         """Too wide for second moments: only the means of its features are kept (MAX_WIDTH)."""
         return self.width > MAX_WIDTH
@@ -308,17 +315,18 @@ def one_blas_thread(fn):
 @one_blas_thread
 def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments | Means]:
     """Second moments of every consumer's features (Means of the wide ones), in one pass over the
-    calibration batches."""
+    calibration batches; per weight name, consumers that read the same features sharing one."""
     run = exposing(model, sorted({c.input for c in found}))
-    moments = {c.weight: Means() if c.wide else Moments() for c in found}
+    shared = {c.reads: c for c in found}  # one consumer per distinct features
+    moments = {key: Means() if c.wide else Moments() for key, c in shared.items()}
     bar = Progress(len(feeds), label)
     for i, feed in enumerate(feeds):
         values = run(feed)
-        for c in found:
-            moments[c.weight].add(c.features(values[c.input]))
+        for key, c in shared.items():
+            moments[key].add(c.features(values[c.input]))
         bar.update(i + 1)
     bar.close()
-    return moments
+    return {c.weight: moments[c.reads] for c in found}
 
 
 def exposing(model: ir.Model, names: list[str]):
