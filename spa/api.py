@@ -340,7 +340,7 @@ class _Calibrated:
 
     def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:
         # A depthwise conv loses its outputs with its inputs: no error to weigh, only a refit.
-        readers = [c for c in self.consumers if c.kind != "depthwise"]
+        readers = [c for c in self.consumers if c.kind != statistics.Kind.DEPTHWISE]
         moments = statistics.collect(self.original, readers, self.feeds)
         return score_with_statistics(analysis, criterion, moments, readers)
 

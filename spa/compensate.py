@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from spa.names import Names
 from spa.progress import Progress
-from spa.statistics import Consumer, Forward, Means, Moments, one_blas_thread
+from spa.statistics import Consumer, Forward, Kind, Means, Moments, one_blas_thread
 from spa.graph import constant
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
@@ -85,11 +85,11 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     for i, (value, group) in enumerate(readers.items()):
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
         now = _node_of(pruned, group[0]).inputs[0].name
-        partners = {c.weight: _residual_partner(original, pruned, c) if c.kind != "depthwise" else None for c in group}
+        partners = {c.weight: _residual_partner(original, pruned, c) if c.kind != Kind.DEPTHWISE else None for c in group}
         streams = {w: zip(original_run.values(p[0]), pruned_run.values(p[1])) for w, p in partners.items() if p is not None}
         # Consumers that fit the same features to the same targets (Q, K and V; gate and up) share
         # one set of moments; a residual target or a depthwise conv's kept channels are its own.
-        key = {c.weight: c.reads if c.weight not in streams and c.kind != "depthwise" else c.weight for c in group}
+        key = {c.weight: c.reads if c.weight not in streams and c.kind != Kind.DEPTHWISE else c.weight for c in group}
         owners: dict = {}  # one consumer per set of moments
         for c in group:
             owners.setdefault(key[c.weight], c)
@@ -106,7 +106,7 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
                     r_o, r_p = next(streams[c.weight])
                     keep = keeps.get(c.weight)
                     if keep is not None:
-                        r_o = np.compress(keep[c.out_axis], r_o, axis=1 if c.kind != "dense" else -1)
+                        r_o = np.compress(keep[c.out_axis], r_o, axis=1 if c.kind != Kind.DENSE else -1)
                     other = np.concatenate([other, c.output_rows(r_o - r_p)], axis=1)
                 moments[k].add(features_p, other)
         for c in group:
@@ -124,7 +124,7 @@ def _solve(consumer: Consumer, moments: _Halves | Means, original_node: ir.Node,
         target = target[keep[consumer.out_axis]]
     if residual:
         target = np.concatenate([target, np.eye(len(target))], axis=1)
-    if consumer.kind == "depthwise":
+    if consumer.kind == Kind.DEPTHWISE:
         return _solve_depthwise(moments, target, consumer, keep, damping)
     width = target.shape[1] - (len(target) if residual else 0)
     prior = target[:, :width][:, _kept_features(consumer, keep, width - 1)]
@@ -172,7 +172,7 @@ def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: floa
 
 def _kept_channels(consumer: Consumer, keep: list[np.ndarray] | None) -> np.ndarray | None:
     """A depthwise conv's kept input channels, which its moments pair with the pruned model's."""
-    if consumer.kind != "depthwise" or keep is None:
+    if consumer.kind != Kind.DEPTHWISE or keep is None:
         return None
     return keep[consumer.out_axis].reshape(consumer.groups, -1).any(axis=1)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import enum
 import functools
 import math
 import os
@@ -26,12 +27,20 @@ from spa.runtime import session
 from spa.graph import is_default_domain
 
 
+class Kind(enum.Enum):
+    """How a consumer's features are made from its input."""
+
+    DENSE = "dense"  # the input vector along the feature axis
+    CONV = "conv"  # the im2col patch over every input channel
+    DEPTHWISE = "depthwise"  # one input channel per group: a patch per channel
+
+
 @dataclasses.dataclass
 class Consumer:
     node: str
     input: str  # the activation it reads
     weight: str  # its weight initializer: the consumer's identity across model copies
-    kind: str  # "conv", "depthwise" (one input channel per group) or "dense"
+    kind: Kind
     in_axis: int  # the weight's input-feature axis
     out_axis: int
     conv: dict | None = None  # kernel, strides, pads, dilations
@@ -47,7 +56,7 @@ class Consumer:
     @property
     def columns_per_channel(self) -> int:
         """Weight-matrix columns per input channel: a (non-depthwise) conv's kernel, else 1."""
-        return self.kernel_size if self.kind == "conv" else 1
+        return self.kernel_size if self.kind == Kind.CONV else 1
 
     @property
     def reads(self) -> tuple:
@@ -64,11 +73,11 @@ class Consumer:
     def features(self, x: np.ndarray) -> np.ndarray:
         """Rows of input features, with a trailing 1: (samples, features + 1); for a depthwise conv
         (samples, channels, kernel + 1)."""
-        if self.kind == "dense":
+        if self.kind == Kind.DENSE:
             rows = np.moveaxis(x, self.feature_axis, -1).reshape(-1, x.shape[self.feature_axis])
         else:
             rows = im2col(x, **self.conv, positions=POSITIONS_PER_SAMPLE)
-        if self.kind == "depthwise":
+        if self.kind == Kind.DEPTHWISE:
             rows = rows.reshape(len(rows), x.shape[1], -1)
         if not np.isfinite(rows).all():
             raise CalibrationError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2 --no-compensate)")
@@ -76,7 +85,7 @@ class Consumer:
 
     def output_rows(self, y: np.ndarray) -> np.ndarray:
         """Rows of an output-shaped tensor at the positions `features` samples: (samples, channels)."""
-        if self.kind == "dense":
+        if self.kind == Kind.DENSE:
             return y.reshape(-1, y.shape[-1]).astype(np.float32)
         flat = y.reshape(y.shape[0], y.shape[1], -1)
         total = flat.shape[2]
@@ -153,12 +162,12 @@ def consumers(model: ir.Model) -> list[Consumer]:
                 "pads": list(node.attributes.get_ints("pads", [0] * 2 * dims)),
                 "dilations": list(node.attributes.get_ints("dilations", [1] * dims)),
             }
-            found.append(Consumer(node.name, x.name, w.name, "depthwise" if depthwise else "conv", 1, 0, conv, groups=groups, width=shape[1] * math.prod(kernel)))
+            found.append(Consumer(node.name, x.name, w.name, Kind.DEPTHWISE if depthwise else Kind.CONV, 1, 0, conv, groups=groups, width=shape[1] * math.prod(kernel)))
         elif node.op_type == "Gemm" and rank == 2:
             trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
-            found.append(Consumer(node.name, x.name, w.name, "dense", 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1, width=shape[1 if trans_b else 0]))
+            found.append(Consumer(node.name, x.name, w.name, Kind.DENSE, 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1, width=shape[1 if trans_b else 0]))
         elif node.op_type == "MatMul" and rank == 2:
-            found.append(Consumer(node.name, x.name, w.name, "dense", 0, 1, width=shape[0]))
+            found.append(Consumer(node.name, x.name, w.name, Kind.DENSE, 0, 1, width=shape[0]))
     return found
 
 
@@ -168,8 +177,7 @@ def feature_classes(analysis: Analysis, consumer: Consumer, weight_shape: tuple[
     for m in analysis.members_named(consumer.weight):
         if m.labels.shape[consumer.in_axis] > 1:
             per_channel = analysis.sets.find(m.labels.reshape(-1))
-    kernel = int(np.prod(consumer.conv["kernel"])) if consumer.kind == "conv" else 1
-    return np.repeat(per_channel, kernel)
+    return np.repeat(per_channel, consumer.columns_per_channel)
 
 
 class Moments:
@@ -462,7 +470,7 @@ def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndar
     means = {}
     producers = {v.name: n for n in model.graph for v in n.outputs if v.name}
     for c in found:
-        if c.kind == "depthwise":  # loses its outputs with its inputs: nothing to absorb
+        if c.kind == Kind.DEPTHWISE:  # loses its outputs with its inputs: nothing to absorb
             continue
         node = producers.get(c.input)
         bounds = (-np.inf, np.inf)
@@ -477,7 +485,7 @@ def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndar
         # BN's channels are axis 1 of its input; a dense consumer reads features on another axis
         # unless that input is (samples, channels).
         rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
-        if c.kind == "dense" and (rank != 2 or c.feature_axis not in (-1, 1)):
+        if c.kind == Kind.DENSE and (rank != 2 or c.feature_axis not in (-1, 1)):
             continue
         means[c.weight] = _clipped_gaussian_mean(beta.numpy().astype(np.float64), np.abs(gamma.numpy().astype(np.float64)), *bounds)
     return means
