@@ -241,7 +241,7 @@ class Propagation:
     def run(self) -> None:
         graph = self.model.graph
         for node in graph:
-            rule = rules.rule_for(node)
+            rule = rules.op_rule(node)
             inputs = [v for v in node.inputs if v is not None]
             if not any(self.labels(v).any() for v in inputs) and not rules.creates_channels(node, self):
                 # No channels reach it: nothing to couple, whatever the op.
@@ -256,7 +256,7 @@ class Propagation:
             elif any(v not in self.shapes for v in inputs) or any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
                 self.barrier(node, "shape unknown")
             else:
-                self._apply_rule(rule, node)
+                self._apply_rule(rule.analyze, node)
         self._pin_channel_count_reads()
         self._keep_sub_grids()
         self._pin_foreign_uses()

@@ -16,8 +16,9 @@ from spa.analysis import Analysis
 from spa.labels import axis_keeps, varying_axes
 from spa.names import Names
 from spa.normalize import infer_shapes
-from spa.rules import shape_pieces
-from spa.graph import constant, is_default_domain, opset_version
+from spa import rules
+from spa.rules import rewrite, shape_pieces
+from spa.graph import constant, opset_version
 
 
 def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tuple[int, ...]]:
@@ -49,9 +50,9 @@ def apply(analysis: Analysis, removed: np.ndarray) -> None:
     surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
     surgery.slice_members()
     for node in list(analysis.model.graph):
-        rewrite = _REWRITES.get(node.op_type)
-        if rewrite is not None and is_default_domain(node):
-            rewrite(surgery, node)
+        entry = rules.op_rule(node)
+        if entry is not None and entry.rewrite is not None:
+            entry.rewrite(surgery, node)
     surgery.rewrite_scaled_dims()
     common_passes.RemoveUnusedNodesPass()(analysis.model)
     infer_shapes(analysis.model)
@@ -134,6 +135,7 @@ class _Surgery:
         return value in self.analysis.activations and self.analysis.activations[value].any() and self.dims(value) != list(self.analysis.shapes[value])
 
 
+@rewrite("Conv", "ConvTranspose")
 def _conv(s: _Surgery, node: ir.Node) -> None:
     groups = node.attributes.get_int("group", 1)
     weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
@@ -147,6 +149,7 @@ def _conv(s: _Surgery, node: ir.Node) -> None:
         node.attributes["group"] = ir.AttrInt64("group", new_groups)
 
 
+@rewrite("GroupNormalization")
 def _group_norm(s: _Surgery, node: ir.Node) -> None:
     """Whole groups went (the analysis unites each group's channels): fewer groups, as wide."""
     groups = node.attributes.get_int("num_groups", 1)
@@ -155,6 +158,7 @@ def _group_norm(s: _Surgery, node: ir.Node) -> None:
         node.attributes["num_groups"] = ir.AttrInt64("num_groups", new // (old // groups))
 
 
+@rewrite("Reshape")
 def _reshape(s: _Surgery, node: ir.Node) -> None:
     out = node.outputs[0]
     if not s.changed(out):
@@ -173,6 +177,7 @@ def _reshape(s: _Surgery, node: ir.Node) -> None:
     _rewrite_shape_vector(s, node, 1, entry, len(old_out))
 
 
+@rewrite("Expand")
 def _expand(s: _Surgery, node: ir.Node) -> None:
     out = node.outputs[0]
     if not s.changed(out):
@@ -216,6 +221,7 @@ def _rewritten(old: np.ndarray, entry, first_axis: int) -> np.ndarray:
     return np.array(flat, dtype=old.dtype).reshape(old.shape)
 
 
+@rewrite("Split")
 def _split(s: _Surgery, node: ir.Node) -> None:
     x = node.inputs[0]
     if not s.changed(x):
@@ -230,6 +236,7 @@ def _split(s: _Surgery, node: ir.Node) -> None:
         node.attributes["split"] = ir.AttrInt64s("split", sizes.tolist())
 
 
+@rewrite("Slice")
 def _slice(s: _Surgery, node: ir.Node) -> None:
     x = node.inputs[0]
     if not s.changed(x):
@@ -252,6 +259,7 @@ def _slice(s: _Surgery, node: ir.Node) -> None:
     s.set_constant(node, 2, ends)
 
 
+@rewrite("Gather")
 def _gather(s: _Surgery, node: ir.Node) -> None:
     x = node.inputs[0]
     if not s.changed(x):
@@ -266,6 +274,7 @@ def _gather(s: _Surgery, node: ir.Node) -> None:
     s.set_constant(node, 1, new_position[kept].astype(indices.dtype))
 
 
+@rewrite("Resize")
 def _resize(s: _Surgery, node: ir.Node) -> None:
     """Sizes, given as a constant or built at run time (a Concat of Shape pieces: SegFormer)."""
     out = node.outputs[0]
@@ -274,23 +283,8 @@ def _resize(s: _Surgery, node: ir.Node) -> None:
         _rewrite_shape_vector(s, node, 3, lambda axis, old: new_out[axis] if new_out[axis] != old_out[axis] else old, len(old_out))
 
 
+@rewrite("LSTM", "GRU", "RNN")
 def _recurrent(s: _Surgery, node: ir.Node) -> None:
     outputs = [o for o in node.outputs if o.name and o in s.analysis.activations]
     if outputs and s.changed(outputs[0]):
         node.attributes["hidden_size"] = ir.AttrInt64("hidden_size", s.dims(outputs[0])[-1])
-
-
-_REWRITES = {
-    "Conv": _conv,
-    "ConvTranspose": _conv,
-    "Reshape": _reshape,
-    "Expand": _expand,
-    "Split": _split,
-    "Slice": _slice,
-    "Gather": _gather,
-    "Resize": _resize,
-    "GroupNormalization": _group_norm,
-    "LSTM": _recurrent,
-    "GRU": _recurrent,
-    "RNN": _recurrent,
-}

@@ -40,36 +40,72 @@ class NotHandled(Exception):
 
 
 Rule = Callable[["Propagation", ir.Node], None]
-_RULES: dict[str, Rule] = {}
+Rewrite = Callable[..., None]  # (spa.apply's surgery, node): the node's attributes and shape inputs after a prune
+Creates = Callable[[ir.Node, "Propagation"], bool]
 
 
-def rule(*ops: str):
-    """Register `fn` as the analysis rule of the standard ONNX ops `ops`; one rule per op."""
+@dataclasses.dataclass
+class OpRule:
+    """All spa knows about one op: how channel labels pass through it (analysis), whether it opens
+    a new channel space of its own (a layer with a constant weight), and how the surgery rewrites
+    the node itself (attributes, shape inputs) once its tensors are sliced; None where nothing
+    beyond the slicing of its parameters."""
+
+    analyze: Rule
+    creates_channels: Creates | None = None
+    rewrite: Rewrite | None = None
+
+
+_RULES: dict[tuple[str, str], OpRule] = {}  # (domain, op type) -> its rule; "" is ONNX's own domain
+
+
+def rule(*ops: str, domain: str = "", creates_channels: Creates | None = None):
+    """Register `fn` as the analysis rule of the ops `ops` of `domain`; one rule per op."""
 
     def register(fn: Rule) -> Rule:
         for op in ops:
-            if op in _RULES:
-                raise ValueError(f"{op} already has a rule: {_RULES[op].__name__}")
-            _RULES[op] = fn
+            if (domain, op) in _RULES:
+                raise ValueError(f"{op} already has a rule: {_RULES[domain, op].analyze.__name__}")
+            _RULES[domain, op] = OpRule(fn, creates_channels)
         return fn
 
     return register
 
 
-def rule_for(node: ir.Node) -> Rule | None:
-    if not is_default_domain(node):
-        return None
+def rewrite(*ops: str, domain: str = ""):
+    """Register `fn` as the surgery's rewrite of the ops `ops` (spa.apply), beside their rule."""
+
+    def register(fn: Rewrite) -> Rewrite:
+        for op in ops:
+            entry = _RULES.get((domain, op))
+            if entry is None or entry.rewrite is not None:
+                raise ValueError(f"{op}: {'no rule to rewrite for' if entry is None else 'already rewritten by ' + entry.rewrite.__name__}")
+            entry.rewrite = fn
+        return fn
+
+    return register
+
+
+def op_rule(node: ir.Node) -> OpRule | None:
+    """The node's rule; None for an op without one and for a node with subgraphs (If, Loop, Scan)."""
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
         return None
-    return _RULES.get(node.op_type)
+    return _RULES.get(("" if is_default_domain(node) else node.domain, node.op_type))
 
 
 def creates_channels(node: ir.Node, prop: Propagation) -> bool:
-    if len(node.inputs) < 2:
-        return False
-    if rule_for(node) in (conv, gemm, matmul, recurrent):
-        return prop.is_constant(node.inputs[1])
-    return node.op_type == "Gather" and prop.is_constant(node.inputs[0]) and not prop.is_constant(node.inputs[1])
+    entry = op_rule(node)
+    return entry is not None and entry.creates_channels is not None and entry.creates_channels(node, prop)
+
+
+def _constant_weight(node: ir.Node, prop: Propagation) -> bool:
+    """A layer (Conv, Gemm, MatMul, an RNN) with a constant weight opens its own output channels."""
+    return len(node.inputs) > 1 and prop.is_constant(node.inputs[1])
+
+
+def _constant_table(node: ir.Node, prop: Propagation) -> bool:
+    """A Gather from a constant table by run-time indices (an embedding) opens the table's channels."""
+    return prop.is_constant(node.inputs[0]) and len(node.inputs) > 1 and not prop.is_constant(node.inputs[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +131,7 @@ def _at_axis(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
     return vector.reshape(shape)
 
 
-@rule("Conv", "ConvTranspose")
+@rule("Conv", "ConvTranspose", creates_channels=_constant_weight)
 def conv(prop: Propagation, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     if not prop.is_constant(w):
@@ -137,7 +173,7 @@ def conv(prop: Propagation, node: ir.Node) -> None:
     prop.set(node.outputs[0], _at_axis(outputs, 1, out_rank))
 
 
-@rule("Gemm")
+@rule("Gemm", creates_channels=_constant_weight)
 def gemm(prop: Propagation, node: ir.Node) -> None:
     a, b = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
@@ -160,7 +196,7 @@ def gemm(prop: Propagation, node: ir.Node) -> None:
     prop.set(node.outputs[0], _at_axis(outputs, 1, 2))
 
 
-@rule("MatMul")
+@rule("MatMul", creates_channels=_constant_weight)
 def matmul(prop: Propagation, node: ir.Node) -> None:
     a, b = node.inputs
     out_shape = prop.shape(node.outputs[0])
@@ -216,7 +252,7 @@ def _consume(prop: Propagation, labels: np.ndarray, axis: int) -> np.ndarray:
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-@rule("LSTM", "GRU", "RNN")
+@rule("LSTM", "GRU", "RNN", creates_channels=_constant_weight)
 def recurrent(prop: Propagation, node: ir.Node) -> None:
     """The hidden units of a recurrent layer: W, R and B hold one block per gate (and R's columns
     read the units back); both directions share the unit index."""
@@ -549,11 +585,16 @@ def _embedding(prop: Propagation, node: ir.Node) -> None:
     prop.set(node.outputs[0], _at_axis(columns, rank - 1, rank))
 
 
-@rule(*_MOVES)
-def move(prop: Propagation, node: ir.Node) -> None:
-    if node.op_type == "Gather" and prop.is_constant(node.inputs[0]) and not prop.is_constant(node.inputs[1]):
+@rule("Gather", creates_channels=_constant_table)
+def gather(prop: Propagation, node: ir.Node) -> None:
+    if _constant_table(node, prop):
         _embedding(prop, node)
-        return
+    else:
+        move(prop, node)
+
+
+@rule(*(op for op in _MOVES if op != "Gather"))
+def move(prop: Propagation, node: ir.Node) -> None:
     data = _MOVES[node.op_type] or list(range(len(node.inputs)))
     arrays: list[np.ndarray | None] = []
     for i, value in enumerate(node.inputs):
