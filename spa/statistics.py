@@ -327,14 +327,41 @@ def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: st
     run = exposing(model, sorted({c.input for c in found}))
     shared = {c.reads: c for c in found}  # one consumer per distinct features
     moments = {key: Means() if c.wide else Moments() for key, c in shared.items()}
+    rows = _rows_per_run(model, run, feeds[0]) if feeds else 0
     bar = Progress(len(feeds), label)
     for i, feed in enumerate(feeds):
-        values = run(feed)
-        for key, c in shared.items():
-            moments[key].add(c.features(values[c.input]))
+        for part in _parts(feed, rows):
+            values = run(part)
+            for key, c in shared.items():
+                moments[key].add(c.features(values[c.input]))
+            del values
         bar.update(i + 1)
     bar.close()
     return {c.weight: moments[c.reads] for c in found}
+
+
+# The values one statistics run exposes stay alive together (in onnxruntime's arena, then as
+# arrays, then as features): a run takes as many samples as fit in this. SmolLM2-135M exposes
+# 50 MB per 128-token window; a batch of 32 windows at once peaked at 9.3 GB.
+RUN_BYTES = 256 << 20
+
+
+def _rows_per_run(model: ir.Model, run, feed: dict) -> int:
+    """Samples per statistics run (0: the whole feed), measured on the feed's first sample. A model
+    that fixes its batch size runs whole feeds."""
+    if any(v.shape is None or not v.shape or isinstance(v.shape[0], int) for v in model.graph.inputs):
+        return 0
+    probe = run({k: v[:1] for k, v in feed.items()})
+    per_sample = sum(getattr(v, "nbytes", 0) for v in probe.values())
+    return max(1, RUN_BYTES // max(per_sample, 1))
+
+
+def _parts(feed: dict, rows: int) -> list[dict]:
+    """The feed cut into runs of `rows` samples (0: whole)."""
+    count = len(next(iter(feed.values()))) if feed else 0
+    if rows <= 0 or count <= rows:
+        return [feed]
+    return [{k: v[i : i + rows] for k, v in feed.items()} for i in range(0, count, rows)]
 
 
 def exposing(model: ir.Model, names: list[str]):
