@@ -79,9 +79,14 @@ class Consumer:
             rows = im2col(x, **self.conv, positions=POSITIONS_PER_SAMPLE)
         if self.kind == Kind.DEPTHWISE:
             rows = rows.reshape(len(rows), x.shape[1], -1)
-        if not np.isfinite(rows).all():
+        # One copy into the result (these copies bound the refit of a CNN); the float64 sum is
+        # finite exactly when every element is.
+        out = np.empty((*rows.shape[:-1], rows.shape[-1] + 1), np.float32)
+        out[..., :-1] = rows
+        out[..., -1] = 1
+        if not np.isfinite(np.sum(out, dtype=np.float64)):
             raise CalibrationError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2 --no-compensate)")
-        return np.concatenate([rows.astype(np.float32), np.ones((*rows.shape[:-1], 1), np.float32)], axis=-1)
+        return out
 
     def output_rows(self, y: np.ndarray) -> np.ndarray:
         """Rows of an output-shaped tensor at the positions `features` samples: (samples, channels)."""
@@ -135,7 +140,7 @@ def im2col(x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int]
     n, c = x.shape[:2]
     patches = x.reshape(n, c, -1)[:, :, index]  # (N, C, P, K)
     if not np.all(inside):
-        patches = patches * inside
+        np.multiply(patches, inside, out=patches)
     return np.ascontiguousarray(patches.transpose(0, 2, 1, 3)).reshape(-1, c * math.prod(kernel))
 
 
