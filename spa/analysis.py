@@ -96,6 +96,7 @@ class Analysis:
     groups: list[Group] = dataclasses.field(default_factory=list)
     _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
     _removed: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    _found: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
 
     def removed_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
         """True where a label belongs to a removed class."""
@@ -104,7 +105,15 @@ class Analysis:
             table[removed] = True
             table[0] = False
             self._removed = (removed, table)
-        return self._removed[1][self.sets.find(labels)]
+        return self._removed[1][self._roots(labels)]
+
+    def _roots(self, labels: np.ndarray) -> np.ndarray:
+        """sets.find(labels), kept per label array: a plan, a count of a planned prune and every
+        sensitivity trial ask again for the same arrays (the sets no longer change)."""
+        cached = self._found.get(id(labels))
+        if cached is None or cached[0] is not labels:
+            cached = self._found[id(labels)] = (labels, self.sets.find(labels))
+        return cached[1]
 
     def member_names(self) -> dict[int, list[str]]:
         """Per group id, the initializers that hold its channels' parameters: one pass over the

@@ -71,6 +71,8 @@ class _Surgery:
     def keeps(self, labels: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
         """Per-axis keep vectors of a tensor whose elements carry `labels`."""
         mask = ~self.analysis.removed_mask(labels, self.removed)
+        if mask.all():  # untouched (most tensors, for a plan that prunes one group)
+            return [np.ones(size, dtype=bool) for size in shape]
         keeps = axis_keeps(mask)
         if keeps is None:
             raise SurgeryError("removal would not leave a sub-grid of a tensor")
