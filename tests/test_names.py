@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import spa
 from graphs import Graph, if_model
 from spa.names import Names
-from spa.normalize import split_shared_vectors
+from spa.normalize import SplitSharedVectors
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -105,7 +105,7 @@ def test_copies_of_a_shared_bias_take_names_no_value_has(tmp_path):
     g.op("Conv", g.op("Relu", c), g.weight(4, 16, 1, 1))
     g.nodes[-1].output[0] = "y"
     model = ir.serde.deserialize_model(g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]}))
-    assert split_shared_vectors(model) == 1
+    assert SplitSharedVectors().change(model) == 1
     ir.save(model, tmp_path / "split.onnx")
     _assert_valid_and_unique(tmp_path / "split.onnx")
 
