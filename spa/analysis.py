@@ -175,6 +175,24 @@ class Propagation:
         return value is not None and value.const_value is not None and value.is_initializer() and not value.is_graph_input()
 
     # -- writing
+    def attention_heads(self, labels: np.ndarray) -> None:
+        """`labels` are an activation matmul's output: its batch axes are attention heads, which
+        go whole (spa.analysis._groups)."""
+        self.heads.append(labels)
+
+    def mark_lossy(self, labels: np.ndarray) -> None:
+        """Channels a normalization computes statistics over, pruned anyway (--prune-hidden)."""
+        self.lossy_labels.append(labels)
+
+    def keep_one_of(self, labels: np.ndarray) -> None:
+        """At least one of these classes must stay (a slice of channels must not become empty)."""
+        self.segments.append(np.unique(labels[labels != 0]))
+
+    def scaled_dim(self, entry, value: ir.Value, axis: int) -> None:
+        """A run-time shape element `entry` (rules.ScaledDim) spells `value`'s channel count along
+        `axis`: the surgery rewrites its constant factor."""
+        self.scaled_dims.append((entry, value, axis))
+
     def new_space(self, node: ir.Node, width: int) -> np.ndarray:
         labels = self.sets.new(width)
         self.spaces.append(Space(node.name or "", node.op_type, labels))

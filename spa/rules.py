@@ -228,7 +228,7 @@ def _contract(prop: Propagation, node: ir.Node, out_shape: tuple[int, ...]) -> N
     lb = _consume(prop, lb, rank - 2)
     parts = [(la, sa[:-1] + (1,), None), (lb, sb[:-2] + (1, sb[-1]), None)]
     labels = meet(prop, parts, out_shape)
-    prop.heads.append(labels)
+    prop.attention_heads(labels)
     prop.set(node.outputs[0], labels)
 
 
@@ -400,7 +400,7 @@ def _statistics_may_change(prop: Propagation, node: ir.Node, labels: np.ndarray,
     pruning (--prune-hidden), which records the channels it touched; otherwise the node is listed
     among the normalizations that keep their channels."""
     if prop.lossy:
-        prop.lossy_labels.append(labels)
+        prop.mark_lossy(labels)
     else:
         prop.normalized(node, math.prod(labels.shape[a] for a in axes))  # channels along the axes it averages
     return prop.lossy
@@ -617,7 +617,7 @@ def move(prop: Propagation, node: ir.Node) -> None:
         if out.name:
             prop.set(out, labels)
             if node.op_type in ("Slice", "Split", "Gather") and labels.any():
-                prop.segments.append(np.unique(labels[labels != 0]))
+                prop.keep_one_of(labels)
 
 
 def _runtime_indices(prop: Propagation, node: ir.Node) -> np.ndarray:
@@ -664,7 +664,8 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
     scaled = _entries_follow(prop, _shape_entries(prop, shape), compress_labels(labels))
     if scaled is None:
         return False
-    prop.scaled_dims.extend((entry, node.outputs[0], axis) for entry, axis in scaled)
+    for entry, axis in scaled:
+        prop.scaled_dim(entry, node.outputs[0], axis)
     return True
 
 
