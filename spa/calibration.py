@@ -13,7 +13,7 @@ import onnxruntime as ort
 from spa import io
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
-from spa.statistics import KEPT_BYTES, POSITIONS_PER_SAMPLE, Kind, reads
+from spa.statistics import KEPT_BYTES, Kind, reads
 from spa.runtime import isolated, random_inputs
 from spa.verify import class_scores
 
@@ -264,7 +264,7 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
             rows = math.prod(shape) // max(features, 1) // batch
         else:
             features = shape[1] * c.kernel_size // (shape[1] if c.kind == Kind.DEPTHWISE else 1)
-            rows = min(POSITIONS_PER_SAMPLE, math.prod(shape[2:])) * (shape[1] if c.kind == Kind.DEPTHWISE else 1)
+            rows = min(c.positions, math.prod(shape[2:])) * (shape[1] if c.kind == Kind.DEPTHWISE else 1)
         products += 3 * rows * features**2
         solves += 8 * features**3 if c.kind != Kind.DEPTHWISE else 0
     return SYNTHETIC_SAMPLES * (passes // batch + products) + solves
