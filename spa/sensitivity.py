@@ -82,17 +82,22 @@ def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Count
     fractions = [k / STEPS for k in range(1, STEPS) if k / STEPS <= max_group_ratio + 1e-9]
     trials = len(groups) * len(fractions)
     members = {g.id: [m for m in analysis.members if analysis.removed_mask(m.labels, g.classes).any()] for g in groups}
-    values = list({m.value.name: m.value for ms in members.values() for m in ms}.values())
-    sess = _overridable(model, values)
+    values = {g: list({m.value.name: m.value for m in ms}.values()) for g, ms in members.items()}
+    sess = _overridable(model, [v for vs in values.values() for v in vs])
     scores = verify.class_scores(model)
     names = [o.name for o in sess.get_outputs()]
     first = sess.run(None, feeds[0])
     feeds = _samples(feeds, trials, _rows(names, first, scores) / _count(feeds[0]), whole=batch_size(sess)[1])
-    originals = [sess.run(None, f) for f in feeds]
+    shared = sess
+    reference = [sess.run(None, f) for f in feeds]
+    session_for = _sessions(model, shared, values)
     points: dict[int, list] = {}
     bar = Progress(trials, "sensitivity")
     done = 0
     for group in groups:
+        sess = session_for(group.id)
+        if sess is not shared:  # its own optimizations: its own reference, so that no change reads 0
+            reference = [sess.run(None, f) for f in feeds]
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
             removed = plan_for_group(group.id, fraction)
@@ -101,7 +106,7 @@ def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Count
             else:
                 saved = getattr(before, kind) - getattr(count(model, shapes=pruned_shapes(analysis, removed)), kind)
                 zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
-                loss = sum(_loss(names, o, sess.run(None, {**f, **zeroed}), scores) for f, o in zip(feeds, originals)) / len(feeds)
+                loss = sum(_loss(names, o, sess.run(None, {**f, **zeroed}), scores) for f, o in zip(feeds, reference)) / len(feeds)
                 last = (fraction, len(removed), float(saved), float(loss))
                 curve.append(last)
             done += 1
@@ -135,6 +140,28 @@ def _samples(feeds: list[dict], trials: int, rows_per_sample: float, whole: bool
         chosen.append({k: v[:left] for k, v in f.items()} if n > left and not whole else f)
         left -= min(n, left)
     return chosen
+
+
+def _sessions(model: ir.Model, shared, values: dict[int, list[ir.Value]]):
+    """group id -> the session its trials run in: `shared`, where every group's parameters can be
+    fed, or, for a model with convolutions, one per group, where only that group's can.
+    onnxruntime re-lays out a convolution's constant weight once for its CPU kernels (NCHWc); fed
+    at run time, it cannot, and EfficientNet-Lite0's trials ran 5x slower per sample than a plain
+    pass. A matrix product loses little (SmolLM2-135M: 0.27 against 0.25 s), and a session per
+    group would cost an opening each (4.5 s there, 60 groups). Structural, not timed: the same
+    model gives the same losses."""
+    convs = {v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[1:2] if v is not None}
+    if len(values) < 2 or not any(v.name in convs for vs in values.values() for v in vs):
+        return lambda group: shared
+    held = {}  # one at a time: a session holds the model's weights
+
+    def session_for(group: int):
+        if group not in held:
+            held.clear()
+            held[group] = _overridable(model, values[group])
+        return held[group]
+
+    return session_for
 
 
 def _overridable(model: ir.Model, values: list[ir.Value]):
