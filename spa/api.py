@@ -23,7 +23,7 @@ from spa.errors import CalibrationError, SpaError, first_line
 from spa.graph import quantized_ops
 from spa.normalize import normalize
 from spa.options import PruneOptions
-from spa.plan import Plan, default_round_to, make_plan, plan_from_report
+from spa.plan import Plan, default_round_to, layer_ratios, make_plan, plan_from_report
 from spa import calibration as calibration_source, sensitivity, statistics
 from spa.compensate import mean_shifts, refit, shift_biases
 from spa.score import DATA_CRITERIA, dead_first, score, score_with_statistics
@@ -170,6 +170,9 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     step = default_round_to() if o.round_to is None else o.round_to
     record["resolved"] = {"round_to": step, "importance": method.importance, "allocation": method.allocation, "calibration": method.calibration}
 
+    fixed, unmatched = layer_ratios(analysis, o.layer_ratios)
+    for pattern in unmatched:
+        logger.warning("layer ratio pattern %r matches no layer of a prunable group", pattern)
     kind, goal = ("macs", o.target_macs) if o.target_params is None else ("params", o.target_params)
     curves = None
     if method.allocation == "sensitivity" and o.plan is None:
@@ -183,7 +186,7 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
 
     def plan_for(r: float, on: Analysis = analysis) -> Plan:
         shares = curves.shares(r) if curves is not None else None
-        return make_plan(on, scores, r, step, ignore, method.allocation == "global", o.max_group_ratio, shares)
+        return make_plan(on, scores, r, step, ignore, method.allocation == "global", o.max_group_ratio, shares, fixed)
 
     progress.step("planning")
     target = None

@@ -45,6 +45,11 @@ class PruneOptions:
     )  # fmt: skip
     global_ranking: bool = _option(False, "the same as --allocation global", sweep=True, flag="--global", action="store_const", const=True)
     max_group_ratio: float = _option(0.8, "with global or sensitivity allocation: the most any group may lose (default 0.8)", sweep=True, type=float)
+    layer_ratios: dict[str, float] | None = _option(
+        None, "PATTERN=R: the output channels of the layers whose node names match the glob (and all channels coupled to them) lose the "
+        "fraction R, whatever the allocation; the first matching pattern wins; a target searches the other groups' cut (repeatable)",
+        sweep=True, flag="--layer-ratio", action="append", metavar="PATTERN=R",
+    )  # fmt: skip
     target_macs: float | None = _option(None, "prune until at most the fraction F of the MACs remains (searches the ratio)", type=float, metavar="F")
     target_params: float | None = _option(None, "prune until at most the fraction F of the params remains", type=float, metavar="F")
     min_fidelity: float | None = _option(
@@ -76,6 +81,7 @@ class PruneOptions:
     def __post_init__(self) -> None:
         for name in ("ignore", "exclude_ops"):  # lists from Python, tuples when frozen
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "layer_ratios", _layer_ratios(self.layer_ratios or {}))
         if self.allocation not in ALLOCATIONS:
             raise SpaError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not 0.0 <= self.ratio < 1.0:
@@ -88,8 +94,8 @@ class PruneOptions:
             raise SpaError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio}")
         if self.target_macs is not None and self.target_params is not None:
             raise SpaError("give target_macs or target_params, not both")
-        if self.plan is not None and (self.target_macs is not None or self.target_params is not None or self.min_fidelity is not None):
-            raise SpaError("a plan decides the channels: give it without target_macs, target_params or min_fidelity")
+        if self.plan is not None and (self.target_macs is not None or self.target_params is not None or self.min_fidelity is not None or self.layer_ratios):
+            raise SpaError("a plan decides the channels: give it without target_macs, target_params, min_fidelity or layer_ratios")
         for name in ("target_macs", "target_params", "min_fidelity"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
@@ -136,3 +142,28 @@ class PruneOptions:
                 value = [part for item in value for part in item.split(f.metadata["split"]) if part]
             options[f.name] = value
         return cls.of({**options, **given})
+
+
+def _layer_ratios(given) -> dict[str, float]:
+    """{pattern: ratio} from a dict or from "PATTERN=R" strings (the command line's), validated."""
+    if isinstance(given, dict):
+        pairs = []
+        for pattern, ratio in given.items():
+            try:
+                pairs.append((str(pattern), float(ratio)))
+            except (TypeError, ValueError):
+                raise SpaError(f"layer ratio for {pattern!r}: {ratio!r} is not a number") from None
+    else:
+        pairs = []
+        for item in given:
+            pattern, sep, ratio = str(item).rpartition("=")
+            if not sep or not pattern:
+                raise SpaError(f"layer ratio {item!r}: give PATTERN=R, e.g. 'blocks.0.*=0.2'")
+            try:
+                pairs.append((pattern, float(ratio)))
+            except ValueError:
+                raise SpaError(f"layer ratio {item!r}: {ratio!r} is not a number") from None
+    for pattern, ratio in pairs:
+        if not 0.0 <= ratio < 1.0:
+            raise SpaError(f"layer ratio for {pattern!r} must be in [0, 1), got {ratio}")
+    return dict(pairs)

@@ -62,11 +62,13 @@ def make_plan(
     global_ranking: bool = False,
     max_group_ratio: float = 0.8,
     shares: dict[int, float] | None = None,
+    fixed: dict[int, float] | None = None,
 ) -> Plan:
     """Local: every group loses `ratio` of its channels. Global: the lowest-scoring `ratio` of all
     channels go, wherever they are, no group losing more than `max_group_ratio` of its own.
     shares: the fraction each group loses, decided elsewhere (spa.sensitivity); groups it does
-    not name lose `ratio`."""
+    not name lose `ratio`. fixed: groups that lose the fraction given, whatever the allocation
+    (--layer-ratio, spa.plan.layer_ratios)."""
     protected = _protected(analysis, ignore)
     candidates = {g.id: _ranked([c for c in g.classes.tolist() if c not in protected], scores) for g in analysis.groups}
     if shares is not None:
@@ -76,6 +78,7 @@ def make_plan(
         ratios = {g.id: counts[g.id] / g.width for g in analysis.groups}
     else:
         ratios = {g.id: ratio for g in analysis.groups}
+    ratios.update(fixed or {})
     by_group = {}
     for group in analysis.groups:
         # round_to counts channels; a class holds channels_per_class of them (a head's dims).
@@ -136,7 +139,24 @@ def _global_counts(analysis: Analysis, scores, candidates: dict[int, list[int]],
     return counts
 
 
+def layer_ratios(analysis: Analysis, patterns: dict[str, float]) -> tuple[dict[int, float], list[str]]:
+    """Per group id, the ratio of the first pattern that matches the node name of a layer whose
+    output channels the group holds, in the order given; and the patterns that match no group.
+    (Output channels only: a layer's weight also carries the channels it reads, another group's.)"""
+    group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
+    fixed, unmatched = {}, []
+    for pattern, ratio in patterns.items():
+        labels = [s.labels for s in analysis.spaces if fnmatch.fnmatchcase(s.node, pattern)]
+        groups = {group_of[c] for lab in labels for c in np.unique(analysis.sets.find(lab)).tolist() if c in group_of}
+        if not groups:
+            unmatched.append(pattern)
+        for gid in groups:
+            fixed.setdefault(gid, ratio)
+    return fixed, unmatched
+
+
 def _protected(analysis: Analysis, patterns) -> set[int]:
+    """The classes of the layers and parameters whose names match a pattern."""
     if not patterns:
         return set()
 

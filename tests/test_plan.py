@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -82,3 +84,33 @@ def test_dead_channels_go_before_live_ones_that_noise_never_reaches():
     result = spa.prune(proto, ratio=0.5, round_to=1)
     kept = [v.const_value.numpy() for v in result.model.graph.initializers.values() if v.name == first.input[2]][0]
     assert np.all(kept == -1e4)  # the biased live channels stayed
+
+
+def test_layer_ratios_set_the_cut_of_the_groups_they_name(tmp_path, capsys):
+    """--layer-ratio: the group of a layer the pattern names loses that fraction, the others the
+    ratio; the first matching pattern wins; with a target, the other groups' cut is searched."""
+    g = Graph()
+    g.conv(g.op("Relu", g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 32)), 32, 4)
+    g.nodes[-1].output[0] = "y"
+    for node, name in zip([n for n in g.nodes if n.op_type == "Conv"], ["stem", "body", "head"]):
+        node.name = name
+    model = g.model({"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]})
+
+    def widths(result):
+        return [int(v.const_value.shape[0]) for v in result.model.graph.initializers.values() if len(v.const_value.shape) == 4]
+
+    result = spa.prune(model, ratio=0.5, round_to=1, importance="l2", layer_ratios={"body": 0.25, "b*": 0.0})
+    assert widths(result) == [8, 24, 4]
+    assert json.loads(result.model.metadata_props["spa.options"])["layer_ratios"] == {"body": 0.25, "b*": 0.0}
+    targeted = spa.prune(model, target_macs=0.6, round_to=1, importance="l2", layer_ratios={"stem": 0.0})
+    assert widths(targeted)[0] == 16 and widths(targeted)[1] < 32 and targeted.target["met"]
+    with pytest.raises(spa.SpaError, match="PATTERN=R"):
+        spa.prune(model, layer_ratios=["stem"])
+
+    from spa.cli import main
+
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    source.write_bytes(model.SerializeToString())
+    assert main(["prune", str(source), str(out), "--layer-ratio", "stem=0", "--layer-ratio", "nomatch*=0.1", "--round-to", "1", "--importance", "l2"]) == 0
+    assert "'nomatch*' matches no layer" in capsys.readouterr().out
+    assert [d.dims[0] for d in onnx.load(out).graph.initializer if len(d.dims) == 4] == [16, 16, 4]
