@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete completes the flags where it is installed: see the README)
 """The command line: `spa prune`, `spa analyze`. A thin layer over spa.api."""
 
 from __future__ import annotations
@@ -106,6 +107,16 @@ def _interrupts():
             signal.signal(s, handler)
 
 
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion of commands and flags, with argcomplete where it is installed (the
+    `completion` extra): asked by the shell, it answers and exits; otherwise it does nothing."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
 def _interrupted(signum: int, frame) -> None:
     for s in _SIGNALS:  # a second signal must not cut the clean-up short
         signal.signal(s, signal.SIG_IGN)
@@ -113,7 +124,9 @@ def _interrupted(signum: int, frame) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    _complete(parser)
+    args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as escapes
         sys.stdout.reconfigure(errors="backslashreplace")
     if not args.verbose:

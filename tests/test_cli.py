@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,13 @@ def test_sweep_takes_the_method_options_prints_each_step_and_saves_the_models(tm
     out = capsys.readouterr().out
     assert "ratio 0.05: MACs x1.000" in out and "nothing removed" in out and "ratio 0.5: MACs x0.2" in out
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["resnet_dynamo_ratio0.05.onnx", "resnet_dynamo_ratio0.5.onnx"]
+
+
+def test_shell_completion_offers_commands_and_flags(tmp_path):
+    """With argcomplete (the `completion` extra), the shell asks spa for completions."""
+    pytest.importorskip("argcomplete")
+    answers = tmp_path / "completions"
+    for line, expected in (("spa sw", ["sweep"]), ("spa prune m.onnx o.onnx --layer", ["--layer-ratio"])):
+        env = {**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": " ", "COMP_LINE": line, "COMP_POINT": str(len(line)), "_ARGCOMPLETE_STDOUT_FILENAME": str(answers)}
+        subprocess.run([sys.executable, "-m", "spa"], env=env, timeout=120, check=False)
+        assert answers.read_text().split() == expected
