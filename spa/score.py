@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from spa.analysis import Analysis
@@ -81,8 +83,7 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     keeps their mean) times their weights squared, and classes accumulate in ascending order.
     Classes that no consumer reads keep their magnitude score, scaled down."""
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
-    readers: dict[int, list[tuple]] = {}  # group id -> (weights, inverse Hessian, feature classes, energy)
-    inverses: dict[int, np.ndarray] = {}
+    pending: dict[int, list[tuple]] = {}  # group id -> (consumer, weight, feature classes) for greedy OBS
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
     for consumer in found:
         members = analysis.members_named(consumer.weight)
@@ -92,10 +93,13 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
         classes = feature_classes(analysis, consumer, weight.shape)
         if not classes.any():
             continue
+        if criterion == "obs" and not consumer.wide:
+            for gid in {group_of[c] for c in np.unique(classes) if c in group_of}:
+                pending.setdefault(gid, []).append((consumer, weight, classes))
+            continue
         matrix = consumer.matrix(weight.astype(np.float64))
         stats = moments[consumer.weight]
-        gram = None if consumer.wide else stats.mean_gram()
-        squares = stats.mean_square()[:-1] if consumer.wide else np.diag(gram)[:-1]
+        squares = stats.mean_square()[:-1] if consumer.wide else np.diag(stats.mean_gram())[:-1]
         if criterion == "wanda":
             rms = np.sqrt(np.maximum(squares, 0))
             per_class = np.bincount(classes, weights=np.abs(matrix).sum(axis=0) * rms, minlength=len(totals))
@@ -103,24 +107,16 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
             if mean > 0:
                 totals += per_class / mean
             continue
-        if consumer.wide:
-            weights = np.square(matrix).sum(axis=0)
-            variances = np.maximum(squares - np.square(stats.mean()[:-1]), 0)
-            errors = np.bincount(classes, weights=weights * variances, minlength=len(totals))
-            totals += _accumulated(analysis, errors / max(float(weights @ squares), 1e-30))
-            continue
-        if id(stats) not in inverses:  # consumers that share their statistics share the inverse
-            damp = damping * float(np.mean(np.diag(gram))) or damping
-            inverses[id(stats)] = np.linalg.inv(gram + damp * np.eye(len(gram)))
-        inverse = inverses[id(stats)]
-        features = np.append(classes, 0)  # the constant feature belongs to no class
-        matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
-        energy = max(float(np.sum((matrix @ gram) * matrix)), 1e-30)  # tr(W H W^T)
-        for gid in {group_of[c] for c in np.unique(classes) if c in group_of}:
-            readers.setdefault(gid, []).append((matrix, inverse, features, energy))
+        weights = np.square(matrix).sum(axis=0)
+        variances = np.maximum(squares - np.square(stats.mean()[:-1]), 0)
+        errors = np.bincount(classes, weights=weights * variances, minlength=len(totals))
+        totals += _accumulated(analysis, errors / max(float(weights @ squares), 1e-30))
+    readers = _Readers(moments, damping, pending)
     for group in analysis.groups:
-        if group.id in readers:
-            totals[group.classes] += _greedy_obs(group.classes, readers[group.id])
+        if group.id in pending:
+            totals[group.classes] += _greedy_obs(group.classes, [readers.of(*r) for r in pending[group.id]])
+            for consumer, _, _ in pending[group.id]:
+                readers.done(consumer)
     fallback = np.zeros(len(totals))
     for c, v in score(analysis, "l2").items():
         fallback[c] = v
@@ -130,6 +126,46 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     floor = min((totals[c] for g in analysis.groups for c in g.classes if totals[c] > 0), default=1.0)
     totals = np.where(totals > 0, totals, 1e-3 * floor * fallback / max(fallback.max(), 1e-30))
     return {int(c): float(totals[c]) for g in analysis.groups for c in g.classes}
+
+
+class _Readers:
+    """What greedy OBS needs of each consumer of a group, (weights, inverse Hessian, feature classes,
+    output energy), made when the first of its groups is scored and dropped after the last, its
+    moments with it: one group's matrices alive at a time (a 3.4 GB LLaMA-style model's, made all
+    at once, passed 16 GB). Consumers that share their moments (Q, K and V) share the inverse."""
+
+    def __init__(self, moments: dict, damping: float, pending: dict[int, list[tuple]]):
+        self.moments, self.damping = moments, damping
+        uses = [c for readers in pending.values() for c, _, _ in readers]
+        self.left = collections.Counter(c.weight for c in uses)  # groups still to score, per consumer
+        self.shared = collections.Counter(id(moments[c.weight]) for c in uses)  # per set of moments
+        self.made: dict[str, tuple] = {}
+        self.inverses: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(moments) -> (gram, inverse)
+
+    def of(self, consumer, weight: np.ndarray, classes: np.ndarray) -> tuple:
+        if consumer.weight not in self.made:
+            stats = self.moments[consumer.weight]
+            if id(stats) not in self.inverses:
+                gram = stats.mean_gram()
+                damp = self.damping * float(np.mean(np.diag(gram))) or self.damping
+                self.inverses[id(stats)] = gram, np.linalg.inv(gram + damp * np.eye(len(gram)))
+            gram, inverse = self.inverses[id(stats)]
+            matrix = consumer.matrix(weight.astype(np.float64))
+            matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
+            energy = max(float(np.sum((matrix @ gram) * matrix)), 1e-30)  # tr(W H W^T)
+            self.made[consumer.weight] = (matrix, inverse, np.append(classes, 0), energy)  # the constant feature: no class
+        return self.made[consumer.weight]
+
+    def done(self, consumer) -> None:
+        """One of the consumer's groups is scored."""
+        stats = self.moments[consumer.weight]
+        self.left[consumer.weight] -= 1
+        if not self.left[consumer.weight]:
+            del self.made[consumer.weight]
+        self.shared[id(stats)] -= 1
+        if not self.shared[id(stats)]:
+            del self.inverses[id(stats)]
+            stats.release()
 
 
 def _accumulated(analysis: Analysis, errors: np.ndarray) -> np.ndarray:

@@ -239,6 +239,11 @@ class Moments:
         self._flush()
         return self._cross / max(self.count, 1)
 
+    def release(self) -> None:
+        """Free the sums (their reader is done with them)."""
+        self._gram = self._cross = None
+        self._pending = []
+
 
 class Means:
     """What a consumer too wide for Moments keeps (Consumer.wide): the means of its features and of
