@@ -83,21 +83,20 @@ def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Count
     trials = len(groups) * len(fractions)
     members = {g.id: [m for m in analysis.members if analysis.removed_mask(m.labels, g.classes).any()] for g in groups}
     values = {g: list({m.value.name: m.value for m in ms}.values()) for g, ms in members.items()}
-    sess = _overridable(model, [v for vs in values.values() for v in vs])
+    session_for = _sessions(model, values)
+    sess = session_for(groups[0].id if groups else None)
     scores = verify.class_scores(model)
     names = [o.name for o in sess.get_outputs()]
     first = sess.run(None, feeds[0])
     feeds = _samples(feeds, trials, _rows(names, first, scores) / _count(feeds[0]), whole=batch_size(sess)[1])
-    shared = sess
-    reference = [sess.run(None, f) for f in feeds]
-    session_for = _sessions(model, shared, values)
     points: dict[int, list] = {}
     bar = Progress(trials, "sensitivity")
     done = 0
+    reference, referred = None, None
     for group in groups:
         sess = session_for(group.id)
-        if sess is not shared:  # its own optimizations: its own reference, so that no change reads 0
-            reference = [sess.run(None, f) for f in feeds]
+        if sess is not referred:  # each session its own reference (its own optimizations): no change reads 0
+            reference, referred = [sess.run(None, f) for f in feeds], sess
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
             removed = plan_for_group(group.id, fraction)
@@ -142,24 +141,24 @@ def _samples(feeds: list[dict], trials: int, rows_per_sample: float, whole: bool
     return chosen
 
 
-def _sessions(model: ir.Model, shared, values: dict[int, list[ir.Value]]):
-    """group id -> the session its trials run in: `shared`, where every group's parameters can be
-    fed, or, for a model with convolutions, one per group, where only that group's can.
-    onnxruntime re-lays out a convolution's constant weight once for its CPU kernels (NCHWc); fed
-    at run time, it cannot, and EfficientNet-Lite0's trials ran 5x slower per sample than a plain
-    pass. A matrix product loses little (SmolLM2-135M: 0.27 against 0.25 s), and a session per
-    group would cost an opening each (4.5 s there, 60 groups). Structural, not timed: the same
-    model gives the same losses."""
+def _sessions(model: ir.Model, values: dict[int, list[ir.Value]]):
+    """group id -> the session its trials run in: one where every group's parameters can be fed,
+    or, for a model with convolutions, one per group, where only that group's can. onnxruntime
+    re-lays out a convolution's constant weight once for its CPU kernels (NCHWc); fed at run time,
+    it cannot, and EfficientNet-Lite0's trials ran 5x slower per sample than a plain pass. A matrix
+    product loses little (SmolLM2-135M: 0.27 against 0.25 s), and a session per group would cost
+    an opening each (4.5 s there, 60 groups). Structural, not timed: the same model gives the same
+    losses. One session kept at a time: a session holds the model's weights."""
     convs = {v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[1:2] if v is not None}
-    if len(values) < 2 or not any(v.name in convs for vs in values.values() for v in vs):
-        return lambda group: shared
-    held = {}  # one at a time: a session holds the model's weights
+    per_group = len(values) > 1 and any(v.name in convs for vs in values.values() for v in vs)
+    held: dict = {}
 
-    def session_for(group: int):
-        if group not in held:
+    def session_for(group: int | None):
+        key = group if per_group else None
+        if key not in held:
             held.clear()
-            held[group] = _overridable(model, values[group])
-        return held[group]
+            held[key] = _overridable(model, values[group] if per_group else [v for vs in values.values() for v in vs])
+        return held[key]
 
     return session_for
 
