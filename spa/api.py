@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PruneResult:
     model: ir.Model  # the pruned model
+    # The analysis of the model before pruning: its groups, labels and shapes describe the
+    # original (the surgery worked in place, so analysis.model is the same object as `model`).
     analysis: Analysis
     plan: Plan
     before: Counts
