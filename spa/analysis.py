@@ -366,7 +366,7 @@ class Propagation:
             dims = rules.dims_of(self, value)
             producer = value.producer()
             if dims is not None:
-                found += [(d.source, d.axis) if isinstance(d, rules.ScaledDim) else d for d in dims if not isinstance(d, str)]
+                found += [(d.source, d.axis) for d in dims if isinstance(d, (rules.RuntimeDim, rules.ScaledDim))]
             elif producer is not None and producer.op_type == "Size":
                 source = producer.inputs[0]
                 found += [(source, a) for a in range(len(self.shape(source)))]

@@ -20,6 +20,7 @@ Ops without a rule are barriers (spa.analysis).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import TYPE_CHECKING, Callable
 
@@ -669,7 +670,7 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
     return True
 
 
-def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list | None:
+def _entries_follow(prop: Propagation, entries: list[ShapeEntry], out: np.ndarray) -> list | None:
     """The `dim * count` entries to rewrite, or None unless every axis that channels vary along
     follows the pruning (see _runtime_shape_follows) and no other axis is sized by a channel
     count read at run time."""
@@ -680,9 +681,9 @@ def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list |
             if _reads_channels(prop, entry):
                 return None  # the pruning would resize an axis that carries no channels
             continue
-        if entry == "constant":
+        if entry is Piece.REWRITTEN:
             continue
-        if entry == "fixed":  # a constant out of the surgery's reach: this axis must not shrink
+        if entry is Piece.FIXED:  # a constant out of the surgery's reach: this axis must not shrink
             prop.sets.union_along(out, [axis])
             continue
         if entry is None:
@@ -693,16 +694,29 @@ def _entries_follow(prop: Propagation, entries: list, out: np.ndarray) -> list |
                 return None
             if how == "rewrite":
                 scaled.append((entry, axis))
-        elif _channel_slices(prop.labels(entry[0]), entry[1]) != _channel_slices(out, axis):
+        elif _channel_slices(prop.labels(entry.source), entry.axis) != _channel_slices(out, axis):
             return None
     return scaled
 
 
 def _reads_channels(prop: Propagation, entry) -> bool:
     """Whether a shape entry is a run-time dim of an axis that channels vary along."""
-    if isinstance(entry, ScaledDim):
-        return prop.labels(entry.source).shape[entry.axis] > 1
-    return isinstance(entry, tuple) and prop.labels(entry[0]).shape[entry[1]] > 1
+    return isinstance(entry, (RuntimeDim, ScaledDim)) and prop.labels(entry.source).shape[entry.axis] > 1
+
+
+class Piece(enum.Enum):
+    """A shape element that is a constant."""
+
+    REWRITTEN = "rewritten"  # a constant piece of the shape vector: the surgery rewrites it
+    FIXED = "fixed"  # a constant deeper in the computation, out of the surgery's reach
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeDim:
+    """A shape element read at run time: `source`'s dim along `axis`."""
+
+    source: ir.Value
+    axis: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -714,6 +728,10 @@ class ScaledDim:
     axis: int
     mul: ir.Node
     slot: int  # the Mul input that holds the constant
+
+
+# What an element of a shape vector is; None where it cannot be traced.
+ShapeEntry = Piece | RuntimeDim | ScaledDim | None
 
 
 def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: int) -> str | None:
@@ -738,21 +756,19 @@ def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
     return [frozenset(np.unique(labels.take(k, axis=axis)).tolist()) for k in range(labels.shape[axis])]
 
 
-def _shape_entries(prop: Propagation, value: ir.Value) -> list:
-    """For each element of a shape vector: "constant" (a piece the surgery rewrites), "fixed" (a
-    constant deeper in the computation), (tensor, axis) when it is that tensor's dim at run time,
-    a ScaledDim, or None."""
+def _shape_entries(prop: Propagation, value: ir.Value) -> list[ShapeEntry]:
+    """What each element of a shape vector is (ShapeEntry; None where it cannot be traced)."""
     entries = []
     for _, piece in shape_pieces(value):
         length = piece.shape[0]
         if prop.is_constant(piece):
-            entries += ["constant"] * length
+            entries += [Piece.REWRITTEN] * length
         else:
             entries += dims_of(prop, piece) or [None] * length
     return entries
 
 
-def dims_of(prop: Propagation, value: ir.Value) -> list | None:
+def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
     """Trace a run-time integer vector back through Shape and the ops that pick its elements."""
     producer = value.producer()
     if producer is None or not is_default_domain(producer):
@@ -763,7 +779,7 @@ def dims_of(prop: Propagation, value: ir.Value) -> list | None:
         start = producer.attributes.get_int("start", 0) % (rank + 1)
         end = producer.attributes.get_int("end", rank)
         end = end + rank if end < 0 else min(end, rank)
-        return [(source, a) for a in range(start, end)]
+        return [RuntimeDim(source, a) for a in range(start, end)]
     if producer.op_type in ("Cast", "Identity"):
         return dims_of(prop, producer.inputs[0])
     if producer.op_type == "Mul":
@@ -771,11 +787,11 @@ def dims_of(prop: Propagation, value: ir.Value) -> list | None:
             factor, other = producer.inputs[slot], producer.inputs[1 - slot]
             if prop.is_constant(factor) and factor.const_value.size == 1:
                 source = dims_of(prop, other)
-                if source is not None and len(source) == 1 and isinstance(source[0], tuple):
-                    return [ScaledDim(source[0][0], source[0][1], producer, slot)]
+                if source is not None and len(source) == 1 and isinstance(source[0], RuntimeDim):
+                    return [ScaledDim(source[0].source, source[0].axis, producer, slot)]
         return None
     if producer.op_type == "Concat":
-        parts = [["fixed"] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else dims_of(prop, v) for v in producer.inputs]
+        parts = [[Piece.FIXED] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else dims_of(prop, v) for v in producer.inputs]
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
     if producer.op_type == "Where":
         # torch's expand fix-up, Where(Equal(v, -1), 1, v), keeps v wherever v is a real dim.
