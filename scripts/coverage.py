@@ -62,7 +62,10 @@ def input_shapes(path: Path) -> dict[str, list[int]]:
             continue
         dims = value.type.tensor_type.shape.dim
         if any(not d.HasField("dim_value") or d.dim_value < 1 for d in dims):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (2 if i == 0 else 8) for i, d in enumerate(dims)]
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (2 if i == 0 else 8)
+                for i, d in enumerate(dims)
+            ]
     return shapes
 
 
@@ -71,7 +74,12 @@ def rounding_noise(path: Path, shapes: dict[str, list[int]]) -> float:
     sess = runtime.session(spa.io.load(path))
     feeds = runtime.random_inputs(sess, shapes)
     rng = np.random.default_rng(1)
-    nudged = {k: v * (1 + 1e-7 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    nudged = {
+        k: v * (1 + 1e-7 * rng.standard_normal(v.shape)).astype(v.dtype)
+        if v.dtype.kind == "f"
+        else v
+        for k, v in feeds.items()
+    }
     return verify.relative_error(sess.run(None, feeds), sess.run(None, nudged))
 
 
@@ -83,11 +91,20 @@ def exporter(path: Path) -> str:
 
 def measure(path: Path, ratios: list[float]) -> dict:
     shapes = input_shapes(path)
-    row = {"model": f"{path.parent.name}/{path.stem}", "framework": FRAMEWORKS.get(path.parent.name, path.parent.name), "exporter": exporter(path), "failures": []}
+    row = {
+        "model": f"{path.parent.name}/{path.stem}",
+        "framework": FRAMEWORKS.get(path.parent.name, path.parent.name),
+        "exporter": exporter(path),
+        "failures": [],
+    }
     start = time.perf_counter()
     try:
         analysis = spa.analyze(path, input_shapes=shapes)
-        row.update(groups=len(analysis.groups), barriers=sum(b.blocked for b in analysis.barriers), normalizations=len(analysis.normalizations))
+        row.update(
+            groups=len(analysis.groups),
+            barriers=sum(b.blocked for b in analysis.barriers),
+            normalizations=len(analysis.normalizations),
+        )
     except spa.SpaError as e:
         row["failures"].append(f"analyze: {e}")
         return row
@@ -110,19 +127,35 @@ def measure(path: Path, ratios: list[float]) -> dict:
             reasons.append(f"{row['barriers']} barrier(s)")
         if row["normalizations"]:
             reasons.append(f"{row['normalizations']} normalization(s) keep their channels")
-        row["failures"].append(f"MACs kept at {PASS_RATIO}: {macs:.2f} > {PASS_MACS}" + (f" ({', '.join(reasons)})" if reasons else ""))
+        row["failures"].append(
+            f"MACs kept at {PASS_RATIO}: {macs:.2f} > {PASS_MACS}"
+            + (f" ({', '.join(reasons)})" if reasons else "")
+        )
     if row.get("zero_error", 0.0) > PASS_ERROR:
         row["rounding_noise"] = rounding_noise(path, shapes)
         if row["zero_error"] > 10 * row["rounding_noise"]:
-            row["failures"].append(f"zero-channel error {row['zero_error']:.1e} (rounding noise {row['rounding_noise']:.1e})")
+            row["failures"].append(
+                f"zero-channel error {row['zero_error']:.1e} (rounding noise "
+                f"{row['rounding_noise']:.1e})"
+            )
     return row
 
 
 def table(rows: list[dict], ratios: list[float]) -> str:
-    head = "| model | framework | exporter | groups | barriers | " + " | ".join(f"MACs / params @{r}" for r in ratios) + " | zero-channel error | seconds | result |"
+    head = (
+        "| model | framework | exporter | groups | barriers | "
+        + " | ".join(f"MACs / params @{r}" for r in ratios)
+        + " | zero-channel error | seconds | result |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        cells = [row["model"], row["framework"], row["exporter"], str(row.get("groups", "-")), str(row.get("barriers", "-"))]
+        cells = [
+            row["model"],
+            row["framework"],
+            row["exporter"],
+            str(row.get("groups", "-")),
+            str(row.get("barriers", "-")),
+        ]
         for r in ratios:
             m, p = row.get(f"macs@{r}"), row.get(f"params@{r}")
             cells.append(f"{m:.2f} / {p:.2f}" if m is not None else "-")
@@ -137,7 +170,10 @@ def table(rows: list[dict], ratios: list[float]) -> str:
 def summary(rows: list[dict]) -> str:
     passed = [r for r in rows if not r["failures"]]
     frameworks = sorted({r["framework"] for r in rows})
-    lines = [f"{len(passed)} of {len(rows)} models pass ({100 * len(passed) / max(len(rows), 1):.0f}%), {len(frameworks)} sources:"]
+    lines = [
+        f"{len(passed)} of {len(rows)} models pass ({100 * len(passed) / max(len(rows), 1):.0f}%), "
+        f"{len(frameworks)} sources:"
+    ]
     for f in frameworks:
         mine = [r for r in rows if r["framework"] == f]
         lines.append(f"- {f}: {sum(not r['failures'] for r in mine)} of {len(mine)}")
@@ -145,14 +181,18 @@ def summary(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models-dir", type=Path, default=Path(__file__).parent.parent / "models")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--json", type=Path, default=Path("out/coverage.json"))
     parser.add_argument("--only", default=None, help="substring of the model paths to run")
     args = parser.parse_args()
     ratios = sorted(set(args.ratios) | {PASS_RATIO})
-    paths = sorted(p for p in args.models_dir.glob("*/*.onnx") if args.only is None or args.only in str(p))
+    paths = sorted(
+        p for p in args.models_dir.glob("*/*.onnx") if args.only is None or args.only in str(p)
+    )
     rows = []
     for i, path in enumerate(paths):
         print(f"[{i + 1}/{len(paths)}] {path.parent.name}/{path.name}", file=sys.stderr, flush=True)

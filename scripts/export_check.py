@@ -17,4 +17,8 @@ def max_difference(path: str | os.PathLike, reference: str | os.PathLike) -> flo
     ref = np.load(reference)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {sess.get_inputs()[0].name: ref["input"]})
-    return float(np.max(np.abs(got - ref["logits"]))) if got.shape == ref["logits"].shape else float("inf")
+    return (
+        float(np.max(np.abs(got - ref["logits"])))
+        if got.shape == ref["logits"].shape
+        else float("inf")
+    )

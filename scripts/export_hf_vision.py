@@ -30,7 +30,8 @@ The output folder (default ``out/hf``) is git-ignored; these files are big
 Usage::
 
     pip install torch==2.13.0 onnxscript transformers
-    python scripts/export_hf_vision.py --out out/hf [--only resnet50] [--exporter dynamo|legacy|both]
+    python scripts/export_hf_vision.py --out out/hf [--only resnet50] [--exporter
+    dynamo|legacy|both]
 """
 
 from __future__ import annotations
@@ -205,8 +206,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/hf", help="output directory (default: out/hf)")
     ap.add_argument("--only", choices=NAMES, help="export just this model")
-    ap.add_argument("--exporter", choices=(*EXPORTERS, "both"), default="both",
-                    help="which torch exporter(s) to use (default: both)")
+    ap.add_argument(
+        "--exporter",
+        choices=(*EXPORTERS, "both"),
+        default="both",
+        help="which torch exporter(s) to use (default: both)",
+    )
     ap.add_argument("--ops", action="store_true", help="also print op-type counts")
     args = ap.parse_args(argv)
 
@@ -227,9 +232,11 @@ def main(argv=None) -> int:
             ok = diff < TOL
             failed |= not ok
             took = "cached" if cached else f"{secs:6.1f}s"
-            print(f"{'ok  ' if ok else 'FAIL'} {name:12s} {kind:6s} "
-                  f"size={file_size(path) / 2**20:7.1f}MiB export={took:>7s} "
-                  f"max_abs_diff={diff:.2e} (|logits|max={scale:.3g})  {path}")
+            print(
+                f"{'ok  ' if ok else 'FAIL'} {name:12s} {kind:6s} "
+                f"size={file_size(path) / 2**20:7.1f}MiB export={took:>7s} "
+                f"max_abs_diff={diff:.2e} (|logits|max={scale:.3g})  {path}"
+            )
             if args.ops:
                 print("     ", dict(sorted(op_counts(path).items(), key=lambda kv: -kv[1])))
     return 1 if failed else 0

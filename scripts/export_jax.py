@@ -112,8 +112,13 @@ def build(name: str):
         def __init__(self, d, heads, hidden, rngs):
             self.ln1 = nnx.LayerNorm(d, rngs=rngs)
             self.attn = nnx.MultiHeadAttention(
-                num_heads=heads, in_features=d, qkv_features=d, out_features=d,
-                decode=False, deterministic=True, rngs=rngs,
+                num_heads=heads,
+                in_features=d,
+                qkv_features=d,
+                out_features=d,
+                decode=False,
+                deterministic=True,
+                rngs=rngs,
             )
             self.ln2 = nnx.LayerNorm(d, rngs=rngs)
             self.fc1 = nnx.Linear(d, hidden, rngs=rngs)
@@ -128,7 +133,9 @@ def build(name: str):
     class ViT(nnx.Module):
         def __init__(self, rngs, d=64, patch=4):
             self.d = d
-            self.patch = nnx.Conv(3, d, (patch, patch), strides=(patch, patch), padding="VALID", rngs=rngs)
+            self.patch = nnx.Conv(
+                3, d, (patch, patch), strides=(patch, patch), padding="VALID", rngs=rngs
+            )
             n = (32 // patch) ** 2
             self.pos = nnx.Param(0.02 * jax_normal(rngs.params(), (1, n, d)))
             self.block = EncoderBlock(d, 4, 2 * d, rngs)
@@ -181,8 +188,12 @@ def export(name: str, out: str, ref_dir: str) -> None:
     model = build(name)
     path = os.path.join(out, f"{name}.onnx")
     proto = to_onnx(
-        model, [input_shape(name)], model_name=name, opset=OPSET,
-        input_names=["input"], output_names=["logits"],
+        model,
+        [input_shape(name)],
+        model_name=name,
+        opset=OPSET,
+        input_names=["input"],
+        output_names=["logits"],
     )
     proto = fix_value_info(proto)
     onnx.save(proto, path)  # all weights inline: the files are small
@@ -208,7 +219,9 @@ def fix_value_info(proto):
     import onnx
 
     del proto.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    return onnx.shape_inference.infer_shapes(
+        proto, check_type=True, strict_mode=True, data_prop=True
+    )
 
 
 def check(name: str, out: str, ref_dir: str) -> float:
@@ -217,7 +230,9 @@ def check(name: str, out: str, ref_dir: str) -> float:
     path = os.path.join(out, f"{name}.onnx")
     diff = max_difference(path, os.path.join(ref_dir, f"{name}.npz"))
     status = "ok" if diff < TOL else "FAIL"
-    print(f"{path}: check_model(full_check) ok, onnxruntime vs flax max abs diff {diff:.2e} {status}")
+    print(
+        f"{path}: check_model(full_check) ok, onnxruntime vs flax max abs diff {diff:.2e} {status}"
+    )
     return diff
 
 
@@ -226,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="models/jax")
     ap.add_argument("--ref-dir", default=DEFAULT_REF_DIR, help="where the reference .npz files go")
     ap.add_argument("--only", choices=NAMES, action="append")
-    ap.add_argument("--check", action="store_true", help="check existing exports (main environment)")
+    ap.add_argument(
+        "--check", action="store_true", help="check existing exports (main environment)"
+    )
     args = ap.parse_args(argv)
     names = args.only or NAMES
     if args.check:

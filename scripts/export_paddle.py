@@ -63,8 +63,8 @@ folding pip-installs onnxruntime, onnx_graphsurgeon and sympy at run time when
 they are missing; installing them up front keeps that from happening.)
 
 ``--check`` takes every ``NAME.onnx`` and ``NAME_p2o1.onnx`` there, runs
-``onnx.checker.check_model(path, full_check=True)`` on it, runs it in onnxruntime on the saved batch of 2 and requires the max abs
-difference to the Paddle output to be < 1e-4.
+``onnx.checker.check_model(path, full_check=True)`` on it, runs it in onnxruntime on the saved
+batch of 2 and requires the max abs difference to the Paddle output to be < 1e-4.
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ def _define_models():
             super().__init__()
             self.conv1 = conv_bn(cin, cout, 3, stride)
             self.conv2 = conv_bn(cout, cout, 3, 1, act=None)
-            self.short = conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else None
+            self.short = (
+                conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else None
+            )
             self.relu = nn.ReLU()
 
         def forward(self, x):
@@ -193,8 +195,12 @@ def _define_models():
         "resnet": ResNet,
         "mobilenet": MobileNet,
         "mlp": MLP,
-        "mobilenetv3": lambda: paddle.vision.models.mobilenet_v3_small(scale=0.25, num_classes=10, pretrained=False),
-        "shufflenet": lambda: paddle.vision.models.shufflenet_v2_x0_25(num_classes=10, pretrained=False),
+        "mobilenetv3": lambda: paddle.vision.models.mobilenet_v3_small(
+            scale=0.25, num_classes=10, pretrained=False
+        ),
+        "shufflenet": lambda: paddle.vision.models.shufflenet_v2_x0_25(
+            num_classes=10, pretrained=False
+        ),
     }
 
 
@@ -265,7 +271,10 @@ def check(stem: str, out: str, ref_dir: str) -> float:
     path = os.path.join(out, f"{stem}.onnx")
     diff = max_difference(path, os.path.join(ref_dir, f"{stem}.npz"))
     status = "ok" if diff < TOL else "FAIL"
-    print(f"{path}: check_model(full_check) ok, onnxruntime vs paddle max abs diff {diff:.2e} {status}")
+    print(
+        f"{path}: check_model(full_check) ok, onnxruntime vs paddle max abs diff {diff:.2e} "
+        f"{status}"
+    )
     return diff
 
 
@@ -274,11 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="models/paddle")
     ap.add_argument("--ref-dir", default=DEFAULT_REF_DIR, help="where the reference .npz files go")
     ap.add_argument("--only", choices=NAMES, action="append")
-    ap.add_argument("--check", action="store_true", help="check existing exports (main environment)")
+    ap.add_argument(
+        "--check", action="store_true", help="check existing exports (main environment)"
+    )
     args = ap.parse_args(argv)
     names = args.only or NAMES
     if args.check:
-        stems = [n + sfx for n in names for sfx in ("", "_p2o1") if os.path.exists(os.path.join(args.out, n + sfx + ".onnx"))]
+        stems = [
+            n + sfx
+            for n in names
+            for sfx in ("", "_p2o1")
+            if os.path.exists(os.path.join(args.out, n + sfx + ".onnx"))
+        ]
         if not stems:
             raise SystemExit(f"no exported models in {args.out}")
         bad = [n for n in stems if not check(n, args.out, args.ref_dir) < TOL]

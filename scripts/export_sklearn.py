@@ -63,6 +63,8 @@ import warnings
 
 import numpy as np
 import onnx
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import r2_score
@@ -70,8 +72,6 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType
 
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
 SEED = 0
@@ -80,23 +80,60 @@ SEED = 0
 def build_models():
     """Return [(name, estimator, kind, scaled_input)]: kind is 'clf' or 'reg'."""
     return [
-        ("mlp_relu",
-         MLPClassifier(hidden_layer_sizes=(64, 32), activation="relu",
-                       max_iter=400, random_state=SEED), "clf", True),
-        ("mlp_tanh3",
-         MLPClassifier(hidden_layer_sizes=(64, 48, 32), activation="tanh",
-                       max_iter=400, random_state=SEED), "clf", True),
-        ("mlp_logistic3",
-         MLPClassifier(hidden_layer_sizes=(64, 48, 32), activation="logistic",
-                       max_iter=800, random_state=SEED), "clf", True),
-        ("pipeline_scaler_mlp",
-         Pipeline([("scaler", StandardScaler()),
-                   ("mlp", MLPClassifier(hidden_layer_sizes=(64, 32),
-                                         activation="relu", max_iter=400,
-                                         random_state=SEED))]), "clf", False),
-        ("mlp_regressor",
-         MLPRegressor(hidden_layer_sizes=(64, 32), activation="relu",
-                      max_iter=800, random_state=SEED), "reg", True),
+        (
+            "mlp_relu",
+            MLPClassifier(
+                hidden_layer_sizes=(64, 32), activation="relu", max_iter=400, random_state=SEED
+            ),
+            "clf",
+            True,
+        ),
+        (
+            "mlp_tanh3",
+            MLPClassifier(
+                hidden_layer_sizes=(64, 48, 32), activation="tanh", max_iter=400, random_state=SEED
+            ),
+            "clf",
+            True,
+        ),
+        (
+            "mlp_logistic3",
+            MLPClassifier(
+                hidden_layer_sizes=(64, 48, 32),
+                activation="logistic",
+                max_iter=800,
+                random_state=SEED,
+            ),
+            "clf",
+            True,
+        ),
+        (
+            "pipeline_scaler_mlp",
+            Pipeline(
+                [
+                    ("scaler", StandardScaler()),
+                    (
+                        "mlp",
+                        MLPClassifier(
+                            hidden_layer_sizes=(64, 32),
+                            activation="relu",
+                            max_iter=400,
+                            random_state=SEED,
+                        ),
+                    ),
+                ]
+            ),
+            "clf",
+            False,
+        ),
+        (
+            "mlp_regressor",
+            MLPRegressor(
+                hidden_layer_sizes=(64, 32), activation="relu", max_iter=800, random_state=SEED
+            ),
+            "reg",
+            True,
+        ),
     ]
 
 
@@ -120,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     x = digits.data.astype(np.float32)
     y = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=SEED, stratify=y)
+        x, y, test_size=0.2, random_state=SEED, stratify=y
+    )
     ref: dict[str, np.ndarray] = {"X_test": x_test, "y_test": y_test}
     failed = False
 
@@ -147,17 +185,25 @@ def main(argv: list[str] | None = None) -> int:
             pred_te = model.predict(xte)
             acc_tr = np.mean(np.clip(np.rint(pred_tr), 0, 9) == y_train)
             acc_te = np.mean(np.clip(np.rint(pred_te), 0, 9) == y_test)
-            print(f"{name:22s} train R2 {r2_score(y_train, pred_tr):.4f}  "
-                  f"test R2 {r2_score(y_test, pred_te):.4f}  "
-                  f"(rounded acc train {acc_tr:.4f} test {acc_te:.4f})")
+            print(
+                f"{name:22s} train R2 {r2_score(y_train, pred_tr):.4f}  "
+                f"test R2 {r2_score(y_test, pred_te):.4f}  "
+                f"(rounded acc train {acc_tr:.4f} test {acc_te:.4f})"
+            )
             ref[f"{name}.variable"] = pred_te.astype(np.float32).reshape(-1, 1)
             options = None
 
-        onx = to_onnx(model, initial_types=[("input", FloatTensorType([None, 64]))],
-                      target_opset=TARGET_OPSET, options=options)
-        onx.doc_string = (f"scikit-learn {type(model).__name__} trained on "
-                          f"sklearn.datasets.load_digits; exported by "
-                          f"scripts/export_sklearn.py")
+        onx = to_onnx(
+            model,
+            initial_types=[("input", FloatTensorType([None, 64]))],
+            target_opset=TARGET_OPSET,
+            options=options,
+        )
+        onx.doc_string = (
+            f"scikit-learn {type(model).__name__} trained on "
+            f"sklearn.datasets.load_digits; exported by "
+            f"scripts/export_sklearn.py"
+        )
         path = os.path.join(args.out, f"{name}.onnx")
         onnx.save(onx, path)
         onnx.checker.check_model(path, full_check=True)
@@ -174,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             same = True
         ok = diff < 1e-4 and same
         failed |= not ok
-        print(f"  wrote {path} ({os.path.getsize(path)} bytes); onnxruntime vs "
-              f"sklearn max abs diff {diff:.2e}, labels equal {same} "
-              f"-> {'OK' if ok else 'MISMATCH'}")
+        print(
+            f"  wrote {path} ({os.path.getsize(path)} bytes); onnxruntime vs "
+            f"sklearn max abs diff {diff:.2e}, labels equal {same} "
+            f"-> {'OK' if ok else 'MISMATCH'}"
+        )
 
     np.savez_compressed(os.path.join(args.out, "reference.npz"), **ref)
     print(f"wrote {os.path.join(args.out, 'reference.npz')}")

@@ -37,7 +37,8 @@ the project's environment:
 
        python -m venv /work/venvs/tf
        /work/venvs/tf/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0
-       /work/venvs/tf/bin/python scripts/export_tensorflow.py --out models/tensorflow [--only resnet,mlp]
+       /work/venvs/tf/bin/python scripts/export_tensorflow.py --out models/tensorflow [--only
+       resnet,mlp]
 
    This writes ``{out}/{name}.onnx`` and, for each, a reference batch of 2 with the Keras output
    in ``{refs}/{name}.npz`` (default ``out/tensorflow_refs``, not committed).
@@ -81,7 +82,9 @@ def build(name: str):
     from keras import layers as L
 
     def conv_bn(x, filters, k=3, stride=1, act="relu", name=None):
-        x = L.Conv2D(filters, k, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = L.Conv2D(
+            filters, k, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+        )(x)
         x = L.BatchNormalization(name=f"{name}_bn")(x)
         if act == "relu":
             x = L.ReLU(name=f"{name}_relu")(x)
@@ -210,7 +213,10 @@ def export(names, out: Path, refs: Path, opset: int) -> None:
     import tensorflow as tf
     import tf2onnx
 
-    print(f"tensorflow {tf.__version__}, keras {keras.__version__}, tf2onnx {tf2onnx.__version__}, opset {opset}")
+    print(
+        f"tensorflow {tf.__version__}, keras {keras.__version__}, tf2onnx {tf2onnx.__version__}, "
+        f"opset {opset}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     refs.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -224,7 +230,10 @@ def export(names, out: Path, refs: Path, opset: int) -> None:
         path = out / f"{name}.onnx"
         tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset, output_path=str(path))
         np.savez(refs / f"{name}.npz", input=x, logits=y)
-        print(f"{name}: {model.count_params()} params -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
+        print(
+            f"{name}: {model.count_params()} params -> {path} ({path.stat().st_size / 1024:.0f} "
+            "KiB)"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -253,19 +262,27 @@ def check(names, out: Path, refs: Path) -> bool:
         outputs = [(o.name, o.type, o.shape) for o in sess.get_outputs()]
         ops = Counter(n.op_type for n in model.graph.node)
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        print(f"{name}: {'ok' if good else 'FAIL'} max|ort-keras|={diff:.2e} opset={opset} "
-              f"size={path.stat().st_size / 1024:.0f}KiB in={inputs} out={outputs}")
+        print(
+            f"{name}: {'ok' if good else 'FAIL'} max|ort-keras|={diff:.2e} opset={opset} "
+            f"size={path.stat().st_size / 1024:.0f}KiB in={inputs} out={outputs}"
+        )
         print("    ops: " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items())))
     return ok
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("models/tensorflow"))
     parser.add_argument("--refs", type=Path, default=Path("out/tensorflow_refs"))
-    parser.add_argument("--only", default=",".join(NAMES), help="comma-separated subset of " + ",".join(NAMES))
+    parser.add_argument(
+        "--only", default=",".join(NAMES), help="comma-separated subset of " + ",".join(NAMES)
+    )
     parser.add_argument("--opset", type=int, default=13)
-    parser.add_argument("--check", action="store_true", help="verify exported models (project environment)")
+    parser.add_argument(
+        "--check", action="store_true", help="verify exported models (project environment)"
+    )
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(NAMES)

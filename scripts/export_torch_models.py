@@ -38,8 +38,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -192,9 +192,7 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.Module):
     def __init__(self, num_layers, cin, growth):
         super().__init__()
-        self.layers = nn.ModuleList(
-            DenseLayer(cin + i * growth, growth) for i in range(num_layers)
-        )
+        self.layers = nn.ModuleList(DenseLayer(cin + i * growth, growth) for i in range(num_layers))
 
     def forward(self, x):
         feats = [x]
@@ -515,8 +513,11 @@ def export_dynamo(model, x, path) -> bool:
         except Exception as e:  # noqa: BLE001
             if not dynamic:
                 raise
-            print(f"  dynamo: dynamic batch export failed ({type(e).__name__}: {e}); "
-                  "falling back to static batch", file=sys.stderr)
+            print(
+                f"  dynamo: dynamic batch export failed ({type(e).__name__}: {e}); "
+                "falling back to static batch",
+                file=sys.stderr,
+            )
     raise AssertionError("unreachable")
 
 
@@ -561,8 +562,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="models/torch", help="output directory")
     ap.add_argument("--only", choices=sorted(MODELS), help="export just this model")
     ap.add_argument("--ops", action="store_true", help="also print op-type counts")
-    ap.add_argument("--keep-stack-traces", action="store_true",
-                    help="keep the dynamo exporter's per-node stack traces (machine-specific paths)")
+    ap.add_argument(
+        "--keep-stack-traces",
+        action="store_true",
+        help="keep the dynamo exporter's per-node stack traces (machine-specific paths)",
+    )
     args = ap.parse_args(argv)
     # e.g. "torchvision is not installed. Skipping torchvision::nms"
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -586,9 +590,11 @@ def main(argv=None) -> int:
             ok = diff < TOL
             failed |= not ok
             size = os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
-            print(f"{'ok  ' if ok else 'FAIL'} {name:12s} {kind:6s} params={nparams:7d} "
-                  f"batch={'dynamic' if dynamic else 'static '} size={size / 1024:7.1f}KiB "
-                  f"max_abs_diff={diff:.2e}  {path}")
+            print(
+                f"{'ok  ' if ok else 'FAIL'} {name:12s} {kind:6s} params={nparams:7d} "
+                f"batch={'dynamic' if dynamic else 'static '} size={size / 1024:7.1f}KiB "
+                f"max_abs_diff={diff:.2e}  {path}"
+            )
             if args.ops:
                 print("     ", dict(sorted(op_counts(path).items(), key=lambda kv: -kv[1])))
     return 1 if failed else 0

@@ -72,8 +72,8 @@ the script reproduces byte-identical files.
 
 After each export the file is checked with ``onnx.checker.check_model(path,
 full_check=True)`` and run in onnxruntime with batch 2 and sequence length 5
-(where those dims are dynamic; else the export sizes 3 and 8) (random token ids in [0, 256); the BERT attention mask is all ones with a few
-zeros); the max abs difference to torch must be < 1e-4.
+(where those dims are dynamic; else the export sizes 3 and 8) (random token ids in [0, 256); the
+BERT attention mask is all ones with a few zeros); the max abs difference to torch must be < 1e-4.
 
 Usage::
 
@@ -91,8 +91,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -173,10 +173,15 @@ def build_bert():
     import transformers
 
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, intermediate_size=FFN,
-        max_position_embeddings=MAX_POS, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        max_position_embeddings=MAX_POS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="sdpa",
     )
     return HFTokensMask(transformers.BertModel(cfg, add_pooling_layer=False))
 
@@ -185,9 +190,18 @@ def build_gpt2():
     import transformers
 
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=MAX_POS, n_embd=HIDDEN, n_layer=LAYERS,
-        n_head=HEADS, n_inner=FFN, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
+        vocab_size=VOCAB,
+        n_positions=MAX_POS,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_inner=FFN,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
         attn_implementation="sdpa",
     )
     return HFTokens(transformers.GPT2Model(cfg))
@@ -197,10 +211,16 @@ def build_llama():
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=2, max_position_embeddings=MAX_POS,
-        use_cache=False, tie_word_embeddings=False, attn_implementation="sdpa",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POS,
+        use_cache=False,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
     )
     return HFTokens(transformers.LlamaModel(cfg))
 
@@ -209,23 +229,36 @@ def build_llama_lm():
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=2, max_position_embeddings=MAX_POS,
-        use_cache=False, tie_word_embeddings=False, attn_implementation="sdpa",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POS,
+        use_cache=False,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
     )
     return HFLogits(transformers.LlamaForCausalLM(cfg))
 
 
 def _vit_like(config: str, model: str):
-    """A ViT-style encoder of the given transformers classes: 32x32 image, 8x8 patches, no pooler."""
+    """A ViT-style encoder of the given transformers classes: 32x32 image, 8x8 patches, no
+    pooler."""
     import transformers
 
     cfg = getattr(transformers, config)(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="sdpa",
     )
     return HFPixels(getattr(transformers, model)(cfg, add_pooling_layer=False))
 
@@ -242,9 +275,15 @@ def build_segformer():
     import transformers
 
     cfg = transformers.SegformerConfig(
-        num_encoder_blocks=4, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, HIDDEN],
-        num_attention_heads=[1, 2, 2, HEADS], decoder_hidden_size=HIDDEN, num_labels=5,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+        num_encoder_blocks=4,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[16, 32, 48, HIDDEN],
+        num_attention_heads=[1, 2, 2, HEADS],
+        decoder_hidden_size=HIDDEN,
+        num_labels=5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
     )
     return HFPixels(transformers.SegformerForSemanticSegmentation(cfg), "logits")
 
@@ -342,25 +381,64 @@ class Spec:
 
 _BS = {0: "batch", 1: "seq"}
 MODELS = {
-    "bert": Spec(build_bert, [Input("input_ids", _ids, _BS), Input("attention_mask", _mask, _BS)],
-                 "last_hidden_state", _BS),
+    "bert": Spec(
+        build_bert,
+        [Input("input_ids", _ids, _BS), Input("attention_mask", _mask, _BS)],
+        "last_hidden_state",
+        _BS,
+    ),
     "gpt2": Spec(build_gpt2, [Input("input_ids", _ids, _BS)], "last_hidden_state", _BS),
     "llama": Spec(build_llama, [Input("input_ids", _ids, _BS)], "last_hidden_state", _BS),
     "llama_lm": Spec(build_llama_lm, [Input("input_ids", _ids, _BS)], "logits", _BS),
-    "vit": Spec(build_vit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),
-                                  {0: "batch"})], "last_hidden_state", {0: "batch"}),
-    "deit": Spec(build_deit, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g),
-                                    {0: "batch"})], "last_hidden_state", {0: "batch"}, fresh=True),
-    "segformer": Spec(build_segformer, [Input("pixel_values", lambda g, b, s: torch.randn(b, 3, 64, 64, generator=g),
-                                              {0: "batch"})], "logits", {0: "batch"}),
-    "mha": Spec(MHABlock, [Input("x", lambda g, b, s: torch.randn(b, s, HIDDEN, generator=g), _BS)],
-                "y", _BS),
-    "lstm": Spec(LSTMNet, [Input("x", lambda g, b, s: torch.randn(b, s, 16, generator=g), _BS)],
-                 "y", _BS),
-    "gru": Spec(GRUNet, [Input("x", lambda g, b, s: torch.randn(b, s, 16, generator=g), _BS)],
-                "y", _BS),
-    "conv1d": Spec(Conv1dNet, [Input("x", lambda g, b, s: torch.randn(b, 16, s, generator=g),
-                                     {0: "batch", 2: "seq"})], "y", {0: "batch"}),
+    "vit": Spec(
+        build_vit,
+        [
+            Input(
+                "pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g), {0: "batch"}
+            )
+        ],
+        "last_hidden_state",
+        {0: "batch"},
+    ),
+    "deit": Spec(
+        build_deit,
+        [
+            Input(
+                "pixel_values", lambda g, b, s: torch.randn(b, 3, 32, 32, generator=g), {0: "batch"}
+            )
+        ],
+        "last_hidden_state",
+        {0: "batch"},
+        fresh=True,
+    ),
+    "segformer": Spec(
+        build_segformer,
+        [
+            Input(
+                "pixel_values", lambda g, b, s: torch.randn(b, 3, 64, 64, generator=g), {0: "batch"}
+            )
+        ],
+        "logits",
+        {0: "batch"},
+    ),
+    "mha": Spec(
+        MHABlock,
+        [Input("x", lambda g, b, s: torch.randn(b, s, HIDDEN, generator=g), _BS)],
+        "y",
+        _BS,
+    ),
+    "lstm": Spec(
+        LSTMNet, [Input("x", lambda g, b, s: torch.randn(b, s, 16, generator=g), _BS)], "y", _BS
+    ),
+    "gru": Spec(
+        GRUNet, [Input("x", lambda g, b, s: torch.randn(b, s, 16, generator=g), _BS)], "y", _BS
+    ),
+    "conv1d": Spec(
+        Conv1dNet,
+        [Input("x", lambda g, b, s: torch.randn(b, 16, s, generator=g), {0: "batch", 2: "seq"})],
+        "y",
+        {0: "batch"},
+    ),
 }
 
 
@@ -385,7 +463,7 @@ def randomize(model: nn.Module) -> None:
                     own["bias"].uniform_(-0.2, 0.2, generator=gen)
                 continue
             if isinstance(mod, (nn.LSTM, nn.GRU)):
-                bound = 1.0 / mod.hidden_size ** 0.5
+                bound = 1.0 / mod.hidden_size**0.5
                 for p in own.values():
                     p.uniform_(-bound, bound, generator=gen)
                 continue
@@ -399,7 +477,7 @@ def randomize(model: nn.Module) -> None:
             for p in own.values():
                 if p.dim() >= 2:  # Linear / Conv / Conv1D (GPT-2, transposed) / MHA in_proj
                     fan_in = p.shape[0] if cls == "Conv1D" else p[0].numel()
-                    bound = 1.0 / fan_in ** 0.5
+                    bound = 1.0 / fan_in**0.5
                     p.uniform_(-bound, bound, generator=gen)
                 else:  # biases
                     p.uniform_(-0.1, 0.1, generator=gen)
@@ -435,8 +513,10 @@ def modes_for(spec: Spec) -> list[tuple[str, ...]]:
 
 
 def export_dynamo(model, spec: Spec, args, path, mode) -> None:
-    dims = {"batch": torch.export.Dim("batch", min=1, max=1024),
-            "seq": torch.export.Dim("seq", min=1, max=MAX_POS)}
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=1024),
+        "seq": torch.export.Dim("seq", min=1, max=MAX_POS),
+    }
     kw = {}
     if mode:
         kw["dynamic_shapes"] = {
@@ -462,8 +542,7 @@ def export_dynamo(model, spec: Spec, args, path, mode) -> None:
 def export_legacy(model, spec: Spec, args, path, mode) -> None:
     kw = {}
     if mode:
-        axes = {inp.name: {ax: d for ax, d in inp.dims.items() if d in mode}
-                for inp in spec.inputs}
+        axes = {inp.name: {ax: d for ax, d in inp.dims.items() if d in mode} for inp in spec.inputs}
         axes[spec.output] = {ax: d for ax, d in spec.out_dims.items() if d in mode}
         kw["dynamic_axes"] = axes
     # nn.MultiheadAttention's inference fast path (torch._native_multi_head_attention)
@@ -547,9 +626,11 @@ def export_and_verify(model, spec: Spec, args, path, kind, keep_stack_traces=Fal
                 raise
             nxt = ", ".join(modes[i + 1]) or "none (static shapes)"
             msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
-            print(f"  {kind}: export with dynamic ({', '.join(mode)}) failed "
-                  f"({type(e).__name__}: {msg}); falling back to dynamic: {nxt}",
-                  file=sys.stderr)
+            print(
+                f"  {kind}: export with dynamic ({', '.join(mode)}) failed "
+                f"({type(e).__name__}: {msg}); falling back to dynamic: {nxt}",
+                file=sys.stderr,
+            )
     raise AssertionError("unreachable")
 
 
@@ -558,8 +639,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="models/transformers", help="output directory")
     ap.add_argument("--only", choices=sorted(MODELS), help="export just this model")
     ap.add_argument("--ops", action="store_true", help="also print op-type counts")
-    ap.add_argument("--keep-stack-traces", action="store_true",
-                    help="keep the dynamo exporter's per-node stack traces (machine-specific paths)")
+    ap.add_argument(
+        "--keep-stack-traces",
+        action="store_true",
+        help="keep the dynamo exporter's per-node stack traces (machine-specific paths)",
+    )
     args = ap.parse_args(argv)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -580,9 +664,11 @@ def main(argv=None) -> int:
             data = path + ".data"
             size = os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
             shapes = ("dynamic " + "+".join(mode)) if mode else "static"
-            print(f"{'ok  ' if ok else 'FAIL'} {name:7s} {kind:6s} params={nparams:6d} "
-                  f"{shapes:21s} size={size / 1024:6.1f}KiB "
-                  f"max_abs_diff={diff:.2e}  {path}")
+            print(
+                f"{'ok  ' if ok else 'FAIL'} {name:7s} {kind:6s} params={nparams:6d} "
+                f"{shapes:21s} size={size / 1024:6.1f}KiB "
+                f"max_abs_diff={diff:.2e}  {path}"
+            )
             if args.ops:
                 print("     ", dict(sorted(op_counts(path).items(), key=lambda kv: -kv[1])))
     return 1 if failed else 0

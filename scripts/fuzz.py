@@ -49,8 +49,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import onnx
 from onnx import TensorProto
@@ -163,13 +163,20 @@ def drop_initializer(m: onnx.ModelProto, rng: random.Random) -> Mutated:
             if v.name == name:
                 del m.graph.input[j]
                 break
-    return _result(m, f"dropped initializer '{name}'" + (" (and its graph input)" if also_input else ""))
+    return _result(
+        m, f"dropped initializer '{name}'" + (" (and its graph input)" if also_input else "")
+    )
 
 
 @mutation("proto")
 def change_int_attribute(m: onnx.ModelProto, rng: random.Random) -> Mutated:
     """group, axis, perm, kernel_shape, pads, strides, ...: a random value."""
-    attrs = [(n, a) for n in m.graph.node for a in n.attribute if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)]
+    attrs = [
+        (n, a)
+        for n in m.graph.node
+        for a in n.attribute
+        if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)
+    ]
     node, attr = _pick(rng, attrs, "int/ints attributes")
     before = onnx.helper.get_attribute_value(attr)
     if attr.type == onnx.AttributeProto.INT:
@@ -180,7 +187,11 @@ def change_int_attribute(m: onnx.ModelProto, rng: random.Random) -> Mutated:
         if how == "element" and values:
             values[rng.randrange(len(values))] = _rand_int(rng)
         elif how == "length":
-            values = values[: rng.randrange(len(values))] if values and rng.random() < 0.5 else values + [_rand_int(rng)]
+            values = (
+                values[: rng.randrange(len(values))]
+                if values and rng.random() < 0.5
+                else values + [_rand_int(rng)]
+            )
         elif how == "empty":
             values = []
         else:
@@ -220,7 +231,14 @@ def change_initializer(m: onnx.ModelProto, rng: random.Random) -> Mutated:
         elif t.raw_data:
             t.raw_data = t.raw_data[: rng.randrange(len(t.raw_data))]
         else:
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            for field in (
+                "float_data",
+                "int32_data",
+                "int64_data",
+                "double_data",
+                "uint64_data",
+                "string_data",
+            ):
                 values = getattr(t, field)
                 if len(values):
                     del values[rng.randrange(len(values)) :]
@@ -231,7 +249,9 @@ def change_initializer(m: onnx.ModelProto, rng: random.Random) -> Mutated:
 @mutation("proto")
 def change_input_shape(m: onnx.ModelProto, rng: random.Random) -> Mutated:
     """A graph input's rank, a dim, a dim to a dim_param, no shape, or its element type."""
-    v = _pick(rng, [v for v in _real_inputs(m.graph) if v.type.HasField("tensor_type")], "tensor inputs")
+    v = _pick(
+        rng, [v for v in _real_inputs(m.graph) if v.type.HasField("tensor_type")], "tensor inputs"
+    )
     tt = v.type.tensor_type
     before = str(tt.shape.dim).replace("\n", " ") if tt.HasField("shape") else "no shape"
     how = rng.choice(["rank", "dim", "dim_param", "no_shape", "elem_type"])
@@ -251,7 +271,11 @@ def change_input_shape(m: onnx.ModelProto, rng: random.Random) -> Mutated:
         tt.elem_type = rng.choice([t for t in (1, 2, 3, 6, 7, 9, 10, 11, 16) if t != tt.elem_type])
     else:
         tt.ClearField("shape")
-    return _result(m, f"input '{v.name}' {how}: {before} -> {tt.shape if tt.HasField('shape') else 'no shape'}".replace("\n", " "))
+    return _result(
+        m,
+        f"input '{v.name}' {how}: {before} -> "
+        f"{tt.shape if tt.HasField('shape') else 'no shape'}".replace("\n", " "),
+    )
 
 
 @mutation("proto")
@@ -274,9 +298,13 @@ def swap_inputs(m: onnx.ModelProto, rng: random.Random) -> Mutated:
 
 @mutation("proto")
 def set_opset(m: onnx.ModelProto, rng: random.Random) -> Mutated:
-    entry = _pick(rng, [o for o in m.opset_import if o.domain in ("", "ai.onnx")], "default-domain opset")
+    entry = _pick(
+        rng, [o for o in m.opset_import if o.domain in ("", "ai.onnx")], "default-domain opset"
+    )
     before = entry.version
-    entry.version = rng.choice([v for v in range(1, onnx.defs.onnx_opset_version() + 3) if v != before])
+    entry.version = rng.choice(
+        [v for v in range(1, onnx.defs.onnx_opset_version() + 3) if v != before]
+    )
     return _result(m, f"opset {before} -> {entry.version}")
 
 
@@ -292,7 +320,9 @@ def flip_bytes(data: bytes, rng: random.Random) -> Mutated:
     where = sorted(rng.sample(range(len(buf)), min(len(buf), rng.choice([1, 1, 2, 4, 16]))))
     for i in where:
         buf[i] ^= rng.randrange(1, 256)
-    return Mutated(bytes(buf), True, f"flipped bytes at {where[:8]}{'...' if len(where) > 8 else ''}")
+    return Mutated(
+        bytes(buf), True, f"flipped bytes at {where[:8]}{'...' if len(where) > 8 else ''}"
+    )
 
 
 @mutation("bytes")
@@ -325,7 +355,11 @@ def corrupt_weights(m: onnx.ModelProto, rng: random.Random, base: Path | None = 
     import numpy as np
     from onnx import numpy_helper
 
-    floats = [t for t in m.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)]
+    floats = [
+        t
+        for t in m.graph.initializer
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    ]
     t = _pick(rng, floats, "float initializers")
     if t.data_location == TensorProto.EXTERNAL:
         if base is None:
@@ -352,8 +386,22 @@ def corrupt_weights(m: onnx.ModelProto, rng: random.Random, base: Path | None = 
 @mutation("proto")
 def corrupt_external_reference(m: onnx.ModelProto, rng: random.Random) -> Mutated:
     """An external tensor's location, offset or length made wrong."""
-    t = _pick(rng, [t for t in _all_initializers(m.graph) if t.data_location == TensorProto.EXTERNAL], "external tensors")
-    how = rng.choice(["location_missing", "location_escape", "location_absolute", "offset_past_end", "offset_negative", "length_long", "offset_text"])
+    t = _pick(
+        rng,
+        [t for t in _all_initializers(m.graph) if t.data_location == TensorProto.EXTERNAL],
+        "external tensors",
+    )
+    how = rng.choice(
+        [
+            "location_missing",
+            "location_escape",
+            "location_absolute",
+            "offset_past_end",
+            "offset_negative",
+            "length_long",
+            "offset_text",
+        ]
+    )
     entries = {e.key: e for e in t.external_data}
 
     def entry(key: str):
@@ -362,7 +410,11 @@ def corrupt_external_reference(m: onnx.ModelProto, rng: random.Random) -> Mutate
         return entries[key]
 
     if how.startswith("location"):
-        value = {"location_missing": "nothing_here.data", "location_escape": "../../" + entries["location"].value, "location_absolute": "/etc/hostname"}[how]
+        value = {
+            "location_missing": "nothing_here.data",
+            "location_escape": "../../" + entries["location"].value,
+            "location_absolute": "/etc/hostname",
+        }[how]
         entries["location"].value = value
     elif how == "offset_past_end":
         entry("offset").value = str(2**40)
@@ -379,7 +431,22 @@ def corrupt_external_reference(m: onnx.ModelProto, rng: random.Random) -> Mutate
 def change_op_type(m: onnx.ModelProto, rng: random.Random) -> Mutated:
     node = _pick(rng, m.graph.node, "nodes")
     before = node.op_type
-    node.op_type = rng.choice(["Relu", "Conv", "Add", "Concat", "Gemm", "MatMul", "Transpose", "Reshape", "FuzzOp", "Identity", "Split", "BatchNormalization"])
+    node.op_type = rng.choice(
+        [
+            "Relu",
+            "Conv",
+            "Add",
+            "Concat",
+            "Gemm",
+            "MatMul",
+            "Transpose",
+            "Reshape",
+            "FuzzOp",
+            "Identity",
+            "Split",
+            "BatchNormalization",
+        ]
+    )
     return _result(m, f"node '{node.name}' op {before} -> {node.op_type}")
 
 
@@ -437,7 +504,8 @@ class Result:
     mutation_seed: int = 0
     verbose_stderr: str = ""
     saved: str = ""
-    input_check: str = ""  # for a BUG: is the mutated input itself a valid model? ("valid" or why not)
+    # for a BUG: is the mutated input itself a valid model? ("valid" or why not)
+    input_check: str = ""
 
 
 def make_case(seed: int, index: int, seeds: list[Path]) -> Case:
@@ -447,7 +515,9 @@ def make_case(seed: int, index: int, seeds: list[Path]) -> Case:
     rest = [n for n in names if n != first]
     rng.shuffle(rest)
     model = rng.choice(seeds)
-    return Case(index, str(model), [first] + rest, rng.randrange(2**32), round(rng.uniform(0.1, 0.7), 3))
+    return Case(
+        index, str(model), [first] + rest, rng.randrange(2**32), round(rng.uniform(0.1, 0.7), 3)
+    )
 
 
 _PROTO_CACHE: dict[str, bytes] = {}
@@ -477,27 +547,42 @@ def _digest(paths: list[Path]) -> dict[str, str]:
 
 
 class CaseTimeout(BaseException):
-    """Raised by SIGALRM in in-process mode; a BaseException so `except Exception` in spa lets it through."""
+    """Raised by SIGALRM in in-process mode; a BaseException so `except Exception` in spa lets it
+    through."""
 
 
 def _alarm(signum, frame):
     raise CaseTimeout()
 
 
-def invoke(argv: list[str], cwd: Path, in_process: bool, timeout: float, mem_limit_gb: float | None = DEFAULT_MEM_GB) -> tuple[int | None, str, str]:
+def invoke(
+    argv: list[str],
+    cwd: Path,
+    in_process: bool,
+    timeout: float,
+    mem_limit_gb: float | None = DEFAULT_MEM_GB,
+) -> tuple[int | None, str, str]:
     """Run `spa ARGV` in `cwd`: (exit code or None on timeout, stdout, stderr).
 
     mem_limit_gb caps the address space (RLIMIT_AS) so that a model that makes spa allocate
     absurd arrays ends in a MemoryError (a BUG) instead of the OOM killer taking the machine.
     """
     if not in_process:
+
         def limit():
             if mem_limit_gb:
                 _, hard = resource.getrlimit(resource.RLIMIT_AS)
                 resource.setrlimit(resource.RLIMIT_AS, (int(mem_limit_gb * 2**30), hard))
 
         try:
-            run = subprocess.run([sys.executable, "-m", "spa", *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+            run = subprocess.run(
+                [sys.executable, "-m", "spa", *argv],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                preexec_fn=limit,
+            )
             return run.returncode, run.stdout, run.stderr
         except subprocess.TimeoutExpired as e:
             return None, _text(e.stdout), _text(e.stderr)
@@ -530,7 +615,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 # The interpreter's default warning filters (no -W, no PYTHONWARNINGS), in order.
-_DEFAULT_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""), ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""), ("ignore", ResourceWarning, "")]
+_DEFAULT_FILTERS = [
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+]
 
 
 def _text(b) -> str:
@@ -560,9 +651,14 @@ def _invoke_in_process(argv: list[str], cwd: Path, timeout: float) -> tuple[int 
         os.chdir(cwd)
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, timeout)
-        # Fresh warning state per case (catch_warnings invalidates the once-per-location registries),
+        # Fresh warning state per case (catch_warnings invalidates the once-per-location
+        # registries),
         # the interpreter's default filters, shown on stderr: as in a subprocess, even under pytest.
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
             warnings.resetwarnings()
             for action, category, module in _DEFAULT_FILTERS:
                 warnings.filterwarnings(action, category=category, module=module, append=True)
@@ -627,13 +723,16 @@ def check_output(inp: Path, out: Path) -> str:
         return f"graph outputs changed: {want_out} -> {[v.name for v in dst.graph.output]}"
     sess_in = [i.name for i in sess.get_inputs()]
     if [n for n in want_in if n not in sess_in] or [o.name for o in sess.get_outputs()] != want_out:
-        return f"onnxruntime sees other inputs/outputs: {sess_in} / {[o.name for o in sess.get_outputs()]}"
+        return (
+            f"onnxruntime sees other inputs/outputs: {sess_in} / "
+            f"{[o.name for o in sess.get_outputs()]}"
+        )
     return ""
 
 
 def check_input(inp: Path) -> str:
-    """'valid' if the (mutated) input passes the full checker and opens in onnxruntime, else why not:
-    tells a crash on an invalid model (spa should have said so) from one on a valid model."""
+    """'valid' if the (mutated) input passes the full checker and opens in onnxruntime, else why
+    not: tells a crash on an invalid model (spa should have said so) from one on a valid model."""
     import onnxruntime as ort
 
     try:
@@ -654,10 +753,23 @@ def _first_line(e) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
-def classify(rc: int | None, stderr: str, inp: Path, out: Path, folder: Path, expected_files: set[str], digests_before: dict, digests_after: dict) -> tuple[str, str]:
+def classify(
+    rc: int | None,
+    stderr: str,
+    inp: Path,
+    out: Path,
+    folder: Path,
+    expected_files: set[str],
+    digests_before: dict,
+    digests_after: dict,
+) -> tuple[str, str]:
     """(outcome, reason). Progress lines (a step that ran long, see spa.progress) are not errors."""
     lines = [line for line in stderr.splitlines() if not re.match(r"^spa: .*, \d+ s so far", line)]
-    leftovers = sorted(p.name for p in folder.iterdir() if p.name not in expected_files and p.name not in (out.name, out.name + ".data"))
+    leftovers = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in expected_files and p.name not in (out.name, out.name + ".data")
+    )
     temp = [n for n in leftovers if n.startswith(".spa-")]
     if rc is None:
         return BUG, "timeout"
@@ -683,17 +795,32 @@ def classify(rc: int | None, stderr: str, inp: Path, out: Path, folder: Path, ex
         native = [line for line in lines if re.search(r"\[[EWIV]:onnxruntime:", line)]
         spa_lines = [line for line in lines if line.startswith("spa:")]
         if native:
-            return BUG, f"exit 1 with onnxruntime's C++ log on stderr ({len(lines)} lines): " + (spa_lines[0][:200] if spa_lines else "")
-        warned = [m.group(1) for line in lines if (m := re.match(r"^\S.*?:\d+: (\w*Warning: .*)", line))]
+            return BUG, f"exit 1 with onnxruntime's C++ log on stderr ({len(lines)} lines): " + (
+                spa_lines[0][:200] if spa_lines else ""
+            )
+        warned = [
+            m.group(1) for line in lines if (m := re.match(r"^\S.*?:\d+: (\w*Warning: .*)", line))
+        ]
         if warned:
-            return BUG, f"exit 1 with a Python warning on stderr ({len(lines)} lines): {warned[0][:160]}"
+            return (
+                BUG,
+                f"exit 1 with a Python warning on stderr ({len(lines)} lines): {warned[0][:160]}",
+            )
         if len(lines) != 1 or not lines[0].startswith("spa: error:"):
-            return BUG, f"exit 1 with {len(lines)} stderr line(s): " + " | ".join(line[:200] for line in lines[:3])
+            return BUG, f"exit 1 with {len(lines)} stderr line(s): " + " | ".join(
+                line[:200] for line in lines[:3]
+            )
         return CLEAN, lines[0]
     return BUG, f"exit {rc}: " + (lines[-1] if lines else "(no stderr)")
 
 
-def run_case(case: Case, in_process: bool = False, timeout: float = 120, bugs_dir: str | None = None, mem_limit_gb: float | None = DEFAULT_MEM_GB) -> Result:
+def run_case(
+    case: Case,
+    in_process: bool = False,
+    timeout: float = 120,
+    bugs_dir: str | None = None,
+    mem_limit_gb: float | None = DEFAULT_MEM_GB,
+) -> Result:
     seed_model = Path(case.seed_model)
     mutated = None
     for name in case.mutations:
@@ -726,22 +853,39 @@ def run_case(case: Case, in_process: bool = False, timeout: float = 120, bugs_di
         seconds = time.perf_counter() - start
         after = _digest([inp, *copied])
         outcome, reason = classify(rc, stderr, inp, out, folder, expected, before, after)
-        result = Result(case.index, seed_model.name, name, outcome, reason, rc, stderr, seconds, mutated.note, case.ratio, case.mutation_seed)
+        result = Result(
+            case.index,
+            seed_model.name,
+            name,
+            outcome,
+            reason,
+            rc,
+            stderr,
+            seconds,
+            mutated.note,
+            case.ratio,
+            case.mutation_seed,
+        )
         if outcome == BUG:
             for p in folder.iterdir():
                 if p.name not in expected:
                     p.unlink() if p.is_file() else shutil.rmtree(p)
-            _, _, result.verbose_stderr = invoke([*argv, "-v"], folder, in_process, timeout, mem_limit_gb)
+            _, _, result.verbose_stderr = invoke(
+                [*argv, "-v"], folder, in_process, timeout, mem_limit_gb
+            )
             result.input_check = check_input(inp)
             if bugs_dir:
                 result.saved = str(_save_bug(Path(bugs_dir), result, folder, inp, copied, before))
         return result
 
 
-def _save_bug(bugs: Path, r: Result, folder: Path, inp: Path, copied: list[Path], digests: dict) -> Path:
+def _save_bug(
+    bugs: Path, r: Result, folder: Path, inp: Path, copied: list[Path], digests: dict
+) -> Path:
     where = bugs / f"case{r.index:06d}-{r.mutation}-{Path(r.seed_model).stem}"
     where.mkdir(parents=True, exist_ok=True)
-    # the input as mutated (if the bug was that spa changed it, the bytes on disk are not it: say so)
+    # the input as mutated (if the bug was that spa changed it, the bytes on disk are not it:
+    # say so)
     for p in [inp, *copied]:
         if p.exists():
             shutil.copyfile(p, where / p.name)
@@ -765,7 +909,16 @@ def _worker(args) -> Result:
     except BaseException as e:  # the fuzzer's own failure: report it, do not lose the run
         import traceback
 
-        return Result(case.index, Path(case.seed_model).name, case.mutations[0], "fuzzer error", f"{type(e).__name__}: {e}", None, traceback.format_exc(), 0.0)
+        return Result(
+            case.index,
+            Path(case.seed_model).name,
+            case.mutations[0],
+            "fuzzer error",
+            f"{type(e).__name__}: {e}",
+            None,
+            traceback.format_exc(),
+            0.0,
+        )
 
 
 def _init_worker():
@@ -773,11 +926,14 @@ def _init_worker():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-KILLED = "timeout/killed"  # the worker died on the case (OOM killer, a native crash) or outlived its deadline
+# the worker died on the case (OOM killer, a native crash) or outlived its deadline
+KILLED = "timeout/killed"
 CASES_PER_WORKER = 200  # then a fresh worker: in-process runs leak a little per case
 
 
-def _serve(conn, in_process: bool, timeout: float, bugs_dir: str, mem_limit_gb: float | None) -> None:
+def _serve(
+    conn, in_process: bool, timeout: float, bugs_dir: str, mem_limit_gb: float | None
+) -> None:
     """A worker process: run the cases sent on `conn`, one at a time, until it gets None."""
     _init_worker()
     with contextlib.suppress(EOFError, KeyboardInterrupt):
@@ -785,7 +941,16 @@ def _serve(conn, in_process: bool, timeout: float, bugs_dir: str, mem_limit_gb: 
             conn.send(_worker((case, in_process, timeout, bugs_dir, mem_limit_gb)))
 
 
-def run_cases(cases: list[Case], jobs: int, in_process: bool, timeout: float, bugs_dir: str, mem_limit_gb: float | None, rerun: str, deadline: float | None = None):
+def run_cases(
+    cases: list[Case],
+    jobs: int,
+    in_process: bool,
+    timeout: float,
+    bugs_dir: str,
+    mem_limit_gb: float | None,
+    rerun: str,
+    deadline: float | None = None,
+):
     """Yield the cases' results as they come, from `jobs` worker processes that get one case at a
     time. A worker that dies (the OOM killer, a segfault in native code) or has no result after
     the case's deadline (its own timeouts cannot interrupt native code) is killed: that case is
@@ -800,7 +965,9 @@ def run_cases(cases: list[Case], jobs: int, in_process: bool, timeout: float, bu
 
     def spawn():
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_serve, args=(child, in_process, timeout, bugs_dir, mem_limit_gb), daemon=True)
+        p = ctx.Process(
+            target=_serve, args=(child, in_process, timeout, bugs_dir, mem_limit_gb), daemon=True
+        )
         p.start()
         child.close()
         workers[parent] = [p, None, 0.0, 0]
@@ -840,7 +1007,9 @@ def run_cases(cases: list[Case], jobs: int, in_process: bool, timeout: float, bu
                             assign(spawn())
             if not workers:
                 break
-            ready = wait(list(workers) + [w[0].sentinel for w in workers.values()], timeout=min(5, deadline))
+            ready = wait(
+                list(workers) + [w[0].sentinel for w in workers.values()], timeout=min(5, deadline)
+            )
             for conn, w in list(workers.items()):
                 p, case, started, _ = w
                 if case is None:
@@ -857,7 +1026,10 @@ def run_cases(cases: list[Case], jobs: int, in_process: bool, timeout: float, bu
                     seconds = time.monotonic() - started
                     code = p.exitcode
                     if code is None:
-                        why = f"no result after {seconds:.0f} s (deadline {deadline:.0f} s): worker killed"
+                        why = (
+                            f"no result after {seconds:.0f} s (deadline {deadline:.0f} s): "
+                            "worker killed"
+                        )
                     elif code < 0:
                         sig = signal.Signals(-code).name if -code in signal.valid_signals() else "?"
                         why = f"worker died on signal {-code} ({sig}) after {seconds:.1f} s"
@@ -877,10 +1049,25 @@ def _killed(case: Case, why: str, seconds: float, bugs: Path, rerun: str) -> Res
     name, mutated = "-", None
     for candidate in case.mutations:
         with contextlib.suppress(NotApplicable):
-            mutated, name = apply_mutation(Path(case.seed_model), candidate, case.mutation_seed), candidate
+            mutated, name = (
+                apply_mutation(Path(case.seed_model), candidate, case.mutation_seed),
+                candidate,
+            )
             break
     seed_model = Path(case.seed_model)
-    r = Result(case.index, seed_model.name, name, KILLED, why, None, "", seconds, mutated.note if mutated else "", case.ratio, case.mutation_seed)
+    r = Result(
+        case.index,
+        seed_model.name,
+        name,
+        KILLED,
+        why,
+        None,
+        "",
+        seconds,
+        mutated.note if mutated else "",
+        case.ratio,
+        case.mutation_seed,
+    )
     if mutated is None:
         return r
     where = bugs / f"case{r.index:06d}-{name}-{seed_model.stem}"
@@ -902,7 +1089,9 @@ def bug_class(r: Result) -> str:
     """A bug's class: the exception type and the innermost spa frame of the -v traceback
     (spa/apply.py:71 activation_keeps), else the reason with names and numbers abstracted."""
     frames = re.findall(r'File "[^"]*?/(spa/[^"/]+\.py)", line (\d+), in (\S+)', r.verbose_stderr)
-    m = re.search(r"internal error: (\w+)", r.reason) or re.search(r"^(\w+(?:Error|Exception|Fail|Argument)\w*):", r.verbose_stderr, re.M)
+    m = re.search(r"internal error: (\w+)", r.reason) or re.search(
+        r"^(\w+(?:Error|Exception|Fail|Argument)\w*):", r.verbose_stderr, re.M
+    )
     if frames and m:
         path, line, func = frames[-1]
         return f"{m.group(1)} at {path}:{line} {func}"
@@ -925,13 +1114,23 @@ def summary(results: list[Result]) -> str:
     for r in results:
         table[r.mutation][r.outcome] += 1
     width = max([len("mutation")] + [len(m) for m in table])
-    lines = [f"{'mutation':<{width}}  " + "  ".join(f"{o:>11}" for o in outcomes) + f"  {'total':>6}"]
+    lines = [
+        f"{'mutation':<{width}}  " + "  ".join(f"{o:>11}" for o in outcomes) + f"  {'total':>6}"
+    ]
     lines.append("-" * len(lines[0]))
     for m in sorted(table):
-        lines.append(f"{m:<{width}}  " + "  ".join(f"{table[m][o]:>11}" for o in outcomes) + f"  {sum(table[m].values()):>6}")
+        lines.append(
+            f"{m:<{width}}  "
+            + "  ".join(f"{table[m][o]:>11}" for o in outcomes)
+            + f"  {sum(table[m].values()):>6}"
+        )
     lines.append("-" * len(lines[0]))
     total = collections.Counter(r.outcome for r in results)
-    lines.append(f"{'total':<{width}}  " + "  ".join(f"{total[o]:>11}" for o in outcomes) + f"  {len(results):>6}")
+    lines.append(
+        f"{'total':<{width}}  "
+        + "  ".join(f"{total[o]:>11}" for o in outcomes)
+        + f"  {len(results):>6}"
+    )
     return "\n".join(lines)
 
 
@@ -942,8 +1141,11 @@ def report(results: list[Result], how: str, bugs_dir) -> None:
     print(summary(results))
     timed = sorted(r.seconds for r in results if r.seconds)
     if timed:
-        print(f"\n{len(results)} cases in {elapsed}: "
-              f"per case mean {sum(timed) / len(timed):.3f} s, median {timed[len(timed) // 2]:.3f} s, max {timed[-1]:.2f} s")
+        print(
+            f"\n{len(results)} cases in {elapsed}: "
+            f"per case mean {sum(timed) / len(timed):.3f} s, median {timed[len(timed) // 2]:.3f} "
+            f"s, max {timed[-1]:.2f} s"
+        )
     bugs = [r for r in results if r.outcome not in (OK, CLEAN)]
     if bugs:
         print(f"\n{len(bugs)} bug(s), saved under {bugs_dir}:")
@@ -952,11 +1154,18 @@ def report(results: list[Result], how: str, bugs_dir) -> None:
         classes = collections.defaultdict(list)
         for r in bugs:
             classes[bug_class(r)].append(r)
-        print(f"\n{len(classes)} distinct bug class(es) (exception at the innermost spa frame, or the abstracted reason):")
+        print(
+            f"\n{len(classes)} distinct bug class(es) (exception at the innermost spa frame, or "
+            "the abstracted reason):"
+        )
         for c, rs in sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             muts = ",".join(sorted({r.mutation for r in rs}))
             valid = sum(r.input_check == "valid" for r in rs)
-            print(f"  {len(rs):>4} x {c}  (input valid in {valid} of {len(rs)})\n         mutations: {muts}; e.g. case {rs[0].index} ({rs[0].mutation} on {rs[0].seed_model}): {rs[0].reason[:160]}")
+            print(
+                f"  {len(rs):>4} x {c}  (input valid in {valid} of {len(rs)})\n         mutations: "
+                f"{muts}; e.g. case {rs[0].index} ({rs[0].mutation} on {rs[0].seed_model}): "
+                f"{rs[0].reason[:160]}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -964,17 +1173,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=100, help="how many cases (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed: same seed, same cases")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "fuzz", help="results-seedS.jsonl and bugs/ go here (default out/fuzz)")
-    parser.add_argument("--in-process", action="store_true", help="call spa.cli.main in worker processes (fast) instead of a subprocess per case")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per case (default 300: the data-free default takes up to about a minute alone on 2 cores, 3x that beside a second job)")
-    parser.add_argument("--mem-limit-gb", type=float, default=DEFAULT_MEM_GB, help=f"address-space cap per case, 0 for none (default {DEFAULT_MEM_GB:g}): past it spa gets a MemoryError (a BUG) instead of the OOM killer")
-    parser.add_argument("--mutations", default=None, help="comma-separated subset of: " + ",".join(MUTATIONS))
-    parser.add_argument("--models", default=None, help="glob on the seed model file names (e.g. '*_dynamo*')")
-    parser.add_argument("--start", type=int, default=0, help="first case index (to rerun case I: --start I --cases 1, with the same --seed, --mutations and --models)")
-    parser.add_argument("--report", type=Path, default=None, metavar="JSONL", help="only print the summary of an earlier run's results-seed*.jsonl")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "out" / "fuzz",
+        help="results-seedS.jsonl and bugs/ go here (default out/fuzz)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="call spa.cli.main in worker processes (fast) instead of a subprocess per case",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        help="seconds per case (default 300: the data-free default takes up to about a minute "
+        "alone on 2 cores, 3x that beside a second job)",
+    )
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=DEFAULT_MEM_GB,
+        help=f"address-space cap per case, 0 for none (default {DEFAULT_MEM_GB:g}): past it spa "
+        "gets a MemoryError (a BUG) instead of the OOM killer",
+    )
+    parser.add_argument(
+        "--mutations", default=None, help="comma-separated subset of: " + ",".join(MUTATIONS)
+    )
+    parser.add_argument(
+        "--models", default=None, help="glob on the seed model file names (e.g. '*_dynamo*')"
+    )
+    parser.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="first case index (to rerun case I: --start I --cases 1, with the same --seed, "
+        "--mutations and --models)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSONL",
+        help="only print the summary of an earlier run's results-seed*.jsonl",
+    )
     args = parser.parse_args(argv)
     if args.report is not None:
-        results = [Result(**json.loads(line)) for line in args.report.read_text().splitlines() if line.strip()]
+        results = [
+            Result(**json.loads(line))
+            for line in args.report.read_text().splitlines()
+            if line.strip()
+        ]
         report(results, "(from " + str(args.report) + ")", args.report.parent / "bugs")
         return 1 if any(r.outcome not in (OK, CLEAN) for r in results) else 0
 
@@ -994,14 +1244,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no seed models")
     bugs_dir = args.out / "bugs"
     cases = [make_case(args.seed, i, seeds) for i in range(args.start, args.start + args.cases)]
-    rerun = f"python scripts/fuzz.py --seed {args.seed}" + " --in-process" * args.in_process  # how to rerun one case
-    rerun += f" --mutations {args.mutations}" * bool(args.mutations) + f" --models '{args.models}'" * bool(args.models)
+    # how to rerun one case
+    rerun = f"python scripts/fuzz.py --seed {args.seed}" + " --in-process" * args.in_process
+    rerun += f" --mutations {args.mutations}" * bool(
+        args.mutations
+    ) + f" --models '{args.models}'" * bool(args.models)
     mode = "in-process" if args.in_process else "subprocess"
-    print(f"fuzz: {len(cases)} cases, seed {args.seed}, {len(seeds)} seed models, {len(MUTATIONS)} mutations, {args.jobs} job(s), {mode}", flush=True)
+    print(
+        f"fuzz: {len(cases)} cases, seed {args.seed}, {len(seeds)} seed models, {len(MUTATIONS)} "
+        f"mutations, {args.jobs} job(s), {mode}",
+        flush=True,
+    )
 
     results: list[Result] = []
     start = time.perf_counter()
-    it = run_cases(cases, max(1, args.jobs), args.in_process, args.timeout, str(bugs_dir), args.mem_limit_gb, rerun)
+    it = run_cases(
+        cases,
+        max(1, args.jobs),
+        args.in_process,
+        args.timeout,
+        str(bugs_dir),
+        args.mem_limit_gb,
+        rerun,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     # Each result is on disk as soon as it is known: a run that is killed keeps what it found.
     with open(args.out / f"results-seed{args.seed}.jsonl", "w") as saved:
@@ -1030,7 +1295,11 @@ def _result_line(r: Result) -> str:
 
 def _progress(r: Result, n: int, total: int, start: float) -> None:
     if r.outcome not in (OK, CLEAN):
-        print(f"  [{n}/{total}] case {r.index}: {r.outcome}: {r.mutation} on {r.seed_model}: {r.reason}", flush=True)
+        print(
+            f"  [{n}/{total}] case {r.index}: {r.outcome}: {r.mutation} on {r.seed_model}: "
+            f"{r.reason}",
+            flush=True,
+        )
     elif n % 25 == 0:
         print(f"  [{n}/{total}] {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -72,26 +72,49 @@ def build(out: Path, cfg: dict) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["kv_heads"], max_position_embeddings=2048,
-        use_cache=False, tie_word_embeddings=False, attn_implementation="sdpa",
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["ffn"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        max_position_embeddings=2048,
+        use_cache=False,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
     )
     start = time.perf_counter()
     model = HFTokens(transformers.LlamaModel(config)).eval()
     params = sum(p.numel() for p in model.parameters())
-    print(f"built LlamaModel: {params / 1e6:.0f}M parameters ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"built LlamaModel: {params / 1e6:.0f}M parameters ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / NAME
     for stale in (path, out / (NAME + ".data")):
         stale.unlink(missing_ok=True)
     ids = torch.ones((2, 8), dtype=torch.int64)
-    dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=1, max=2048)}}
+    dims = {
+        "input_ids": {
+            0: torch.export.Dim("batch", min=1, max=1024),
+            1: torch.export.Dim("seq", min=1, max=2048),
+        }
+    }
     start = time.perf_counter()
     with _quiet(), torch.no_grad():
         torch.onnx.export(
-            model, (ids,), str(path), dynamo=True, opset_version=18, input_names=["input_ids"],
-            output_names=["last_hidden_state"], dynamic_shapes=dims, external_data=True, optimize=True, verify=False,
+            model,
+            (ids,),
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            input_names=["input_ids"],
+            output_names=["last_hidden_state"],
+            dynamic_shapes=dims,
+            external_data=True,
+            optimize=True,
+            verify=False,
         )
     strip_stack_traces(str(path))
     print(f"exported {path} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -109,7 +132,10 @@ def weight_bytes(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     total = 0
     for t in proto.graph.initializer:
-        total += int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        total += (
+            int(np.prod(t.dims, dtype=np.int64))
+            * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        )
     return total
 
 
@@ -118,8 +144,12 @@ def files_of(path: Path) -> list[tuple[str, int]]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
-    return [(path.name, path.stat().st_size)] + [(loc, (path.parent / loc).stat().st_size) for loc in locations]
+    locations = sorted(
+        {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    )
+    return [(path.name, path.stat().st_size)] + [
+        (loc, (path.parent / loc).stat().st_size) for loc in locations
+    ]
 
 
 def _rss_kib(pid: int) -> int | None:
@@ -164,14 +194,20 @@ def check_output(path: Path) -> None:
 
     start = time.perf_counter()
     onnx.checker.check_model(str(path), full_check=True)
-    print(f"onnx.checker.check_model('{path}', full_check=True): passed ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"onnx.checker.check_model('{path}', full_check=True): passed "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     start = time.perf_counter()
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"input_ids": np.arange(16, dtype=np.int64).reshape(2, 8)})
     finite = bool(np.isfinite(y).all())
-    print(f"onnxruntime: opened and ran on input_ids (2, 8) -> {y.shape}, finite: {finite} ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"onnxruntime: opened and ran on input_ids (2, 8) -> {y.shape}, finite: {finite} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     if not finite:
         raise SystemExit("the pruned model gives non-finite outputs")
 
@@ -190,8 +226,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--rebuild", action="store_true", help="export the model again even if it exists")
-    ap.add_argument("--clean", action="store_true", help="delete the model and the pruned output at the end")
+    ap.add_argument(
+        "--rebuild", action="store_true", help="export the model again even if it exists"
+    )
+    ap.add_argument(
+        "--clean", action="store_true", help="delete the model and the pruned output at the end"
+    )
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab")}
@@ -201,7 +241,9 @@ def main(argv=None) -> int:
         return 0
 
     if args.rebuild or not model.is_file():
-        cmd = [sys.executable, __file__, "--build-only", "--out", str(args.out)] + [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+        cmd = [sys.executable, __file__, "--build-only", "--out", str(args.out)] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()
+        ]
         subprocess.run(cmd, check=True)
     pruned = args.out / "llama_huge_pruned.onnx"
     for stale in (pruned, args.out / (pruned.name + ".data")):
@@ -209,10 +251,22 @@ def main(argv=None) -> int:
 
     weights = weight_bytes(model)
     print(f"model: {model} ({', '.join(f'{n} {gb(s)}' for n, s in files_of(model))})")
-    print(f"config: hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv heads, FFN {args.ffn}, vocab {args.vocab}, {args.layers} layers")
+    print(
+        f"config: hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv heads, FFN "
+        f"{args.ffn}, vocab {args.vocab}, {args.layers} layers"
+    )
     print(f"weight bytes: {weights} ({gb(weights)})", flush=True)
 
-    cmd = [sys.executable, "-m", "spa", "prune", str(model), str(pruned), "--ratio", str(args.ratio)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spa",
+        "prune",
+        str(model),
+        str(pruned),
+        "--ratio",
+        str(args.ratio),
+    ]
     print("$ " + " ".join(cmd), flush=True)
     code, peak, seconds, samples = run_measured(cmd)
     if code != 0:
@@ -224,7 +278,9 @@ def main(argv=None) -> int:
     print(f"time: {seconds:.0f} s")
     if samples:
         at = max(samples, key=lambda s: s[1])
-        line = " ".join(f"{t:.0f}s:{r / 1e9:.1f}" for t, r in samples[:: max(1, len(samples) // 40)])
+        line = " ".join(
+            f"{t:.0f}s:{r / 1e9:.1f}" for t, r in samples[:: max(1, len(samples) // 40)]
+        )
         print(f"RSS samples (s:GB): {line}; largest sample {gb(at[1])} at {at[0]:.0f} s")
     out_files = files_of(pruned)
     print("output: " + ", ".join(f"{n} {s} bytes ({gb(s)})" for n, s in out_files))

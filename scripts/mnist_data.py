@@ -89,6 +89,9 @@ if __name__ == "__main__":
         d = fn()
         print(name)
         for k, v in d.items():
-            extra = f" labels/class={np.bincount(v).tolist()}" if k.endswith("_y") else (
-                f" range=[{v.min():.3f}, {v.max():.3f}]")
+            extra = (
+                f" labels/class={np.bincount(v).tolist()}"
+                if k.endswith("_y")
+                else (f" range=[{v.min():.3f}, {v.max():.3f}]")
+            )
             print(f"  {k:8s} {str(v.shape):18s} {v.dtype}{extra}")

@@ -68,8 +68,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mnist_data  # noqa: E402
@@ -90,12 +90,18 @@ class VGG(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            conv_bn(1, 32), conv_bn(32, 32), nn.MaxPool2d(2),     # 28 -> 14
-            conv_bn(32, 64), conv_bn(64, 64), nn.MaxPool2d(2),    # 14 -> 7
-            nn.MaxPool2d(2),                                      # 7 -> 3
+            conv_bn(1, 32),
+            conv_bn(32, 32),
+            nn.MaxPool2d(2),  # 28 -> 14
+            conv_bn(32, 64),
+            conv_bn(64, 64),
+            nn.MaxPool2d(2),  # 14 -> 7
+            nn.MaxPool2d(2),  # 7 -> 3
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 3 * 3, 64), nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(64 * 3 * 3, 64),
+            nn.ReLU(inplace=True),
             nn.Linear(64, NUM_CLASSES),
         )
 
@@ -109,8 +115,7 @@ class BasicBlock(nn.Module):
         self.conv1 = conv_bn(cin, cout, 3, stride)
         self.conv2 = conv_bn(cout, cout, 3, 1, act=None)
         self.shortcut = (
-            conv_bn(cin, cout, 1, stride, act=None)
-            if stride != 1 or cin != cout else nn.Identity()
+            conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
         )
 
     def forward(self, x):
@@ -123,7 +128,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(conv_bn(1, 32), nn.MaxPool2d(2))  # 28 -> 14
         self.layers = nn.Sequential(
             BasicBlock(32, 32),
-            BasicBlock(32, 48, stride=2),                             # 14 -> 7
+            BasicBlock(32, 48, stride=2),  # 14 -> 7
             BasicBlock(48, 48),
         )
         self.fc = nn.Linear(48, NUM_CLASSES)
@@ -155,11 +160,11 @@ class MobileNetV2(nn.Module):
         super().__init__()
         c = lambda n: max(1, round(n * width))  # noqa: E731  (--width: every layer's channels)
         self.features = nn.Sequential(
-            conv_bn(1, c(16), stride=2, act="relu6"),      # 28 -> 14
-            InvertedResidual(c(16), c(16), 1, expand=1),   # depthwise + project only
-            InvertedResidual(c(16), c(24), 2, expand=4),   # 14 -> 7
+            conv_bn(1, c(16), stride=2, act="relu6"),  # 28 -> 14
+            InvertedResidual(c(16), c(16), 1, expand=1),  # depthwise + project only
+            InvertedResidual(c(16), c(24), 2, expand=4),  # 14 -> 7
             InvertedResidual(c(24), c(24), 1, expand=4),
-            InvertedResidual(c(24), c(32), 1, expand=4),   # no residual (24 -> 32)
+            InvertedResidual(c(24), c(32), 1, expand=4),  # no residual (24 -> 32)
             InvertedResidual(c(32), c(32), 1, expand=4),
             InvertedResidual(c(32), c(32), 1, expand=4),
             conv_bn(c(32), c(128), 1, act="relu6"),
@@ -185,7 +190,14 @@ MODELS = {
     "vgg": (VGG, "mnist", 8, 2e-3, 64, True),
     "resnet": (ResNet, "mnist", 8, 2e-3, 64, True),
     "mobilenetv2": (MobileNetV2, "mnist", 12, 3e-3, 64, True),
-    "mlp_mnist": (lambda: mlp([784, 128, 128, NUM_CLASSES], flatten=True), "mnist", 40, 1e-3, 64, True),
+    "mlp_mnist": (
+        lambda: mlp([784, 128, 128, NUM_CLASSES], flatten=True),
+        "mnist",
+        40,
+        1e-3,
+        64,
+        True,
+    ),
     "mlp_digits": (lambda: mlp([64, 256, 128, NUM_CLASSES]), "digits", 40, 1e-3, 32, False),
 }
 
@@ -202,9 +214,11 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.T
     xp = F.pad(x, (pad, pad, pad, pad), value=bg)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]   # (n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]   # (n, 1, 1, w)
-    return xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
+    return xp[
+        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
 
 
 def train(name: str, data: dict, seed: int = SEED, **options) -> tuple[nn.Module, float]:
@@ -223,7 +237,7 @@ def train(name: str, data: dict, seed: int = SEED, **options) -> tuple[nn.Module
         perm = torch.randperm(len(x), generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(0, len(x), bs):
-            idx = perm[i:i + bs]
+            idx = perm[i : i + bs]
             xb, yb = x[idx], y[idx]
             if shift:
                 xb = random_shift(xb, gen)
@@ -236,8 +250,10 @@ def train(name: str, data: dict, seed: int = SEED, **options) -> tuple[nn.Module
             loss_sum += loss.item() * len(idx)
             correct += (out.argmax(1) == yb).sum().item()
             total += len(idx)
-        print(f"  epoch {ep + 1:2d}/{epochs}: loss {loss_sum / total:.4f}, "
-              f"train acc {100 * correct / total:.2f}%")
+        print(
+            f"  epoch {ep + 1:2d}/{epochs}: loss {loss_sum / total:.4f}, "
+            f"train acc {100 * correct / total:.2f}%"
+        )
     seconds = time.perf_counter() - t0
     model.eval()
     return model, seconds
@@ -250,7 +266,9 @@ def export(model: nn.Module, sample: np.ndarray, path: str) -> None:
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (x,), path,
+            model,
+            (x,),
+            path,
             dynamo=False,
             opset_version=17,
             input_names=["input"],
@@ -268,8 +286,9 @@ def onnx_logits(path: str, x: np.ndarray) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(["logits"], {"input": x[i:i + 250]})[0]
-                           for i in range(0, len(x), 250)])
+    return np.concatenate(
+        [sess.run(["logits"], {"input": x[i : i + 250]})[0] for i in range(0, len(x), 250)]
+    )
 
 
 def main(argv=None) -> int:
@@ -277,8 +296,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="models/mnist", help="output folder (default models/mnist)")
     ap.add_argument("--only", choices=sorted(MODELS), help="train and export just this model")
     ap.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
-    ap.add_argument("--width", type=float, default=None,
-                    help="mobilenetv2 only: scale every layer's channels (0.5: what spa's ratio 0.5 leaves)")
+    ap.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="mobilenetv2 only: scale every layer's channels (0.5: what spa's ratio 0.5 leaves)",
+    )
     args = ap.parse_args(argv)
     if args.width is not None and args.only != "mobilenetv2":
         ap.error("--width needs --only mobilenetv2")
@@ -302,7 +325,9 @@ def main(argv=None) -> int:
             datasets[ds] = getattr(mnist_data, ds)()
         data = datasets[ds]
         print(f"{name} ({ds}, {len(data['train_x'])} train / {len(data['test_x'])} test)")
-        model, seconds = train(name, data, args.seed, **({} if args.width is None else {"width": args.width}))
+        model, seconds = train(
+            name, data, args.seed, **({} if args.width is None else {"width": args.width})
+        )
         path = os.path.join(args.out, f"{name}.onnx")
         export(model, data["test_x"], path)
 
@@ -314,9 +339,11 @@ def main(argv=None) -> int:
             raise RuntimeError(f"{name}: onnxruntime differs from torch by {diff:.2e}")
         top1 = float((logits.argmax(1) == data["test_y"]).mean())
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"  -> {path}: {os.path.getsize(path) / 1024:.1f} KiB, {n_params} params, "
-              f"trained in {seconds:.1f}s, onnxruntime test top-1 {100 * top1:.2f}% "
-              f"(max |ort - torch| {diff:.1e})")
+        print(
+            f"  -> {path}: {os.path.getsize(path) / 1024:.1f} KiB, {n_params} params, "
+            f"trained in {seconds:.1f}s, onnxruntime test top-1 {100 * top1:.2f}% "
+            f"(max |ort - torch| {diff:.1e})"
+        )
         results[name] = {"top1": top1, "dataset": ds, "train_seconds": round(seconds, 1)}
 
     results = {k: results[k] for k in MODELS if k in results}

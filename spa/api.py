@@ -15,20 +15,23 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from spa import io, progress, runtime, verify as verification
-from spa.analysis import Analysis, analyze as analyze_model
+from spa import calibration as calibration_source
+from spa import io, progress, runtime, sensitivity, statistics
+from spa import verify as verification
+from spa.analysis import Analysis
+from spa.analysis import analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
+from spa.compensate import mean_shifts, refit, shift_biases
 from spa.count import Counts, count
 from spa.errors import CalibrationError, SpaError, first_line
 from spa.graph import quantized_ops
 from spa.normalize import normalize
 from spa.options import PruneOptions
 from spa.plan import Plan, default_round_to, layer_ratios, make_plan, plan_from_report
-from spa import calibration as calibration_source, sensitivity, statistics
-from spa.compensate import mean_shifts, refit, shift_biases
 from spa.score import DATA_CRITERIA, dead_first, score, score_with_statistics
 
 logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class PruneResult:
@@ -44,7 +47,8 @@ class PruneResult:
     ratio: float  # the ratio used: given, or found for a target
     target: dict | None = None  # {"kind", "target", "reached"} when pruned to a target
     method: Method | None = None
-    options: dict = dataclasses.field(default_factory=dict)  # every option, as given and as resolved
+    # every option, as given and as resolved
+    options: dict = dataclasses.field(default_factory=dict)
 
     def report(self) -> dict:
         from spa.report import prune_report
@@ -55,8 +59,13 @@ class PruneResult:
         macs = self.after.macs / self.before.macs if self.before.macs else float("nan")
         params = self.after.params / self.before.params if self.before.params else float("nan")
         moved = self.verdict.measured if self.verdict is not None else None
-        return (f"PruneResult(ratio={self.ratio:.4g}, macs={macs:.3f}x, params={params:.3f}x, groups={len(self.analysis.groups)}, "
-                f"removed={len(self.plan.removed)}, similarity={'-' if moved is None else f'{moved.similarity:.4f}'}, seconds={self.seconds:.1f})")
+        return (
+            f"PruneResult(ratio={self.ratio:.4g}, macs={macs:.3f}x, params={params:.3f}x, "
+            f"groups={len(self.analysis.groups)}, "
+            f"removed={len(self.plan.removed)}, "
+            f"similarity={'-' if moved is None else f'{moved.similarity:.4f}'}, "
+            f"seconds={self.seconds:.1f})"
+        )
 
 
 @dataclasses.dataclass
@@ -64,11 +73,14 @@ class Method:
     """How the channels were chosen and the layers repaired."""
 
     importance: str
-    calibration: str | None  # "data", "synthetic", "generated" or "batchnorm" (the last three data-free), or None
+    # "data", "synthetic", "generated" or "batchnorm" (the last three data-free), or None
+    calibration: str | None
     compensated: bool
     note: str | None = None  # why the data-free default was not used
-    too_wide: list[str] = dataclasses.field(default_factory=list)  # layers over statistics.MAX_WIDTH inputs
-    allocation: str = "uniform"  # how many channels each group loses: "uniform", "global" or "sensitivity"
+    # layers over statistics.MAX_WIDTH inputs
+    too_wide: list[str] = dataclasses.field(default_factory=list)
+    # how many channels each group loses: "uniform", "global" or "sensitivity"
+    allocation: str = "uniform"
     sensitivity: dict | None = None  # {"samples", "trials", "seconds"} where measured
 
     def describe(self) -> str:
@@ -79,19 +91,31 @@ class Method:
             "batchnorm": "BatchNormalization statistics (data-free)",
             None: "no data",
         }[self.calibration]
-        repair = "biases absorb the removed channels' means" if self.calibration == "batchnorm" else "layers refit"
-        text = f"importance {self.importance}, {source}, " + (repair if self.compensated else "no refit")
+        repair = (
+            "biases absorb the removed channels' means"
+            if self.calibration == "batchnorm"
+            else "layers refit"
+        )
+        text = f"importance {self.importance}, {source}, " + (
+            repair if self.compensated else "no refit"
+        )
         text += {
             "uniform": ", every group by the same ratio",
             "global": ", channels ranked across groups",
             "sensitivity": ", groups allocated by measured sensitivity"
-            + (f" ({self.sensitivity['trials']} trials on {self.sensitivity['samples']} samples, {self.sensitivity['seconds']:.0f} s)" if self.sensitivity else ""),
+            + (
+                f" ({self.sensitivity['trials']} trials on {self.sensitivity['samples']} samples, "
+                f"{self.sensitivity['seconds']:.0f} s)"
+                if self.sensitivity
+                else ""
+            ),
         }[self.allocation]
         if self.too_wide:
             names = ", ".join(self.too_wide[:3]) + (", ..." if len(self.too_wide) > 3 else "")
             text += (
-                f"; {len(self.too_wide)} layer(s) with over {statistics.MAX_WIDTH:,} input features ({names}): scored as if"
-                f" their inputs were uncorrelated{', only their biases refit (for the mean)' if self.compensated else ''}"
+                f"; {len(self.too_wide)} layer(s) with over {statistics.MAX_WIDTH:,} input "
+                f"features ({names}): scored as if their inputs were uncorrelated"
+                + (", only their biases refit (for the mean)" if self.compensated else "")
             )
         return text + (f"; data-free refit skipped: {self.note}" if self.note else "")
 
@@ -105,7 +129,9 @@ def _corrupt_model_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ir.serde.SerdeError as e:
-            raise SpaError(f"the model cannot be serialized again, is it corrupt? ({first_line(e, 160)})") from None
+            raise SpaError(
+                f"the model cannot be serialized again, is it corrupt? ({first_line(e, 160)})"
+            ) from None
 
     return wrapper
 
@@ -117,12 +143,17 @@ def _load(model) -> tuple[ir.Model, Path | None]:
         return ir.serde.deserialize_model(model), None
     if isinstance(model, ir.Model):
         return io.clone(model), None
-    raise SpaError(f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
+    raise SpaError(
+        f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}"
+    )
 
 
 @_corrupt_model_errors
-def analyze(model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False) -> Analysis:
-    """Groups of coupled channels and the barriers of a model (a path, ModelProto or onnx_ir.Model)."""
+def analyze(
+    model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False
+) -> Analysis:
+    """Groups of coupled channels and the barriers of a model (a path, ModelProto or
+    onnx_ir.Model)."""
     work, _ = _load(model)
     normalize(work)
     return analyze_model(work, input_shapes, prune_hidden)
@@ -144,7 +175,8 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         io.check_output_path(source, Path(output))
     if quantized := quantized_ops(work):
         raise SpaError(
-            f"the model is quantized ({', '.join(quantized)}): spa prunes float models. Prune the float model, then quantize"
+            f"the model is quantized ({', '.join(quantized)}): spa prunes float models. Prune the "
+            "float model, then quantize"
             " the pruned one (onnxruntime's quantization keeps the speed-up)"
         )
     expected_signature = verification.signature(work)
@@ -158,7 +190,14 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     before = count(work, shapes=analysis.shapes)
     consumers = statistics.consumers(work)
     progress.step("choosing the method (and reading or making calibration data)")
-    choice = dict(calibration=o.calibration, importance=o.importance, allocation="global" if o.global_ranking else o.allocation, compensate=o.compensate, input_shapes=o.input_shapes, seed=o.seed)
+    choice = dict(
+        calibration=o.calibration,
+        importance=o.importance,
+        allocation="global" if o.global_ranking else o.allocation,
+        compensate=o.compensate,
+        input_shapes=o.input_shapes,
+        seed=o.seed,
+    )
     method, data, means = choose_method(work, analysis, consumers, large, **choice)
     progress.step(f"scoring channels ({method.importance})")
     try:
@@ -167,10 +206,22 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         if o.calibration is not None:
             raise  # the user's own data: the error is theirs to see
         # A model that noise breaks (NaN from a Log of it, float32 overflow) prunes without data.
-        method, data, means = choose_method(work, analysis, consumers, large, **choice, failed=f"the model fails on {method.calibration} data ({e})")
+        method, data, means = choose_method(
+            work,
+            analysis,
+            consumers,
+            large,
+            **choice,
+            failed=f"the model fails on {method.calibration} data ({e})",
+        )
         scores = _scores(analysis, method, data, o.seed)
     step = default_round_to() if o.round_to is None else o.round_to
-    record["resolved"] = {"round_to": step, "importance": method.importance, "allocation": method.allocation, "calibration": method.calibration}
+    record["resolved"] = {
+        "round_to": step,
+        "importance": method.importance,
+        "allocation": method.allocation,
+        "calibration": method.calibration,
+    }
 
     fixed, unmatched = layer_ratios(analysis, o.layer_ratios)
     for pattern in unmatched:
@@ -181,20 +232,42 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         progress.step("measuring each group's sensitivity")
         measuring = time.perf_counter()
         curves = sensitivity.measure(
-            analysis, lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
-            data.feeds, before, kind, o.max_group_ratio,
-        )  # fmt: skip
-        method.sensitivity = {"samples": curves.samples, "trials": curves.trials, "seconds": time.perf_counter() - measuring}
+            analysis,
+            lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
+            data.feeds,
+            before,
+            kind,
+            o.max_group_ratio,
+        )
+        method.sensitivity = {
+            "samples": curves.samples,
+            "trials": curves.trials,
+            "seconds": time.perf_counter() - measuring,
+        }
 
     def plan_for(r: float, on: Analysis = analysis) -> Plan:
         shares = curves.shares(r) if curves is not None else None
-        return make_plan(on, scores, r, step, ignore, method.allocation == "global", o.max_group_ratio, shares, fixed)
+        return make_plan(
+            on,
+            scores,
+            r,
+            step,
+            ignore,
+            method.allocation == "global",
+            o.max_group_ratio,
+            shares,
+            fixed,
+        )
 
     progress.step("planning")
     target = None
     if o.plan is not None:
-        plan = plan_from_report(analysis, io.load_json(o.plan, "--plan") if isinstance(o.plan, (str, os.PathLike)) else o.plan)
-        ratio = len(plan.removed) / max(1, sum(g.width for g in analysis.groups))  # the fraction of units the report removes
+        plan = plan_from_report(
+            analysis,
+            io.load_json(o.plan, "--plan") if isinstance(o.plan, (str, os.PathLike)) else o.plan,
+        )
+        # the fraction of units the report removes
+        ratio = len(plan.removed) / max(1, sum(g.width for g in analysis.groups))
     elif goal is not None:
         ratio, plan, reached = _search_ratio(analysis, before, plan_for, kind, goal)
         target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
@@ -202,14 +275,26 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         plan = plan_for(ratio)
     if o.min_fidelity is not None:
         if data is None or not data.held_out:
-            raise SpaError("min_fidelity needs calibration data: real samples held out of the fit measure the fidelity")
+            raise SpaError(
+                "min_fidelity needs calibration data: real samples held out of the fit measure the "
+                "fidelity"
+            )
 
-        def fidelity_at(r: float) -> float:  # a prune of a copy, refit, measured on the held-out samples
+        # a prune of a copy, refit, measured on the held-out samples
+        def fidelity_at(r: float) -> float:
             trial = io.clone(pristine)
             on = analyze_model(trial, o.input_shapes, o.prune_hidden)
-            _remove_and_repair(on, plan_for(r, on).removed, statistics.consumers(trial), data if method.compensated else None, means)
+            _remove_and_repair(
+                on,
+                plan_for(r, on).removed,
+                statistics.consumers(trial),
+                data if method.compensated else None,
+                means,
+            )
             pruned = runtime.session(trial, threads=statistics.SESSION_THREADS, lean=large)
-            return verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(trial), False).similarity
+            return verification.fidelity(
+                data.session, pruned, data.held_out, verification.class_scores(trial), False
+            ).similarity
 
         progress.step(f"searching the cut that keeps fidelity >= {o.min_fidelity:g}")
         pristine = io.clone(work)
@@ -219,7 +304,12 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     planned_shapes = pruned_shapes(analysis, plan.removed)
     exact = o.verify and verification.all_zero(analysis, plan.removed)
     progress.step("removing channels" + (" and refitting" if method.compensated else ""))
-    if not _remove_and_repair(analysis, plan.removed, consumers, data if method.compensated else None, means) and method.calibration == "batchnorm":
+    if (
+        not _remove_and_repair(
+            analysis, plan.removed, consumers, data if method.compensated else None, means
+        )
+        and method.calibration == "batchnorm"
+    ):
         method.calibration, method.compensated = None, False  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
     if target is not None and "kind" in target:  # the fidelity bound may have cut less
@@ -227,17 +317,39 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         target["met"] = target["reached"] <= goal
     _record_provenance(work, record, before, after)
     progress.step("verifying the pruned model")
-    verdict = verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large) if o.verify else None
+    verdict = (
+        verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large)
+        if o.verify
+        else None
+    )
     if verdict is not None and data is not None and data.held_out:
         progress.step("measuring fidelity on held-out samples")
-        pruned = runtime.session(work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large)
-        verdict.fidelity = verification.fidelity(data.session, pruned, data.held_out, verification.class_scores(work), exact)
+        pruned = runtime.session(
+            work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large
+        )
+        verdict.fidelity = verification.fidelity(
+            data.session, pruned, data.held_out, verification.class_scores(work), exact
+        )
     if source is not None:
         before.file_bytes = io.file_bytes(source)
     if output is not None:
         progress.step("writing the pruned model")
-        after.file_bytes = io.save(work, output, serialized=verdict.serialized if verdict else None, external=large or None)
-    return PruneResult(work, analysis, plan, before, after, verdict, time.perf_counter() - start, ratio, target, method, record)
+        after.file_bytes = io.save(
+            work, output, serialized=verdict.serialized if verdict else None, external=large or None
+        )
+    return PruneResult(
+        work,
+        analysis,
+        plan,
+        before,
+        after,
+        verdict,
+        time.perf_counter() - start,
+        ratio,
+        target,
+        method,
+        record,
+    )
 
 
 def _ignore_patterns(model: ir.Model, patterns, exclude_ops) -> list[str]:
@@ -259,12 +371,28 @@ def _record_provenance(model: ir.Model, options: dict, before: Counts, after: Co
 
     model.metadata_props["spa.version"] = __version__
     model.metadata_props["spa.options"] = json.dumps(options, sort_keys=True, default=str)
-    model.metadata_props["spa.ratios"] = json.dumps({k: getattr(after, k) / getattr(before, k) for k in ("macs", "params") if getattr(before, k)})
+    model.metadata_props["spa.ratios"] = json.dumps(
+        {
+            k: getattr(after, k) / getattr(before, k)
+            for k in ("macs", "params")
+            if getattr(before, k)
+        }
+    )
 
 
 def choose_method(
-    work: ir.Model, analysis: Analysis, consumers: list[statistics.Consumer], large: bool, *, calibration, importance: str, allocation: str,
-    compensate: bool | None, input_shapes, seed: int, failed: str | None = None,
+    work: ir.Model,
+    analysis: Analysis,
+    consumers: list[statistics.Consumer],
+    large: bool,
+    *,
+    calibration,
+    importance: str,
+    allocation: str,
+    compensate: bool | None,
+    input_shapes,
+    seed: int,
+    failed: str | None = None,
 ) -> tuple[Method, _Calibrated | None, dict]:
     """How channels are chosen and layers repaired, from the options and the model: the criterion,
     the calibration source (the user's data; else text a causal LM generates, or synthetic data
@@ -276,7 +404,9 @@ def choose_method(
         if calibration_source.token_input(work) is not None:
             source = "generated"  # a causal language model writes its own calibration text
         else:
-            note = calibration_source.why_not_data_free(work, analysis.shapes, consumers, large, input_shapes)
+            note = calibration_source.why_not_data_free(
+                work, analysis.shapes, consumers, large, input_shapes
+            )
             source = "synthetic" if note is None else None
             if note is not None:  # said up front, before the steps that take long
                 logger.warning("no data-free refit: %s; channels by magnitude", note)
@@ -286,28 +416,50 @@ def choose_method(
         except CalibrationError as e:
             if calibration is not None:
                 raise
-            note = f"no generated calibration text ({e})" if source == "generated" else f"the model fails on synthetic data ({e})"
+            note = (
+                f"no generated calibration text ({e})"
+                if source == "generated"
+                else f"the model fails on synthetic data ({e})"
+            )
     importance = ("obs" if data else "l2") if importance == "auto" else importance
     if allocation == "auto":
         allocation = "sensitivity" if data is not None and not data.synthetic else "uniform"
     if allocation == "sensitivity" and data is None:
         raise SpaError("--allocation sensitivity needs --calibration data")
     if importance in DATA_CRITERIA and data is None:
-        raise SpaError(f"--importance {importance} needs --calibration data (or --calibration synthetic)")
+        raise SpaError(
+            f"--importance {importance} needs --calibration data (or --calibration synthetic)"
+        )
     compensating = compensate if compensate is not None else True
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
     data_free = isinstance(source, str) and source in DATA_FREE
     used = (source if data_free else "data") if data is not None else "batchnorm" if means else None
     too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
-    return Method(importance, used, compensating and used is not None, note, too_wide, allocation), data, means
+    return (
+        Method(importance, used, compensating and used is not None, note, too_wide, allocation),
+        data,
+        means,
+    )
 
 
-def _scores(analysis: Analysis, method: Method, data: _Calibrated | None, seed: int) -> dict[int, float]:
-    scores = data.scores(analysis, method.importance) if method.importance in DATA_CRITERIA else score(analysis, method.importance, seed)
+def _scores(
+    analysis: Analysis, method: Method, data: _Calibrated | None, seed: int
+) -> dict[int, float]:
+    scores = (
+        data.scores(analysis, method.importance)
+        if method.importance in DATA_CRITERIA
+        else score(analysis, method.importance, seed)
+    )
     return scores if method.importance == "random" else dead_first(analysis, scores)
 
 
-def _remove_and_repair(analysis: Analysis, removed, consumers: list[statistics.Consumer], data: _Calibrated | None, means: dict) -> int:
+def _remove_and_repair(
+    analysis: Analysis,
+    removed,
+    consumers: list[statistics.Consumer],
+    data: _Calibrated | None,
+    means: dict,
+) -> int:
     """The surgery, then the repair: a refit from calibration data, or the removed channels'
     BatchNormalization means moved into the biases (computed before the surgery removes them).
     Returns how many biases took BN means."""
@@ -321,26 +473,43 @@ def _remove_and_repair(analysis: Analysis, removed, consumers: list[statistics.C
 
 
 class _Calibrated:
-    """Calibration feeds, the consumers of the normalized model before surgery, and what they see."""
+    """Calibration feeds, the consumers of the normalized model before surgery, and what they
+    see."""
 
     def __init__(self, model: ir.Model, source, input_shapes, seed: int):
         self.original = io.clone(model)
         try:
             sess = runtime.session(self.original, threads=statistics.SESSION_THREADS)
         except Exception as e:  # onnxruntime raises untyped errors
-            raise CalibrationError(f"onnxruntime cannot open the model for calibration: {first_line(e)}") from None
+            raise CalibrationError(
+                f"onnxruntime cannot open the model for calibration: {first_line(e)}"
+            ) from None
         self.synthetic = isinstance(source, str) and source == "synthetic"
-        if isinstance(source, str) and source == "generated" and calibration_source.token_input(model) is None:
-            raise CalibrationError("--calibration generated needs a causal language model: token ids [batch, sequence] in, logits [batch, sequence, vocabulary] from an LM head out")
+        if (
+            isinstance(source, str)
+            and source == "generated"
+            and calibration_source.token_input(model) is None
+        ):
+            raise CalibrationError(
+                "--calibration generated needs a causal language model: token ids [batch, "
+                "sequence] in, logits [batch, sequence, vocabulary] from an LM head out"
+            )
         feeds = calibration_source.batches(source, sess, input_shapes, seed)
         # Real samples the fit never sees measure the result (noise would measure nothing).
-        self.feeds, self.held_out = (feeds, []) if self.synthetic else calibration_source.hold_out(feeds, sess)
+        self.feeds, self.held_out = (
+            (feeds, []) if self.synthetic else calibration_source.hold_out(feeds, sess)
+        )
         self.session = sess
         # Once in a child process: a native crash there is an error line, not the end of spa.
         try:
-            runtime.isolated(lambda: sess.run(None, self.feeds[0]) and None, "running the model on the calibration data")
+            runtime.isolated(
+                lambda: sess.run(None, self.feeds[0]) and None,
+                "running the model on the calibration data",
+            )
         except RuntimeError as e:
-            raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {e}") from None
+            raise CalibrationError(
+                f"onnxruntime fails to run the model on the calibration data: {e}"
+            ) from None
         self.consumers = statistics.consumers(self.original)
 
     def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:
@@ -350,10 +519,19 @@ class _Calibrated:
         return score_with_statistics(analysis, criterion, moments, readers)
 
     def compensate(self, pruned: ir.Model, keeps) -> None:
-        refit(self.original, pruned, self.consumers, self.feeds, keeps, cross_validate=not self.synthetic)
+        refit(
+            self.original,
+            pruned,
+            self.consumers,
+            self.feeds,
+            keeps,
+            cross_validate=not self.synthetic,
+        )
 
 
-def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal: float) -> tuple[float, Plan, float]:
+def _search_ratio(
+    analysis: Analysis, before: Counts, plan_for, kind: str, goal: float
+) -> tuple[float, Plan, float]:
     """The smallest ratio whose plan keeps at most `goal` of the MACs (params): bisection on the
     counts of the planned shapes, no surgery until the answer is known."""
 
@@ -377,7 +555,9 @@ def _search_ratio(analysis: Analysis, before: Counts, plan_for, kind: str, goal:
     return best
 
 
-def _fidelity_search(fidelity_at, ratio: float, bound: float, target: dict | None) -> tuple[float, dict]:
+def _fidelity_search(
+    fidelity_at, ratio: float, bound: float, target: dict | None
+) -> tuple[float, dict]:
     """The largest ratio up to `ratio` whose held-out fidelity is at least `bound`, by bisection
     (fidelity falls as the cut grows). Returns it and the target record, which keeps the MACs or
     params target the ratio came from and adds the fidelity steps."""
@@ -393,7 +573,16 @@ def _fidelity_search(fidelity_at, ratio: float, bound: float, target: dict | Non
             best = lo if lo > 0 else None
     chosen = best if best is not None else 0.0
     reached = dict(probes).get(chosen, 1.0)
-    record = dict(target or {}, fidelity={"bound": bound, "reached": reached, "met": reached >= bound, "ratio": chosen, "steps": [{"ratio": r, "fidelity": f} for r, f in probes]})
+    record = dict(
+        target or {},
+        fidelity={
+            "bound": bound,
+            "reached": reached,
+            "met": reached >= bound,
+            "ratio": chosen,
+            "steps": [{"ratio": r, "fidelity": f} for r, f in probes],
+        },
+    )
     return chosen, record
 
 
@@ -405,7 +594,8 @@ _SEARCH_STEPS = 14  # ratio to within 1e-4
 
 def sweep(model, ratios: list[float], threads: int = 1, on_result=None, **options) -> list[dict]:
     """Prune at each ratio (the other options as for prune), then time the original and every
-    pruned model in one interleaved loop. on_result(ratio, PruneResult) is called after each prune."""
+    pruned model in one interleaved loop. on_result(ratio, PruneResult) is called after each
+    prune."""
     from spa.bench import benchmark
     from spa.progress import Progress
 
@@ -419,31 +609,68 @@ def sweep(model, ratios: list[float], threads: int = 1, on_result=None, **option
             on_result(r, results[-1])
     bar.close()
     names = ["original"] + [f"ratio {r}" for r in ratios]
-    timings = benchmark([original] + [r.model for r in results], names=names, threads=threads, input_shapes=options.get("input_shapes"))
-    rows = [{"ratio": 0.0, "macs": results[0].before.macs, "params": results[0].before.params, "latency_ms": timings[0].median_ms, "latency_ratio": 1.0}]
+    timings = benchmark(
+        [original] + [r.model for r in results],
+        names=names,
+        threads=threads,
+        input_shapes=options.get("input_shapes"),
+    )
+    rows = [
+        {
+            "ratio": 0.0,
+            "macs": results[0].before.macs,
+            "params": results[0].before.params,
+            "latency_ms": timings[0].median_ms,
+            "latency_ratio": 1.0,
+        }
+    ]
     for r, result, timing in zip(ratios, results, timings[1:]):
-        rows.append({"ratio": r, "macs": result.after.macs, "params": result.after.params, "latency_ms": timing.median_ms, "latency_ratio": timing.ratio,
-                     "units_removed": len(result.plan.removed)})  # fmt: skip
+        rows.append(
+            {
+                "ratio": r,
+                "macs": result.after.macs,
+                "params": result.after.params,
+                "latency_ms": timing.median_ms,
+                "latency_ratio": timing.ratio,
+                "units_removed": len(result.plan.removed),
+            }
+        )
     return rows
 
 
-def zero_channel_check(model, ratio: float = 0.5, seed: int = 0, input_shapes: dict[str, list[int]] | None = None, select: str = "all", calibration=None) -> tuple[float, int]:
+def zero_channel_check(
+    model,
+    ratio: float = 0.5,
+    seed: int = 0,
+    input_shapes: dict[str, list[int]] | None = None,
+    select: str = "all",
+    calibration=None,
+) -> tuple[float, int]:
     """Zero the parameters of randomly chosen coupled channels, prune exactly those, and return the
     relative output error against the zeroed, unpruned model (and how many classes were removed).
     Exact surgery gives float rounding only. select: "all" groups, only "heads", or only "channels".
     calibration: also compensate (which must then change nothing); without it, the biases absorb
-    the means that surviving BatchNormalizations give (nothing either: their parameters are zero)."""
+    the means that surviving BatchNormalizations give (nothing either: their parameters are
+    zero)."""
     work, _ = _load(model)
     normalize(work)
     analysis = analyze_model(work, input_shapes)
-    chosen = {"all": lambda g: True, "heads": lambda g: g.heads, "channels": lambda g: not g.heads}[select]
+    chosen = {"all": lambda g: True, "heads": lambda g: g.heads, "channels": lambda g: not g.heads}[
+        select
+    ]
     analysis.groups = [g for g in analysis.groups if chosen(g)]
     plan = make_plan(analysis, score(analysis, "random", seed), ratio, round_to=1)
     verification.zero_classes(analysis, plan.removed)
     reference = runtime.session(io.clone(work))
     data = _Calibrated(work, calibration, input_shapes, seed) if calibration is not None else None
     consumers = statistics.consumers(work)
-    _remove_and_repair(analysis, plan.removed, consumers, data, statistics.batchnorm_means(work, consumers) if data is None else {})
+    _remove_and_repair(
+        analysis,
+        plan.removed,
+        consumers,
+        data,
+        statistics.batchnorm_means(work, consumers) if data is None else {},
+    )
     pruned = runtime.session(work)
     feeds = runtime.random_inputs(reference, input_shapes, seed)
     error = verification.relative_error(reference.run(None, feeds), pruned.run(None, feeds))

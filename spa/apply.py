@@ -12,13 +12,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from spa import rules
 from spa.analysis import Analysis
+from spa.graph import constant, opset_version
 from spa.labels import axis_keeps, varying_axes
 from spa.names import Names
 from spa.normalize import infer_shapes
-from spa import rules
 from spa.rules import rewrite, shape_pieces
-from spa.graph import constant, opset_version
 
 
 def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tuple[int, ...]]:
@@ -65,7 +65,8 @@ class _Surgery:
 
     @functools.cached_property
     def names(self) -> Names:
-        """Collected when the first name is needed: the planner builds a _Surgery per ratio tried."""
+        """Collected when the first name is needed: the planner builds a _Surgery per ratio
+        tried."""
         return Names(self.analysis.model)
 
     def keeps(self, labels: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -76,14 +77,18 @@ class _Surgery:
         keeps = axis_keeps(mask)
         if keeps is None:
             raise SurgeryError("removal would not leave a sub-grid of a tensor")
-        return [k if len(k) == size else np.full(size, bool(k.all())) for k, size in zip(keeps, shape)]
+        return [
+            k if len(k) == size else np.full(size, bool(k.all())) for k, size in zip(keeps, shape)
+        ]
 
     def activation_keeps(self, value: ir.Value) -> list[np.ndarray]:
         shape = self.analysis.shapes.get(value)
         if shape is None:
             raise SurgeryError(f"no shape known for '{value.name}'")
         labels = self.analysis.activations.get(value)
-        return [np.ones(d, dtype=bool) for d in shape] if labels is None else self.keeps(labels, shape)
+        return (
+            [np.ones(d, dtype=bool) for d in shape] if labels is None else self.keeps(labels, shape)
+        )
 
     def dims(self, value: ir.Value) -> list[int]:
         return [int(k.sum()) for k in self.activation_keeps(value)]
@@ -114,7 +119,11 @@ class _Surgery:
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and np.array_equal(old.const_value.numpy(), array):
             return
-        name = self.names.fresh(f"{old.name}_pruned" if old is not None and old.name else f"{node.name or node.op_type}_input{index}")
+        name = self.names.fresh(
+            f"{old.name}_pruned"
+            if old is not None and old.name
+            else f"{node.name or node.op_type}_input{index}"
+        )
         value = constant(name, array)
         self.analysis.model.graph.register_initializer(value)
         if index >= len(node.inputs):
@@ -128,19 +137,27 @@ class _Surgery:
             extent, per = self.dims(value)[axis], self.analysis.shapes[entry.source][entry.axis]
             count = extent // per
             if counts.setdefault((entry.mul, entry.slot), count) != count or count * per != extent:
-                raise SurgeryError(f"a shared `dim * count` constant in {entry.mul.name} would need two values")
+                raise SurgeryError(
+                    f"a shared `dim * count` constant in {entry.mul.name} would need two values"
+                )
         for (mul, slot), count in counts.items():
             old = mul.inputs[slot].const_value.numpy()
             self.set_constant(mul, slot, np.full_like(old, count))
 
     def changed(self, value: ir.Value) -> bool:
-        return value in self.analysis.activations and self.analysis.activations[value].any() and self.dims(value) != list(self.analysis.shapes[value])
+        return (
+            value in self.analysis.activations
+            and self.analysis.activations[value].any()
+            and self.dims(value) != list(self.analysis.shapes[value])
+        )
 
 
 @rewrite("Conv", "ConvTranspose")
 def _conv(s: _Surgery, node: ir.Node) -> None:
     groups = node.attributes.get_int("group", 1)
-    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    weight = (
+        node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    )
     if groups == 1 or weight is None or len(weight.shape) < 3 or not s.changed(node.inputs[0]):
         return
     if node.op_type == "Conv":
@@ -185,7 +202,13 @@ def _expand(s: _Surgery, node: ir.Node) -> None:
     if not s.changed(out):
         return
     old_out, new_out = s.analysis.shapes[out], s.dims(out)
-    _rewrite_shape_vector(s, node, 1, lambda axis, old: old if old == 1 or new_out[axis] == old_out[axis] else new_out[axis], len(old_out))
+    _rewrite_shape_vector(
+        s,
+        node,
+        1,
+        lambda axis, old: old if old == 1 or new_out[axis] == old_out[axis] else new_out[axis],
+        len(old_out),
+    )
 
 
 def _rewrite_shape_vector(s: _Surgery, node: ir.Node, index: int, entry, rank: int) -> None:
@@ -206,10 +229,18 @@ def _rewrite_shape_vector(s: _Surgery, node: ir.Node, index: int, entry, rank: i
     for slot, (offset, piece) in enumerate(pieces):  # by position: one constant may fill two slots
         if piece.const_value is not None:
             new_inputs[slot] = _rewritten(piece.const_value.numpy(), entry, rank - length + offset)
-    if all(not isinstance(n, np.ndarray) or np.array_equal(n, p.const_value.numpy()) for n, p in zip(new_inputs, concat.inputs)):
+    if all(
+        not isinstance(n, np.ndarray) or np.array_equal(n, p.const_value.numpy())
+        for n, p in zip(new_inputs, concat.inputs)
+    ):
         return
     # The Concat may feed other reshapes (torch shares one per layer): this node gets its own.
-    own = ir.node("Concat", list(concat.inputs), attributes={"axis": concat.attributes.get_int("axis", 0)}, name=s.names.fresh(f"{concat.name or 'Concat'}_{node.name or node.op_type}"))
+    own = ir.node(
+        "Concat",
+        list(concat.inputs),
+        attributes={"axis": concat.attributes.get_int("axis", 0)},
+        name=s.names.fresh(f"{concat.name or 'Concat'}_{node.name or node.op_type}"),
+    )
     own.outputs[0].name = s.names.fresh(f"{value.name}_{node.name or node.op_type}")
     s.analysis.model.graph.insert_after(concat, own)
     node.replace_input_with(index, own.outputs[0])
@@ -247,7 +278,11 @@ def _slice(s: _Surgery, node: ir.Node) -> None:
     rank = len(keeps)
     starts = node.inputs[1].const_value.numpy().copy()
     ends = node.inputs[2].const_value.numpy().copy()
-    axes = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(len(starts))
+    axes = (
+        node.inputs[3].const_value.numpy()
+        if len(node.inputs) > 3 and node.inputs[3] is not None
+        else np.arange(len(starts))
+    )
     for i, axis in enumerate(axes.reshape(-1)):
         keep = keeps[int(axis) % rank]
         if keep.all():
@@ -282,7 +317,13 @@ def _resize(s: _Surgery, node: ir.Node) -> None:
     out = node.outputs[0]
     if len(node.inputs) > 3 and node.inputs[3] is not None and s.changed(out):
         old_out, new_out = s.analysis.shapes[out], s.dims(out)
-        _rewrite_shape_vector(s, node, 3, lambda axis, old: new_out[axis] if new_out[axis] != old_out[axis] else old, len(old_out))
+        _rewrite_shape_vector(
+            s,
+            node,
+            3,
+            lambda axis, old: new_out[axis] if new_out[axis] != old_out[axis] else old,
+            len(old_out),
+        )
 
 
 @rewrite("LSTM", "GRU", "RNN")

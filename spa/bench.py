@@ -39,7 +39,10 @@ def load_inputs(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str
     feeds = io.load_arrays(path, "--inputs")
     if isinstance(feeds, np.ndarray):
         if len(names) != 1:
-            raise SpaError(f"--inputs {path}: a .npy file feeds one input, the model has {len(names)}: use .npz")
+            raise SpaError(
+                f"--inputs {path}: a .npy file feeds one input, the model has {len(names)}: use "
+                ".npz"
+            )
         return {names[0]: feeds}
     missing = set(names) - set(feeds)
     if missing:
@@ -56,10 +59,17 @@ def _timed_session(model, threads: int) -> ort.InferenceSession:
     loaded = io.load(model)  # the same checks and one-line errors as every command
     if not io.is_utf8(Path(model)):  # onnxruntime takes UTF-8 paths only
         return session(loaded, threads=threads)
-    return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(model), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
-def _first_runs(sessions: list[ort.InferenceSession], names: list[str], feeds: dict[str, np.ndarray], source: str) -> None:
+def _first_runs(
+    sessions: list[ort.InferenceSession],
+    names: list[str],
+    feeds: dict[str, np.ndarray],
+    source: str,
+) -> None:
     """Each model once on the feeds, before any timing: a model with other inputs than the first
     (names, types, shapes), or inputs of the wrong shape, get one line that names them."""
     shown = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items())
@@ -67,8 +77,12 @@ def _first_runs(sessions: list[ort.InferenceSession], names: list[str], feeds: d
         try:
             sess.run(None, feeds)
         except Exception as e:  # onnxruntime raises untyped errors
-            message = " ".join(str(e).split()).rstrip(".")[:300] or type(e).__name__  # its lines run on
-            raise SpaError(f"{name}: does not run on {source} ({shown}): {message}; spa bench compares models that take the same inputs") from None
+            # its lines run on
+            message = " ".join(str(e).split()).rstrip(".")[:300] or type(e).__name__
+            raise SpaError(
+                f"{name}: does not run on {source} ({shown}): {message}; spa bench compares models "
+                "that take the same inputs"
+            ) from None
 
 
 def benchmark(
@@ -93,9 +107,16 @@ def benchmark(
     if warmup < 0:
         raise SpaError(f"--warmup must be 0 or more, got {warmup}")
     sessions = [_timed_session(m, threads) for m in models]
-    names = names or [str(m) if not isinstance(m, ir.Model) else f"model {i}" for i, m in enumerate(models)]
+    names = names or [
+        str(m) if not isinstance(m, ir.Model) else f"model {i}" for i, m in enumerate(models)
+    ]
     feeds = load_inputs(inputs, sessions[0]) if inputs else random_inputs(sessions[0], input_shapes)
-    _first_runs(sessions, names, feeds, f"--inputs {inputs}" if inputs else f"random inputs made for {names[0]}")
+    _first_runs(
+        sessions,
+        names,
+        feeds,
+        f"--inputs {inputs}" if inputs else f"random inputs made for {names[0]}",
+    )
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feeds)
@@ -119,15 +140,30 @@ def benchmark(
         bar.close()
     medians = np.median(samples, axis=1)
     return [
-        Timing(name, float(medians[i]), float(np.percentile(samples[i], 10)), float(np.percentile(samples[i], 90)), runs, float(medians[i] / medians[0]))
+        Timing(
+            name,
+            float(medians[i]),
+            float(np.percentile(samples[i], 10)),
+            float(np.percentile(samples[i], 90)),
+            runs,
+            float(medians[i] / medians[0]),
+        )
         for i, name in enumerate(names)
     ]
 
 
 def table(timings: list[Timing], threads: int) -> str:
     width = max(len(t.name) for t in timings)
-    lines = [f"{'model'.ljust(width)}  {'median ms':>10}  {'p10 ms':>9}  {'p90 ms':>9}  {'ratio':>6}"]
+    lines = [
+        f"{'model'.ljust(width)}  {'median ms':>10}  {'p10 ms':>9}  {'p90 ms':>9}  {'ratio':>6}"
+    ]
     for t in timings:
-        lines.append(f"{t.name.ljust(width)}  {t.median_ms:>10.3f}  {t.p10_ms:>9.3f}  {t.p90_ms:>9.3f}  {t.ratio:>6.3f}")
-    lines.append(f"onnxruntime {ort.__version__}, CPU, {threads} intra-op thread(s), {timings[0].runs} interleaved rounds")
+        lines.append(
+            f"{t.name.ljust(width)}  {t.median_ms:>10.3f}  {t.p10_ms:>9.3f}  {t.p90_ms:>9.3f}  "
+            f"{t.ratio:>6.3f}"
+        )
+    lines.append(
+        f"onnxruntime {ort.__version__}, CPU, {threads} intra-op thread(s), {timings[0].runs} "
+        "interleaved rounds"
+    )
     return "\n".join(lines)

@@ -13,15 +13,20 @@ import onnxruntime as ort
 from spa import io
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
-from spa.statistics import KEPT_BYTES, Kind, reads
 from spa.runtime import isolated, random_inputs
+from spa.statistics import KEPT_BYTES, Kind, reads
 from spa.verify import class_scores
 
 BATCH = 32
 SYNTHETIC_SAMPLES = 256
 
 
-def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def batches(
+    source,
+    sess: ort.InferenceSession,
+    input_shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
     """Feeds for the calibration runs, BATCH samples each (or the batch size the model fixes).
 
     source: a .npy file (one input) or .npz (keyed by input name); an array or a dict of arrays
@@ -36,7 +41,10 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
     if isinstance(source, str) and source == "generated":
         tokens = causal_lm(sess)
         if tokens is None:
-            raise CalibrationError("--calibration generated needs a causal language model: token ids [batch, sequence] in, logits [batch, sequence, vocabulary] out")
+            raise CalibrationError(
+                "--calibration generated needs a causal language model: token ids [batch, "
+                "sequence] in, logits [batch, sequence, vocabulary] out"
+            )
         source = {tokens: generate(sess, tokens, seed)}
     if hasattr(source, "get_next"):
         feeds = []
@@ -51,20 +59,29 @@ def batches(source, sess: ort.InferenceSession, input_shapes: dict[str, list[int
         source = io.load_arrays(Path(source), "--calibration")
     if isinstance(source, np.ndarray):
         if len(names) != 1:
-            raise SpaError(f"one calibration array for a model with {len(names)} inputs: pass a dict keyed by input name")
+            raise SpaError(
+                f"one calibration array for a model with {len(names)} inputs: pass a dict keyed by "
+                "input name"
+            )
         source = {names[0]: source}
     missing = set(names) - set(source)
     if missing:
         raise SpaError(f"{where} has no array for input(s) {sorted(missing)}")
     for name in names:
         if np.ndim(source[name]) == 0:
-            raise SpaError(f"{where}: the array for input '{name}' is a scalar; give samples along the first axis")
+            raise SpaError(
+                f"{where}: the array for input '{name}' is a scalar; give samples along the first "
+                "axis"
+            )
     count = len(source[names[0]])
     step, fixed = batch_size(sess)
     if fixed:  # the model takes whole batches only
         count -= count % step
     if count == 0:
-        raise SpaError(f"calibration data has no samples{f' (the model takes batches of {step})' if fixed else ''}")
+        raise SpaError(
+            "calibration data has no "
+            f"samples{f' (the model takes batches of {step})' if fixed else ''}"
+        )
     return [{n: np.asarray(source[n][i : i + step]) for n in names} for i in range(0, count, step)]
 
 
@@ -85,7 +102,9 @@ def describe(source) -> str | None:
     return f"an array {list(np.shape(source))}"
 
 
-def hold_out(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> tuple[list[dict], list[dict]]:
+def hold_out(
+    feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession
+) -> tuple[list[dict], list[dict]]:
     """(fit, held out): the last 1/HELD_OUT_SHARE of the samples, a batch split where the model
     takes any batch size. Nothing is held out of too few samples."""
     sizes = [len(next(iter(f.values()))) if f else 0 for f in feeds]
@@ -111,20 +130,33 @@ def hold_out(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> 
 def batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
     """Samples per run: BATCH, or the batch size the model fixes (True): the first dim, when every
     input has the same fixed one (an RNN's initial state leads with its layers, not the batch)."""
-    firsts = {a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None for a in sess.get_inputs()}
+    firsts = {
+        a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None
+        for a in sess.get_inputs()
+    }
     return (firsts.pop(), True) if len(firsts) == 1 and None not in firsts else (BATCH, False)
 
 
 def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict[str, np.ndarray]]:
     for a in sess.get_inputs():
-        if a.name not in (input_shapes or {}) and any(not isinstance(d, int) or d <= 0 for d in a.shape[1:]):
-            raise CalibrationError(f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them with --input-shapes")
+        if a.name not in (input_shapes or {}) and any(
+            not isinstance(d, int) or d <= 0 for d in a.shape[1:]
+        ):
+            raise CalibrationError(
+                f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them "
+                "with --input-shapes"
+            )
     feeds = []
     batch, _ = batch_size(sess)
     for i in range(-(-SYNTHETIC_SAMPLES // batch)):
         shapes = {a.name: [batch, *a.shape[1:]] for a in sess.get_inputs()}  # all fixed, or given:
         shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
-        feeds.append({k: _pink(v, seed + i) if v.dtype.kind == "f" else v for k, v in random_inputs(sess, shapes, seed + i).items()})
+        feeds.append(
+            {
+                k: _pink(v, seed + i) if v.dtype.kind == "f" else v
+                for k, v in random_inputs(sess, shapes, seed + i).items()
+            }
+        )
     return feeds
 
 
@@ -143,13 +175,22 @@ def token_input(model: ir.Model) -> str | None:
     runs like one): one integer input [batch, sequence] with a free sequence length, and logits
     [batch, sequence, vocabulary] from an LM head (spa.verify.class_scores) first out."""
     inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-    if len(inputs) != 1 or inputs[0].dtype is None or inputs[0].dtype.is_floating_point() or inputs[0].shape is None:
+    if (
+        len(inputs) != 1
+        or inputs[0].dtype is None
+        or inputs[0].dtype.is_floating_point()
+        or inputs[0].shape is None
+    ):
         return None
     shape = list(inputs[0].shape)
     if len(shape) != 2 or isinstance(shape[1], int) or not model.graph.outputs:
         return None
     logits = model.graph.outputs[0]  # from an LM head: hidden states out is an encoder, not an LM
-    return inputs[0].name if class_scores(model).get(logits.name) == "logits" and len(logits.shape or ()) == 3 else None
+    return (
+        inputs[0].name
+        if class_scores(model).get(logits.name) == "logits" and len(logits.shape or ()) == 3
+        else None
+    )
 
 
 def causal_lm(sess: ort.InferenceSession) -> str | None:
@@ -157,19 +198,36 @@ def causal_lm(sess: ort.InferenceSession) -> str | None:
     [batch, sequence] with a free sequence length, logits [batch, sequence, vocabulary] first out,
     and a position's logits do not depend on later tokens (checked on the model itself)."""
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
-    if len(inputs) != 1 or "int" not in inputs[0].type or len(inputs[0].shape) != 2 or isinstance(inputs[0].shape[1], int):
+    if (
+        len(inputs) != 1
+        or "int" not in inputs[0].type
+        or len(inputs[0].shape) != 2
+        or isinstance(inputs[0].shape[1], int)
+    ):
         return None
-    if not outputs or outputs[0].type not in ("tensor(float)", "tensor(double)") or len(outputs[0].shape) != 3:
+    if (
+        not outputs
+        or outputs[0].type not in ("tensor(float)", "tensor(double)")
+        or len(outputs[0].shape) != 3
+    ):
         return None
     name, dtype = inputs[0].name, np.dtype(inputs[0].type[len("tensor(") : -1])
     probe = np.array([[1, 2, 3, 4], [1, 2, 3, 5]], dtype)
 
     def check() -> bool:
         logits = sess.run([outputs[0].name], {name: probe})[0]
-        return logits.shape[:2] == probe.shape and bool(np.allclose(logits[0, :3], logits[1, :3], rtol=1e-4, atol=1e-5)) and not np.allclose(logits[0, 3], logits[1, 3])
+        return (
+            logits.shape[:2] == probe.shape
+            and bool(np.allclose(logits[0, :3], logits[1, :3], rtol=1e-4, atol=1e-5))
+            and not np.allclose(logits[0, 3], logits[1, 3])
+        )
 
     try:
-        return name if isolated(check, "checking whether the model is a causal language model") else None
+        return (
+            name
+            if isolated(check, "checking whether the model is a causal language model")
+            else None
+        )
     except (RuntimeError, SpaError):
         return None
 
@@ -217,14 +275,19 @@ def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     radius = np.zeros([noise.shape[a] if a in axes else 1 for a in range(noise.ndim)])
     for a in axes:
-        frequency = np.fft.fftfreq(noise.shape[a]).reshape([-1 if b == a else 1 for b in range(noise.ndim)])
+        frequency = np.fft.fftfreq(noise.shape[a]).reshape(
+            [-1 if b == a else 1 for b in range(noise.ndim)]
+        )
         radius = radius + frequency**2
     radius = np.sqrt(radius)
-    radius[radius == 0] = 1.0 / max(noise.shape[a] for a in axes)  # the mean keeps the lowest frequency's weight
+    # the mean keeps the lowest frequency's weight
+    radius[radius == 0] = 1.0 / max(noise.shape[a] for a in axes)
     slope = rng.uniform(*PINK_SLOPES, size=(len(noise),) + (1,) * (noise.ndim - 1))
     shaped = np.real(np.fft.ifftn(np.fft.fftn(noise, axes=axes) / radius**slope, axes=axes))
     reduce = tuple(range(1, noise.ndim))
-    shaped = (shaped - shaped.mean(axis=reduce, keepdims=True)) / (shaped.std(axis=reduce, keepdims=True) + 1e-12)
+    shaped = (shaped - shaped.mean(axis=reduce, keepdims=True)) / (
+        shaped.std(axis=reduce, keepdims=True) + 1e-12
+    )
     return shaped.astype(noise.dtype)
 
 
@@ -264,7 +327,9 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
             rows = math.prod(shape) // max(features, 1) // batch
         else:
             features = shape[1] * c.kernel_size // (shape[1] if c.kind == Kind.DEPTHWISE else 1)
-            rows = min(c.positions, math.prod(shape[2:])) * (shape[1] if c.kind == Kind.DEPTHWISE else 1)
+            rows = min(c.positions, math.prod(shape[2:])) * (
+                shape[1] if c.kind == Kind.DEPTHWISE else 1
+            )
         products += 3 * rows * features**2
         solves += 8 * features**3 if c.kind != Kind.DEPTHWISE else 0
     return SYNTHETIC_SAMPLES * (passes // batch + products) + solves
@@ -272,14 +337,25 @@ def data_free_work(model: ir.Model, shapes: dict, consumers: list) -> int:
 
 def _kept_bytes(model: ir.Model, shapes: dict, consumers: list) -> int:
     """The most bytes spa.statistics.Forward holds at once, at the analysis' batch (float32 taken
-    for all): at each step, what the last step kept and what this one makes that later nodes read."""
+    for all): at each step, what the last step kept and what this one makes that later nodes
+    read."""
     nodes = list(model.graph)
     last = {name: i for i, node in enumerate(nodes) for name in reads(node)}
     made = {v.name: i for i, node in enumerate(nodes) for v in node.outputs}
-    sizes = {v.name: 4 * math.prod(shapes[v]) for node in nodes for v in node.outputs if shapes.get(v) is not None}
+    sizes = {
+        v.name: 4 * math.prod(shapes[v])
+        for node in nodes
+        for v in node.outputs
+        if shapes.get(v) is not None
+    }
 
     def read_after(end: int, first: int = 0) -> int:
-        return sum(sizes.get(v.name, 0) for node in nodes[first : end + 1] for v in node.outputs if last.get(v.name, -1) > end)
+        return sum(
+            sizes.get(v.name, 0)
+            for node in nodes[first : end + 1]
+            for v in node.outputs
+            if last.get(v.name, -1) > end
+        )
 
     peak = kept = start = 0
     for end in sorted({made[c.input] for c in consumers if c.input in made}):
@@ -288,17 +364,29 @@ def _kept_bytes(model: ir.Model, shapes: dict, consumers: list) -> int:
     return peak
 
 
-def why_not_data_free(model: ir.Model, shapes: dict, consumers: list, large: bool, input_shapes: dict | None = None) -> str | None:
+def why_not_data_free(
+    model: ir.Model, shapes: dict, consumers: list, large: bool, input_shapes: dict | None = None
+) -> str | None:
     """Why the data-free mode is not the default for this model, or None when it is."""
     if large:
         return "the model is too large to run twice in memory (--calibration synthetic forces it)"
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     if any(v.dtype is None or not v.dtype.is_floating_point() for v in inputs):
-        return "synthetic data cannot stand in for integer inputs such as token ids (--calibration gives real ones)"
+        return (
+            "synthetic data cannot stand in for integer inputs such as token ids "
+            "(--calibration gives real ones)"
+        )
     for v in inputs:  # noise of size 1 along an image's height says nothing about the model
-        if v.name not in (input_shapes or {}) and (v.shape is None or any(not isinstance(d, int) or d <= 0 for d in list(v.shape)[1:])):
-            return f"input '{v.name}' has symbolic dims beyond the batch (--input-shapes gives them)"
+        if v.name not in (input_shapes or {}) and (
+            v.shape is None or any(not isinstance(d, int) or d <= 0 for d in list(v.shape)[1:])
+        ):
+            return (
+                f"input '{v.name}' has symbolic dims beyond the batch (--input-shapes gives them)"
+            )
     work = data_free_work(model, shapes, consumers)
     if work > DATA_FREE_BUDGET_MACS:
-        return f"the data-free refit would take {work / 1e12:.1f} T multiply-accumulates (--calibration synthetic forces it)"
+        return (
+            f"the data-free refit would take {work / 1e12:.1f} T multiply-accumulates "
+            "(--calibration synthetic forces it)"
+        )
     return None

@@ -33,29 +33,80 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prune = sub.add_parser("prune", help="remove the least important channels and write a smaller model")
+    prune = sub.add_parser(
+        "prune", help="remove the least important channels and write a smaller model"
+    )
     prune.add_argument("input", type=Path, help="the model to prune (.onnx)")
     prune.add_argument("output", type=Path, help="where to write the pruned model")
     PruneOptions.add_arguments(prune)
-    prune.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw every layer's channels before and after, in graph order (needs matplotlib: pip install 'spa-onnx[plot]')")
-    prune.add_argument("--dry-run", action="store_true", help="plan, verify and report, but write no model (--json still writes the report)")
+    prune.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="draw every layer's channels before and after, in graph order (needs matplotlib: pip "
+        "install 'spa-onnx[plot]')",
+    )
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan, verify and report, but write no model (--json still writes the report)",
+    )
     _common(prune)
-    prune.add_argument("--bench", action="store_true", help="time the original and the pruned model (interleaved) and add the latency to the table")
+    prune.add_argument(
+        "--bench",
+        action="store_true",
+        help="time the original and the pruned model (interleaved) and add the latency to the "
+        "table",
+    )
     _threads(prune)
 
-    bench = sub.add_parser("bench", help="time models in onnxruntime, interleaved, and compare them to the first")
+    bench = sub.add_parser(
+        "bench", help="time models in onnxruntime, interleaved, and compare them to the first"
+    )
     bench.add_argument("models", type=Path, nargs="+", help="models with the same inputs (.onnx)")
-    bench.add_argument("--runs", type=int, default=None, help="rounds of the interleaved loop (default: about 4 s worth)")
-    bench.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
-    bench.add_argument("--inputs", type=Path, default=None, metavar="FILE", help="inputs: .npz keyed by input name, or .npy for one input (default: random)")
+    bench.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="rounds of the interleaved loop (default: about 4 s worth)",
+    )
+    bench.add_argument(
+        "--warmup", type=int, default=5, help="untimed runs per model first (default 5)"
+    )
+    bench.add_argument(
+        "--inputs",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="inputs: .npz keyed by input name, or .npy for one input (default: random)",
+    )
     _common(bench)
     _threads(bench)
 
-    sweep = sub.add_parser("sweep", help="prune at several ratios; print MACs, params and latency; plot them")
+    sweep = sub.add_parser(
+        "sweep", help="prune at several ratios; print MACs, params and latency; plot them"
+    )
     sweep.add_argument("input", type=Path, help="the model (.onnx)")
-    sweep.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
-    sweep.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the plot here (needs matplotlib: pip install 'spa-onnx[plot]')")
-    sweep.add_argument("--save-dir", type=Path, default=None, metavar="DIR", help="also write each pruned model there, as NAME_ratioR.onnx")
+    sweep.add_argument(
+        "--ratios",
+        default="0.1,0.3,0.5,0.7",
+        help="comma-separated ratios (default 0.1,0.3,0.5,0.7)",
+    )
+    sweep.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="write the plot here (needs matplotlib: pip install 'spa-onnx[plot]')",
+    )
+    sweep.add_argument(
+        "--save-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write each pruned model there, as NAME_ratioR.onnx",
+    )
     PruneOptions.add_arguments(sweep, sweep=True)
     _common(sweep)
     _threads(sweep)
@@ -68,16 +119,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prune_hidden(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prune-hidden", action="store_true", help="also prune channels that LayerNorm/RMSNorm normalize over (a transformer's hidden size): lossy")
+    p.add_argument(
+        "--prune-hidden",
+        action="store_true",
+        help="also prune channels that LayerNorm/RMSNorm normalize over (a transformer's hidden "
+        "size): lossy",
+    )
 
 
 def _threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for timing (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads for timing (default 1)"
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-shapes", action="append", default=[], metavar="NAME:DIMS", help="fix symbolic input dims for the analysis: x:1,3,224,224 (repeatable, or several in one quoted argument)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument(
+        "--input-shapes",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="fix symbolic input dims for the analysis: x:1,3,224,224 (repeatable, or several in "
+        "one quoted argument)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage; show tracebacks")
 
 
@@ -96,7 +163,8 @@ def _interrupts():
     """SIGINT and SIGTERM (what `timeout`, `docker stop` and CI send) raise Interrupted: the same
     clean-up as Ctrl-C instead of dying with temporary files left behind. The handlers are put
     back afterwards (main() also runs in-process: tests, scripts/fuzz.py)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+    # only the main thread has signals
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.signal(s, _interrupted) for s in _SIGNALS}
@@ -140,7 +208,8 @@ def _main(argv: list[str] | None) -> int:
         except BrokenPipeError:  # `spa ... | head`: the reader has what it wanted; the work is done
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_OK
-        except OSError as e:  # disk full, a name too long, permission denied: the file and the problem
+        # disk full, a name too long, permission denied: the file and the problem
+        except OSError as e:
             line = f"error: {describe_os_error(e)}"
         except Exception as e:  # a bug: still one line unless the user asked for details
             if args.verbose:
@@ -155,7 +224,9 @@ def _main(argv: list[str] | None) -> int:
 def _logging(verbose: bool):
     """With -v, every stage on stderr. Without, only spa's warnings: notes on stdout about what it
     changed in the input (stale shapes dropped), so that stderr stays one line on an error."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR, format="%(name)s: %(message)s"
+    )
     if verbose:
         yield
         return
@@ -194,7 +265,11 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """What the command reads and what it writes, for spa.io.check_targets."""
     from spa import io
 
-    reads = [f for model in (args.models if args.command == "bench" else [args.input]) for f in io.model_files(model)]
+    reads = [
+        f
+        for model in (args.models if args.command == "bench" else [args.input])
+        for f in io.model_files(model)
+    ]
     if getattr(args, "calibration", None) not in (None, "synthetic", "generated"):
         reads.append((Path(args.calibration), "the calibration data"))
     if getattr(args, "plan", None) is not None:
@@ -203,12 +278,22 @@ def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
         reads.append((args.inputs, "the --inputs file"))
     writes = []
     if args.command == "prune" and not args.dry_run:
-        writes += [(args.output, "output"), (args.output.with_name(args.output.name + ".data"), "the output's external data")]
-    writes += [(getattr(args, flag), f"--{flag}") for flag in ("json", "plot") if getattr(args, flag, None) is not None]
+        writes += [
+            (args.output, "output"),
+            (args.output.with_name(args.output.name + ".data"), "the output's external data"),
+        ]
+    writes += [
+        (getattr(args, flag), f"--{flag}")
+        for flag in ("json", "plot")
+        if getattr(args, flag, None) is not None
+    ]
     if getattr(args, "save_dir", None) is not None:
         for ratio in _ratios(args.ratios):
             path = args.save_dir / f"{args.input.stem}_ratio{ratio:g}.onnx"
-            writes += [(path, "--save-dir's model"), (path.with_name(path.name + ".data"), "--save-dir's external data")]
+            writes += [
+                (path, "--save-dir's model"),
+                (path.with_name(path.name + ".data"), "--save-dir's external data"),
+            ]
     return reads, writes
 
 
@@ -216,7 +301,8 @@ def _run(args) -> int:
     from spa import io, runtime
 
     runtime.quiet()
-    if getattr(args, "save_dir", None) is not None:  # the folder the user asked for; its files are checked next
+    # the folder the user asked for; its files are checked next
+    if getattr(args, "save_dir", None) is not None:
         args.save_dir.mkdir(parents=True, exist_ok=True)
     io.check_targets(*_files(args))
     with io.all_or_nothing():  # the model, the JSON, the plot: all written, or none
@@ -238,7 +324,15 @@ def _command(args) -> dict:
         print(report.analysis_listing(analysis, str(args.input)))
         data = report.analysis_report(analysis)
     elif args.command == "bench":
-        timings = bench.benchmark(args.models, [str(m) for m in args.models], args.threads, args.warmup, args.runs, input_shapes=shapes, inputs=args.inputs)
+        timings = bench.benchmark(
+            args.models,
+            [str(m) for m in args.models],
+            args.threads,
+            args.warmup,
+            args.runs,
+            input_shapes=shapes,
+            inputs=args.inputs,
+        )
         print(bench.table(timings, args.threads))
         data = {"threads": args.threads, "models": [dataclasses.asdict(t) for t in timings]}
     elif args.command == "sweep":
@@ -247,25 +341,42 @@ def _command(args) -> dict:
 
         def done(ratio: float, result) -> None:  # a line per step as it goes, and its model saved
             removed = len(result.plan.removed)
-            line = f"ratio {ratio:g}: MACs x{result.after.macs / max(result.before.macs, 1):.3f}, params x{result.after.params / max(result.before.params, 1):.3f}, {removed} units removed in {result.seconds:.1f} s"
+            line = (
+                f"ratio {ratio:g}: MACs x{result.after.macs / max(result.before.macs, 1):.3f}, "
+                f"params x{result.after.params / max(result.before.params, 1):.3f}, {removed} "
+                f"units removed in {result.seconds:.1f} s"
+            )
             if not removed:
-                line += f" (nothing removed: at this ratio every group rounds to all its channels; round-to {result.options['resolved']['round_to']})"
+                line += (
+                    " (nothing removed: at this ratio every group rounds to all its "
+                    f"channels; round-to {result.options['resolved']['round_to']})"
+                )
             if args.save_dir is not None:
-                path = args.save_dir / f"{args.input.stem}_ratio{ratio:g}.onnx"  # as _files checked it
+                # as _files checked it
+                path = args.save_dir / f"{args.input.stem}_ratio{ratio:g}.onnx"
                 io.save(result.model, path)
                 line += f"; {path}"
             print(line, flush=True)
 
-        rows = api.sweep(args.input, ratios, threads=args.threads, on_result=done, **options.as_kwargs())
+        rows = api.sweep(
+            args.input, ratios, threads=args.threads, on_result=done, **options.as_kwargs()
+        )
         print(report.sweep_table(rows, args.threads))
         if args.plot is not None:
             from spa.plot import sweep_plot
 
-            io.write_file(args.plot, lambda tmp: sweep_plot(rows, tmp, f"{args.input.name}: spa sweep ({args.threads} thread(s))"))
+            io.write_file(
+                args.plot,
+                lambda tmp: sweep_plot(
+                    rows, tmp, f"{args.input.name}: spa sweep ({args.threads} thread(s))"
+                ),
+            )
             print(f"plot: {args.plot}")
         data = {"threads": args.threads, "rows": rows}
     else:
-        if args.ratio is not None and (args.target_macs is not None or args.target_params is not None):
+        if args.ratio is not None and (
+            args.target_macs is not None or args.target_params is not None
+        ):
             print(f"note: --ratio {args.ratio:g} is ignored: the target decides the ratio")
         options = PruneOptions.from_args(args, input_shapes=shapes)
         result = api.prune(args.input, None if args.dry_run else args.output, **options.as_kwargs())
@@ -273,51 +384,109 @@ def _command(args) -> dict:
         if args.bench:
             progress.step("timing the original and the pruned model")
             # Both from memory: the output is not in place until the command ends (all or nothing).
-            timings = bench.benchmark([io.load(args.input), result.model], ["before", "after"], args.threads, input_shapes=shapes)
+            timings = bench.benchmark(
+                [io.load(args.input), result.model],
+                ["before", "after"],
+                args.threads,
+                input_shapes=shapes,
+            )
             latency = (timings[0].median_ms, timings[1].median_ms)
         groups = result.analysis.groups
         if not groups:
-            print("nothing to prune: every channel reaches an input, an output or a barrier (see `spa analyze`); the model is written unchanged in structure")
-        print(f"{args.input} -> {'(dry run, nothing written)' if args.dry_run else args.output}: {len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} units (channels or heads) removed in {result.seconds:.2f} s")
+            print(
+                "nothing to prune: every channel reaches an input, an output or a barrier (see "
+                "`spa analyze`); the model is written unchanged in structure"
+            )
+        print(
+            f"{args.input} -> {'(dry run, nothing written)' if args.dry_run else args.output}: "
+            f"{len(groups)} groups pruned at ratio {result.ratio:.4g}, {len(result.plan.removed)} "
+            f"units (channels or heads) removed in {result.seconds:.2f} s"
+        )
         t = result.target or {}
         bound = t.get("fidelity")
         if "kind" in t:
-            verdict = "met" if t["met"] else "NOT met (" + ("--min-fidelity stopped the cut" if bound else "the most spa can remove") + ")"
-            print(f"target: {t['kind']} <= {t['target']:g} of the original; reached {t['reached']:.3f}, {verdict}")
+            verdict = (
+                "met"
+                if t["met"]
+                else "NOT met ("
+                + ("--min-fidelity stopped the cut" if bound else "the most spa can remove")
+                + ")"
+            )
+            print(
+                f"target: {t['kind']} <= {t['target']:g} of the original; reached "
+                f"{t['reached']:.3f}, {verdict}"
+            )
         if bound:
             steps = ", ".join(f"{s['ratio']:.3g}: {s['fidelity']:.3f}" for s in bound["steps"])
-            verdict = f"kept at ratio {bound['ratio']:.3g}" if bound["ratio"] else "NOT met by any cut tried: nothing removed"
-            print(f"fidelity bound: held-out fidelity >= {bound['bound']:g}, {verdict} (ratio: fidelity tried: {steps})")
+            verdict = (
+                f"kept at ratio {bound['ratio']:.3g}"
+                if bound["ratio"]
+                else "NOT met by any cut tried: nothing removed"
+            )
+            print(
+                f"fidelity bound: held-out fidelity >= {bound['bound']:g}, {verdict} (ratio: "
+                f"fidelity tried: {steps})"
+            )
         print(f"method: {result.method.describe()}")
         print(report.table(result.before, result.after, latency))
-        symbolic = [f"{v.name}[{i}] {d}" for v in result.model.graph.inputs if v.name not in shapes for i, d in enumerate(v.shape or ()) if not isinstance(d, int)]
+        symbolic = [
+            f"{v.name}[{i}] {d}"
+            for v in result.model.graph.inputs
+            if v.name not in shapes
+            for i, d in enumerate(v.shape or ())
+            if not isinstance(d, int)
+        ]
         if symbolic:
-            print(f"note: MACs and FLOPs count the symbolic input dims as 1 ({', '.join(symbolic[:4])}); --input-shapes counts other sizes")
+            print(
+                "note: MACs and FLOPs count the symbolic input dims as 1 "
+                f"({', '.join(symbolic[:4])}); --input-shapes counts other sizes"
+            )
         if latency is not None:
-            print(f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, median)")
+            print(
+                f"speed-up: {latency[0] / latency[1]:.2f}x ({args.threads} thread(s), interleaved, "
+                "median)"
+            )
         if result.verdict is not None and result.verdict.measured is not None:
             moved = result.verdict.measured
             print(moved.describe(), file=sys.stderr if moved.likely_broken else sys.stdout)
         lossy = [g for g in groups if g.lossy and len(result.plan.by_group[g.id])]
         if lossy:
-            print(f"lossy: {len(lossy)} group(s) pruned across a normalization (--prune-hidden); outputs change, check accuracy")
+            print(
+                f"lossy: {len(lossy)} group(s) pruned across a normalization (--prune-hidden); "
+                "outputs change, check accuracy"
+            )
         kept = report.normalizations_line(result.analysis)
         if kept and not args.prune_hidden:
             print(kept)
         blocked = [b for b in result.analysis.barriers if b.blocked]
         if blocked:
-            print(f"left alone: {len(blocked)} barrier op(s) ({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`")
+            print(
+                f"left alone: {len(blocked)} barrier op(s) "
+                f"({', '.join(sorted({b.op for b in blocked}))}); see `spa analyze`"
+            )
         data = result.report()
         data.update(input=str(args.input), output=str(args.output))
         if args.plot is not None:
             from spa.plot import layers_plot
 
-            title = f"{args.input.name}: MACs x{result.after.macs / max(result.before.macs, 1):.3f}, params x{result.after.params / max(result.before.params, 1):.3f}"
+            title = (
+                f"{args.input.name}: MACs "
+                f"x{result.after.macs / max(result.before.macs, 1):.3f}, params "
+                f"x{result.after.params / max(result.before.params, 1):.3f}"
+            )
             io.write_file(args.plot, lambda tmp: layers_plot(data["groups"], tmp, title))
             print(f"plot: {args.plot}")
         if latency is not None:
-            data["latency_ms"] = {"before": latency[0], "after": latency[1], "threads": args.threads, "runs": timings[0].runs,
-                                  "p10_p90": {"before": [timings[0].p10_ms, timings[0].p90_ms], "after": [timings[1].p10_ms, timings[1].p90_ms]}}
+            data["latency_ms"] = {
+                "before": latency[0],
+                "after": latency[1],
+                "threads": args.threads,
+                "runs": timings[0].runs,
+                "p10_p90": {
+                    "before": [timings[0].p10_ms, timings[0].p90_ms],
+                    "after": [timings[1].p10_ms, timings[1].p90_ms],
+                },
+            }
     return data
 
 

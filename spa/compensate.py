@@ -17,9 +17,9 @@ r_o - r_p, what the branch lost upstream, so that every block ends where the ori
 error does not pile up through depth (SmolLM2-135M at 0.85 of the MACs: perplexity 1.158x ->
 1.140x the original's). Where a layer
 has few rows of statistics for its features (after a global pooling: one row per sample), lambda is
-chosen by cross-validation between two halves of the calibration batches (real ones, not synthetic). A layer too
-wide for these matrices (statistics.MAX_WIDTH) keeps W_S, and its bias moves so that its mean
-output matches the original's: b' = b + W m_o - W_S m_p.
+chosen by cross-validation between two halves of the calibration batches (real ones, not
+synthetic). A layer too wide for these matrices (statistics.MAX_WIDTH) keeps W_S, and its bias
+moves so that its mean output matches the original's: b' = b + W m_o - W_S m_p.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import constant
 from spa.names import Names
 from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Kind, Means, Moments, one_blas_thread
-from spa.graph import constant
 
 DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
 # Cross-validate lambda (DAMPING times 1, 10, 100, 1000) where a layer has fewer rows than this many
@@ -65,7 +65,15 @@ class _Halves:
 
 
 @one_blas_thread
-def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: list[dict], keeps: dict[str, list[np.ndarray]], damping: float = DAMPING, cross_validate: bool = True) -> int:
+def refit(
+    original: ir.Model,
+    pruned: ir.Model,
+    found: list[Consumer],
+    feeds: list[dict],
+    keeps: dict[str, list[np.ndarray]],
+    damping: float = DAMPING,
+    cross_validate: bool = True,
+) -> int:
     """Refit the consumers of `pruned` (in place) towards `original`; returns how many were refit.
 
     keeps: per weight name, the per-axis keep vectors the surgery applied. Consumers that read the
@@ -85,11 +93,21 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
     for i, (value, group) in enumerate(readers.items()):
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
         now = _node_of(pruned, group[0]).inputs[0].name
-        partners = {c.weight: _residual_partner(original, pruned, c) if c.kind != Kind.DEPTHWISE else None for c in group}
-        streams = {w: zip(original_run.values(p[0]), pruned_run.values(p[1])) for w, p in partners.items() if p is not None}
+        partners = {
+            c.weight: _residual_partner(original, pruned, c) if c.kind != Kind.DEPTHWISE else None
+            for c in group
+        }
+        streams = {
+            w: zip(original_run.values(p[0]), pruned_run.values(p[1]))
+            for w, p in partners.items()
+            if p is not None
+        }
         # Consumers that fit the same features to the same targets (Q, K and V; gate and up) share
         # one set of moments; a residual target or a depthwise conv's kept channels are its own.
-        key = {c.weight: c.reads if c.weight not in streams and c.kind != Kind.DEPTHWISE else c.weight for c in group}
+        key = {
+            c.weight: c.reads if c.weight not in streams and c.kind != Kind.DEPTHWISE else c.weight
+            for c in group
+        }
         owners: dict = {}  # one consumer per set of moments
         for c in group:
             owners.setdefault(key[c.weight], c)
@@ -102,22 +120,49 @@ def refit(original: ir.Model, pruned: ir.Model, found: list[Consumer], feeds: li
                 features_p, features_o = features[c.reads]
                 kept_channels = _kept_channels(c, keeps.get(c.weight))
                 other = features_o[:, kept_channels] if kept_channels is not None else features_o
-                if c.weight in streams:  # what the residual branch lost upstream, to be made up here
+                # what the residual branch lost upstream, to be made up here
+                if c.weight in streams:
                     r_o, r_p = next(streams[c.weight])
                     keep = keeps.get(c.weight)
                     if keep is not None:
-                        r_o = np.compress(keep[c.out_axis], r_o, axis=1 if c.kind != Kind.DENSE else -1)
+                        r_o = np.compress(
+                            keep[c.out_axis], r_o, axis=1 if c.kind != Kind.DENSE else -1
+                        )
                     other = np.concatenate([other, c.output_rows(r_o - r_p)], axis=1)
                 moments[k].add(features_p, other)
         for c in group:
-            _write(pruned, names, _node_of(pruned, c), c, _solve(c, moments[key[c.weight]], _node_of(original, c), weights, keeps.get(c.weight), damping, cross_validate, partners[c.weight] is not None))
+            _write(
+                pruned,
+                names,
+                _node_of(pruned, c),
+                c,
+                _solve(
+                    c,
+                    moments[key[c.weight]],
+                    _node_of(original, c),
+                    weights,
+                    keeps.get(c.weight),
+                    damping,
+                    cross_validate,
+                    partners[c.weight] is not None,
+                ),
+            )
             refit_count += 1
         bar.update(i + 1)
     bar.close()
     return refit_count
 
 
-def _solve(consumer: Consumer, moments: _Halves | Means, original_node: ir.Node, weights: dict[str, ir.Value], keep: list[np.ndarray] | None, damping: float, cross_validate: bool, residual: bool = False) -> np.ndarray:
+def _solve(
+    consumer: Consumer,
+    moments: _Halves | Means,
+    original_node: ir.Node,
+    weights: dict[str, ir.Value],
+    keep: list[np.ndarray] | None,
+    damping: float,
+    cross_validate: bool,
+    residual: bool = False,
+) -> np.ndarray:
     """The consumer's new (outputs, features + 1) matrix, bias last."""
     target = _with_bias(consumer, original_node, weights)  # (outputs, features + 1)
     if keep is not None:
@@ -139,23 +184,34 @@ def _solve(consumer: Consumer, moments: _Halves | Means, original_node: ir.Node,
         dampings = [damping * 10**k for k in range(4)]
     targets = [target]
     if residual and cross_validate:  # or its own output only, where that carries better
-        targets.insert(0, np.concatenate([target[:, :width], np.zeros_like(target[:, width:])], axis=1))
+        targets.insert(
+            0, np.concatenate([target[:, :width], np.zeros_like(target[:, width:])], axis=1)
+        )
     if halves and len(dampings) * len(targets) > 1:
         target, damping = _cross_validated(moments.halves, targets, prior.T, dampings)
     return _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
 
 
-def _cross_validated(halves: tuple[Moments, Moments], targets: list[np.ndarray], prior: np.ndarray, dampings: list[float]) -> tuple[np.ndarray, float]:
+def _cross_validated(
+    halves: tuple[Moments, Moments],
+    targets: list[np.ndarray],
+    prior: np.ndarray,
+    dampings: list[float],
+) -> tuple[np.ndarray, float]:
     """The target and ridge whose fit on one half of the batches best predicts the other's outputs
-    (those of the last target), both ways: E|W x_p - T x_o|^2 = tr(W P W^T) - 2 tr(W C T^T) + const."""
+    (those of the last target), both ways: E|W x_p - T x_o|^2 = tr(W P W^T) - 2 tr(W C T^T) +
+    const."""
     grams, crosses = [h.mean_gram() for h in halves], [h.mean_cross() for h in halves]
     best, best_error = None, np.inf
     for target in targets:
         for damping in dampings:
             error = 0.0
             for fit, test in ((0, 1), (1, 0)):
-                x = _ridge(grams[fit], crosses[fit] @ target.T, prior, damping)  # (features, outputs)
-                error += float(np.sum((grams[test] @ x) * x) - 2 * np.sum((crosses[test] @ targets[-1].T) * x))
+                # (features, outputs)
+                x = _ridge(grams[fit], crosses[fit] @ target.T, prior, damping)
+                error += float(
+                    np.sum((grams[test] @ x) * x) - 2 * np.sum((crosses[test] @ targets[-1].T) * x)
+                )
             if error < best_error:
                 best, best_error = (target, damping), error
     return best
@@ -177,12 +233,26 @@ def _kept_channels(consumer: Consumer, keep: list[np.ndarray] | None) -> np.ndar
     return keep[consumer.out_axis].reshape(consumer.groups, -1).any(axis=1)
 
 
-def _solve_depthwise(moments: Moments, target: np.ndarray, consumer: Consumer, keep: list[np.ndarray] | None, damping: float) -> np.ndarray:
+def _solve_depthwise(
+    moments: Moments,
+    target: np.ndarray,
+    consumer: Consumer,
+    keep: list[np.ndarray] | None,
+    damping: float,
+) -> np.ndarray:
     """Each output channel refit from its own input channel's patch: one small ridge per channel."""
     gram, cross = moments.mean_gram(), moments.mean_cross()  # (kept channels, patch + 1, patch + 1)
-    outputs = np.flatnonzero(keep[consumer.out_axis]) if keep is not None else np.arange(len(target))
-    channels = outputs // (len(keep[consumer.out_axis]) // consumer.groups if keep is not None else len(target) // len(gram))
-    kept = np.flatnonzero(_kept_channels(consumer, keep)) if keep is not None else np.arange(len(gram))
+    outputs = (
+        np.flatnonzero(keep[consumer.out_axis]) if keep is not None else np.arange(len(target))
+    )
+    channels = outputs // (
+        len(keep[consumer.out_axis]) // consumer.groups
+        if keep is not None
+        else len(target) // len(gram)
+    )
+    kept = (
+        np.flatnonzero(_kept_channels(consumer, keep)) if keep is not None else np.arange(len(gram))
+    )
     position = np.searchsorted(kept, channels)
     prior = target[:, :, None]
     return _ridge(gram[position], cross[position] @ prior, prior, damping)[:, :, 0]
@@ -206,7 +276,9 @@ def _with_bias(consumer: Consumer, node: ir.Node, weights: dict[str, ir.Value]) 
 def _bias(node: ir.Node, outputs: int) -> np.ndarray:
     if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
         beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
-        return beta * np.broadcast_to(node.inputs[2].const_value.numpy().astype(np.float64).reshape(-1), (outputs,))
+        return beta * np.broadcast_to(
+            node.inputs[2].const_value.numpy().astype(np.float64).reshape(-1), (outputs,)
+        )
     return np.zeros(outputs)
 
 
@@ -219,17 +291,25 @@ def _kept_features(consumer: Consumer, keep: list[np.ndarray] | None, features: 
     return np.append(kept, True)
 
 
-def _write(model: ir.Model, names: Names, node: ir.Node, consumer: Consumer, solved: np.ndarray) -> None:
+def _write(
+    model: ir.Model, names: Names, node: ir.Node, consumer: Consumer, solved: np.ndarray
+) -> None:
     weight = node.inputs[1]
     old = weight.const_value.numpy()
     matrix, bias = solved[:, :-1], solved[:, -1]
     if node.op_type == "Gemm":
         matrix = matrix / node.attributes.get_float("alpha", 1.0)
-    weight.const_value = ir.tensor(consumer.unmatrix(matrix, old.shape).astype(old.dtype), name=weight.name)
+    weight.const_value = ir.tensor(
+        consumer.unmatrix(matrix, old.shape).astype(old.dtype), name=weight.name
+    )
     bias = bias.astype(old.dtype)
     if node.op_type in ("Conv", "Gemm"):
         if node.op_type == "Gemm":
-            bias = bias / node.attributes.get_float("beta", 1.0) if len(node.inputs) > 2 and node.inputs[2] is not None else bias
+            bias = (
+                bias / node.attributes.get_float("beta", 1.0)
+                if len(node.inputs) > 2 and node.inputs[2] is not None
+                else bias
+            )
             if len(node.inputs) <= 2 or node.inputs[2] is None:
                 node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         _set_bias(model, names, node, bias)
@@ -275,18 +355,31 @@ def _add_after(model: ir.Model, names: Names, node: ir.Node, bias: np.ndarray) -
 
 
 @one_blas_thread
-def mean_shifts(model: ir.Model, found: list[Consumer], means: dict[str, np.ndarray], keeps: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+def mean_shifts(
+    model: ir.Model,
+    found: list[Consumer],
+    means: dict[str, np.ndarray],
+    keeps: dict[str, list[np.ndarray]],
+) -> dict[str, np.ndarray]:
     """Data-free compensation, before the surgery: what each consumer's bias must gain for the input
     channels it will lose, W_R m_R, where their means are known (statistics.batchnorm_means)."""
     weights = {v.name: v for v in model.graph.initializers.values()}
     shifts = {}
     for c in found:
         keep, node = keeps.get(c.weight), _node_of(model, c)
-        if c.weight not in means or keep is None or node is None or keep[c.in_axis].all() or len(means[c.weight]) != len(keep[c.in_axis]):
+        if (
+            c.weight not in means
+            or keep is None
+            or node is None
+            or keep[c.in_axis].all()
+            or len(means[c.weight]) != len(keep[c.in_axis])
+        ):
             continue
         matrix = _with_bias(c, node, weights)[:, :-1]
         removed = ~_kept_features(c, keep, matrix.shape[1])[:-1]
-        shifts[c.weight] = (matrix[:, removed] @ np.repeat(means[c.weight], c.columns_per_channel)[removed])[keep[c.out_axis]]
+        shifts[c.weight] = (
+            matrix[:, removed] @ np.repeat(means[c.weight], c.columns_per_channel)[removed]
+        )[keep[c.out_axis]]
     return shifts
 
 
@@ -305,7 +398,9 @@ def shift_biases(model: ir.Model, found: list[Consumer], shifts: dict[str, np.nd
     return changed
 
 
-def _residual_partner(original: ir.Model, pruned: ir.Model, consumer: Consumer) -> tuple[str, str] | None:
+def _residual_partner(
+    original: ir.Model, pruned: ir.Model, consumer: Consumer
+) -> tuple[str, str] | None:
     """Where the consumer's output is added to another activation (a residual branch), the names of
     that activation in the original and the pruned model: the refit then reproduces the sum."""
     names = []
@@ -315,7 +410,11 @@ def _residual_partner(original: ir.Model, pruned: ir.Model, consumer: Consumer) 
             return None
         out = node.outputs[0]
         uses = out.uses()
-        while len(uses) == 1 and uses[0].node.op_type == "Add" and any(v is not None and v.const_value is not None for v in uses[0].node.inputs):
+        while (
+            len(uses) == 1
+            and uses[0].node.op_type == "Add"
+            and any(v is not None and v.const_value is not None for v in uses[0].node.inputs)
+        ):
             out = uses[0].node.outputs[0]  # a bias added after a MatMul
             uses = out.uses()
         if len(uses) != 1 or uses[0].node.op_type != "Add" or out.is_graph_output():

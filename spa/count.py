@@ -14,12 +14,18 @@ import math
 
 import onnx_ir as ir
 
-from spa.shapes import concrete_shapes
 from spa.graph import is_default_domain
+from spa.shapes import concrete_shapes
 
 _WEIGHT_TYPES = {
-    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
-    ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+    ir.DataType.FLOAT,
+    ir.DataType.FLOAT16,
+    ir.DataType.BFLOAT16,
+    ir.DataType.DOUBLE,
+    ir.DataType.INT8,
+    ir.DataType.UINT8,
+    ir.DataType.INT4,
+    ir.DataType.UINT4,
 }
 # Where the data and the weight are: the float ops and their integer (quantized) forms.
 _CONVS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3)}
@@ -67,7 +73,8 @@ def node_macs(node: ir.Node, shapes: dict[ir.Value, tuple[int, ...]]) -> int:
         kernel = math.prod(w[2:])
         if op != "ConvTranspose":  # each output element reads in/groups channels x kernel
             return math.prod(out) * w[1] * kernel
-        return math.prod(x) * w[1] * kernel  # each input element writes out/groups channels x kernel
+        # each input element writes out/groups channels x kernel
+        return math.prod(x) * w[1] * kernel
     if op == "Gemm":
         a = shapes.get(node.inputs[0])
         if a is None or out is None or len(a) != 2:

@@ -1,4 +1,5 @@
-"""The one exception type spa raises for problems a user can fix, and how the command line names the others."""
+"""The one exception type spa raises for problems a user can fix, and how the command line names
+the others."""
 
 from __future__ import annotations
 

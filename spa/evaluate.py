@@ -25,7 +25,11 @@ def run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list
         [proto],
         "node",
         [_value_info(n, x) for n, x in zip(names, inputs) if x is not None],
-        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in outs if n],
+        [
+            onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None)
+            for n in outs
+            if n
+        ],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     feeds = {n: x for n, x in zip(names, inputs) if x is not None}

@@ -13,8 +13,8 @@ import math
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -59,29 +59,42 @@ def _check_tensors(model: ir.Model, path: Path) -> None:
         try:
             if isinstance(tensor, ir.ExternalTensor):
                 expected = tensor.nbytes
-                end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else expected)
-                if (tensor.length is not None and tensor.length != expected) or end > Path(tensor.path).stat().st_size:
+                end = (tensor.offset or 0) + (
+                    tensor.length if tensor.length is not None else expected
+                )
+                if (tensor.length is not None and tensor.length != expected) or end > Path(
+                    tensor.path
+                ).stat().st_size:
                     raise ValueError("external data does not match the shape")
             else:
                 tensor.numpy()
         except Exception as e:
-            raise SpaError(f"{path}: tensor '{value.name}' does not match its shape {list(tensor.shape)} ({first_line(e)})") from None
+            raise SpaError(
+                f"{path}: tensor '{value.name}' does not match its shape {list(tensor.shape)} "
+                f"({first_line(e)})"
+            ) from None
 
 
 def _check_structure(model: ir.Model, path: Path) -> None:
-    """onnx's full checker on the input (the output must pass it too): a broken file gets a clear error here, not a crash
-    deep in the analysis."""
+    """onnx's full checker on the input (the output must pass it too): a broken file gets a clear
+    error here, not a crash deep in the analysis."""
     error = _checker_error(path)
     proto = onnx.load(path, load_external_data=False)
     if error is not None and any(g.value_info for g in _graphs(proto.graph)):
-        # Exporters can leave stale intermediate shapes (jax2onnx: "Inferred shape and existing shape
+        # Exporters can leave stale intermediate shapes (jax2onnx: "Inferred shape and
+        # existing shape
         # differ"); onnxruntime merges them leniently and spa infers its own, so they are dropped.
         # value_info never holds a graph's inputs or outputs: the signature stays.
         for graph in _graphs(proto.graph):
             del graph.value_info[:]
         if _checker_error(path, proto) is None:
             _drop_intermediate_types(model)
-            logger.warning("%s: dropped the intermediate shapes the file declares, they contradict its ops (%s)", path, error)
+            logger.warning(
+                "%s: dropped the intermediate shapes the file declares, they contradict its ops "
+                "(%s)",
+                path,
+                error,
+            )
             error = None
     if error is not None:
         raise SpaError(f"{path}: invalid ONNX model ({error})")
@@ -90,14 +103,16 @@ def _check_structure(model: ir.Model, path: Path) -> None:
 
 
 def _checker_error(path: Path, proto: onnx.ModelProto | None = None) -> str | None:
-    """The full checker's complaint about the file at `path`, or about `proto`, an edited copy of its graph (whose
-    external data locations this changes); None if it passes."""
+    """The full checker's complaint about the file at `path`, or about `proto`, an edited copy of
+    its graph (whose external data locations this changes); None if it passes."""
     try:
         if proto is None and is_utf8(path):
             onnx.checker.check_model(str(path), full_check=True)
         else:  # the checker takes UTF-8 paths only
             with tempfile.TemporaryDirectory(prefix="spa-") as folder:
-                checkable = _checkable(proto or onnx.load(path, load_external_data=False), path, Path(folder))
+                checkable = _checkable(
+                    proto or onnx.load(path, load_external_data=False), path, Path(folder)
+                )
                 onnx.checker.check_model(checkable, full_check=True)
     except Exception as e:
         return first_line(e)
@@ -105,8 +120,9 @@ def _checker_error(path: Path, proto: onnx.ModelProto | None = None) -> str | No
 
 
 def _checkable(proto: onnx.ModelProto, path: Path, folder: Path) -> str:
-    """`proto` saved in `folder` for the checker, its external data files replaced by sparse placeholders of the same
-    sizes (spa checks the real ones itself: _check_external_data, _check_tensors)."""
+    """`proto` saved in `folder` for the checker, its external data files replaced by sparse
+    placeholders of the same sizes (spa checks the real ones itself: _check_external_data,
+    _check_tensors)."""
     placeholders: dict[str, str] = {}
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
@@ -138,8 +154,8 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def _drop_intermediate_types(model: ir.Model) -> None:
-    """Forget what the file declared about the values inside the graphs (its value_info); the graphs' outputs keep
-    theirs."""
+    """Forget what the file declared about the values inside the graphs (its value_info); the
+    graphs' outputs keep theirs."""
     for graph in model.graphs():
         outputs = set(graph.outputs)
         for node in graph:
@@ -151,12 +167,21 @@ def _drop_intermediate_types(model: ir.Model) -> None:
 def _check_versions(model: ir.Model, path: Path) -> None:
     """The onnx package here must know the model's IR version and default-domain opset."""
     if model.ir_version > onnx.IR_VERSION:
-        raise SpaError(f"{path}: IR version {model.ir_version} is newer than this onnx supports ({onnx.IR_VERSION}); upgrade onnx")
+        raise SpaError(
+            f"{path}: IR version {model.ir_version} is newer than this onnx supports "
+            f"({onnx.IR_VERSION}); upgrade onnx"
+        )
     opset = opset_version(model, default=None)
     if opset is not None and opset > onnx.defs.onnx_opset_version():
-        raise SpaError(f"{path}: opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()}); upgrade onnx")
+        raise SpaError(
+            f"{path}: opset {opset} is newer than this onnx supports "
+            f"({onnx.defs.onnx_opset_version()}); upgrade onnx"
+        )
     if opset is not None and opset < 7:
-        raise SpaError(f"{path}: opset {opset} is too old (spa needs 7 or newer); convert it with onnx.version_converter")
+        raise SpaError(
+            f"{path}: opset {opset} is too old (spa needs 7 or newer); convert it with "
+            "onnx.version_converter"
+        )
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -166,17 +191,23 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         if not isinstance(tensor.location, str):  # bytes that are not UTF-8 (a corrupt file)
-            raise SpaError(f"{path}: external data location {tensor.location!r} is not a valid file name")
+            raise SpaError(
+                f"{path}: external data location {tensor.location!r} is not a valid file name"
+            )
         location = Path(tensor.location)
         if location.is_absolute() or folder not in (folder / location).resolve().parents:
-            raise SpaError(f"{path}: external data location '{tensor.location}' is outside the model's folder")
+            raise SpaError(
+                f"{path}: external data location '{tensor.location}' is outside the model's folder"
+            )
         if not Path(tensor.path).is_file():
             raise SpaError(f"{path}: external data file '{tensor.location}' is missing")
 
 
 def model_files(path: Path) -> list[tuple[Path, str]]:
     """A model file and the external data files it references, as check_targets reads them."""
-    return [(path, "the input model")] + [(p, "the input's external data") for p in data_files(path)]
+    return [(path, "the input model")] + [
+        (p, "the input's external data") for p in data_files(path)
+    ]
 
 
 def data_files(path: Path) -> list[Path]:
@@ -185,8 +216,11 @@ def data_files(path: Path) -> list[Path]:
         proto = onnx.load(path, load_external_data=False)
     except Exception:
         return []
-    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    return [path.parent / loc for loc in sorted(loc for loc in locations if isinstance(loc, str))]  # bytes: not UTF-8, load refuses it
+    locations = {
+        e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"
+    }
+    # bytes: not UTF-8, load refuses it
+    return [path.parent / loc for loc in sorted(loc for loc in locations if isinstance(loc, str))]
 
 
 def file_bytes(path: Path) -> int:
@@ -197,7 +231,13 @@ def file_bytes(path: Path) -> int:
 def check_output_path(source: Path | None, output: Path) -> None:
     """The pruned model and its data file (spa writes one past 2 GB) against the input's files."""
     reads = model_files(source) if source is not None else []
-    check_targets(reads, [(output, "output"), (output.with_name(output.name + ".data"), "the output's external data")])
+    check_targets(
+        reads,
+        [
+            (output, "output"),
+            (output.with_name(output.name + ".data"), "the output's external data"),
+        ],
+    )
 
 
 def check_targets(reads: list[tuple[Path, str]], writes: list[tuple[Path, str]]) -> None:
@@ -207,10 +247,15 @@ def check_targets(reads: list[tuple[Path, str]], writes: list[tuple[Path, str]])
     for i, (path, what) in enumerate(writes):
         for other, role in reads:
             if _same_file(path, other):
-                raise SpaError(f"{what} {path}: is {role} '{other}'; spa never writes over a file it reads, choose another name")
+                raise SpaError(
+                    f"{what} {path}: is {role} '{other}'; spa never writes over a file it reads, "
+                    "choose another name"
+                )
         for other, role in writes[:i]:
             if _same_file(path, other):
-                raise SpaError(f"{what} {path}: the same file as {role} {other}; give each its own name")
+                raise SpaError(
+                    f"{what} {path}: the same file as {role} {other}; give each its own name"
+                )
         check_writable(path, what)
 
 
@@ -220,8 +265,12 @@ def check_writable(path: Path, what: str) -> None:
         raise SpaError(f"{what} {path}: folder '{folder}' does not exist")
     if path.is_dir():
         raise SpaError(f"{what} {path}: is a directory; give a file name")
-    if path.exists() and not path.is_file():  # a device or a FIFO: replacing it would break the system
-        raise SpaError(f"{what} {path}: is not a regular file (a device, FIFO or socket); spa writes regular files only")
+    # a device or a FIFO: replacing it would break the system
+    if path.exists() and not path.is_file():
+        raise SpaError(
+            f"{what} {path}: is not a regular file (a device, FIFO or socket); spa writes regular "
+            "files only"
+        )
     if not os.access(folder, os.W_OK):
         raise SpaError(f"{what} {path}: folder '{folder}' is not writable")
 
@@ -235,7 +284,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def load_arrays(path: Path, flag: str) -> np.ndarray | dict[str, np.ndarray]:
     """A .npy array, or an .npz's arrays by name. Each header is read first: one that declares more
-    data than the file holds (corrupt, or hostile: 10^10 rows) is refused before numpy allocates it."""
+    data than the file holds (corrupt, or hostile: 10^10 rows) is refused before numpy allocates
+    it."""
     if not path.is_file():
         raise SpaError(f"{flag} {path}: no such file")
     try:
@@ -251,27 +301,41 @@ def load_arrays(path: Path, flag: str) -> np.ndarray | dict[str, np.ndarray]:
     except SpaError:
         raise
     except (OSError, ValueError, EOFError) as e:
-        raise SpaError(f"{flag} {path}: not a readable .npy or .npz file ({first_line(e)})") from None
+        raise SpaError(
+            f"{flag} {path}: not a readable .npy or .npz file ({first_line(e)})"
+        ) from None
 
 
 def _check_npy_header(f, size: int, where: str) -> None:
     major, _ = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    read = (
+        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    )
     shape, _, dtype = read(f)
     declared = math.prod(shape) * dtype.itemsize
     if not dtype.hasobject and declared > size - f.tell():
-        raise SpaError(f"{where}: the header declares shape {list(shape)} ({declared:,} bytes), the file holds {size - f.tell():,}: truncated or corrupt")
+        raise SpaError(
+            f"{where}: the header declares shape {list(shape)} ({declared:,} bytes), the file "
+            f"holds {size - f.tell():,}: truncated or corrupt"
+        )
 
 
 def weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )
 
 
 def is_large(model: ir.Model) -> bool:
     return weight_bytes(model) > LARGE_BYTES
 
 
-def save(model: ir.Model, path: str | os.PathLike, serialized: bytes | None = None, external: bool | None = None) -> int:
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    serialized: bytes | None = None,
+    external: bool | None = None,
+) -> int:
     """Write atomically (`write_file`) and return the bytes written.
 
     Weights go to `<name>.data` beside the model when `external` is true, or (the default) when
@@ -349,7 +413,8 @@ def write_file(path: Path, write: Callable[[Path], None], data: Path | None = No
         if data is not None:  # renamed first: the model never points at a data file not yet there
             files.insert(0, (Path(name + ".data"), data))
         os.close(fd)
-        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+        # mkstemp makes it private; the result is an ordinary file
+        os.chmod(name, 0o666 & ~_umask())
         write(Path(name))
         size = sum(t.stat().st_size for t, _ in files)
     except OSError as e:
@@ -415,7 +480,10 @@ def _check_data_target(model: ir.Model, data: Path, path: Path) -> None:
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor) and _same_file(Path(tensor.path), data):
-            raise SpaError(f"{path}: its external data file '{data}' is the input's; choose another output name")
+            raise SpaError(
+                f"{path}: its external data file '{data}' is the input's; choose another output "
+                "name"
+            )
 
 
 def inline_external_tensors(model: ir.Model) -> None:

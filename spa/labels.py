@@ -13,7 +13,8 @@ import numpy as np
 
 
 class LabelSets:
-    """Union-find over labels. The root of a set is its smallest label, so 0 stays the pinned root."""
+    """Union-find over labels. The root of a set is its smallest label, so 0 stays the pinned
+    root."""
 
     def __init__(self) -> None:
         self._store = np.zeros(1, dtype=np.int64)  # grows by doubling: linear in the labels made
@@ -91,7 +92,8 @@ def varying_axes(labels: np.ndarray) -> list[int]:
 
 
 def axis_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
-    """Per-axis keep vectors of a boolean mask, or None when the kept elements are not a sub-grid."""
+    """Per-axis keep vectors of a boolean mask, or None when the kept elements are not a
+    sub-grid."""
     keeps = []
     for axis in range(mask.ndim):
         others = tuple(a for a in range(mask.ndim) if a != axis)

@@ -29,8 +29,6 @@ def default_round_to() -> int:
     return 4
 
 
-
-
 @dataclasses.dataclass
 class Plan:
     removed: np.ndarray  # root labels of the removed classes
@@ -70,7 +68,10 @@ def make_plan(
     not name lose `ratio`. fixed: groups that lose the fraction given, whatever the allocation
     (--layer-ratio, spa.plan.layer_ratios)."""
     protected = _protected(analysis, ignore)
-    candidates = {g.id: _ranked([c for c in g.classes.tolist() if c not in protected], scores) for g in analysis.groups}
+    candidates = {
+        g.id: _ranked([c for c in g.classes.tolist() if c not in protected], scores)
+        for g in analysis.groups
+    }
     if shares is not None:
         ratios = {g.id: shares.get(g.id, ratio) for g in analysis.groups}
     elif global_ranking:
@@ -96,27 +97,45 @@ def plan_from_report(analysis: Analysis, report: dict) -> Plan:
     model: layers are matched by node name and width, their dropped channels removed. Refused where
     the report names a layer this model lacks, would remove channels that must stay, or keeps
     channels in one layer that a coupled layer drops (what stays must be what the report says)."""
-    layers = {layer["node"]: layer for group in report.get("groups", []) for layer in group.get("layers", [])}
+    layers = {
+        layer["node"]: layer
+        for group in report.get("groups", [])
+        for layer in group.get("layers", [])
+    }
     spaces = {s.node: s for s in analysis.spaces if s.node}
     missing = sorted(set(layers) - set(spaces))
     if missing:
-        raise SpaError(f"the plan names {len(missing)} layer(s) this model lacks: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        raise SpaError(
+            f"the plan names {len(missing)} layer(s) this model lacks: "
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+        )
     removed = set()
     for name, layer in layers.items():
         labels = spaces[name].labels
         if layer["width"] != len(labels):
-            raise SpaError(f"the plan's layer {name} has {layer['width']} channels, this model's {len(labels)}")
+            raise SpaError(
+                f"the plan's layer {name} has {layer['width']} channels, this model's {len(labels)}"
+            )
         dropped = np.setdiff1d(np.arange(len(labels)), np.asarray(layer["kept"], dtype=np.int64))
         removed |= set(analysis.sets.find(labels[dropped]).tolist())
     removable = {int(c): g.id for g in analysis.groups for c in g.classes}
     if removed - set(removable):
-        raise SpaError("the plan removes channels this model must keep (they reach an input, an output or a barrier; see `spa analyze`)")
+        raise SpaError(
+            "the plan removes channels this model must keep (they reach an input, an output or a "
+            "barrier; see `spa analyze`)"
+        )
     plan_removed = np.array(sorted(removed), dtype=np.int64)
     for name, layer in layers.items():
         kept = np.flatnonzero(~analysis.removed_mask(spaces[name].labels, plan_removed))
         if kept.tolist() != sorted(layer["kept"]):
-            raise SpaError(f"the plan keeps channels of {name} that a layer coupled with it drops: coupled layers keep the same channels")
-    by_group = {g.id: np.array([c for c in plan_removed if removable[int(c)] == g.id], dtype=np.int64) for g in analysis.groups}
+            raise SpaError(
+                f"the plan keeps channels of {name} that a layer coupled with it drops: coupled "
+                "layers keep the same channels"
+            )
+    by_group = {
+        g.id: np.array([c for c in plan_removed if removable[int(c)] == g.id], dtype=np.int64)
+        for g in analysis.groups
+    }
     return Plan(removed=plan_removed, by_group=by_group)
 
 
@@ -124,11 +143,15 @@ def _ranked(classes: list[int], scores: dict[int, float]) -> list[int]:
     return sorted(classes, key=lambda c: (scores.get(c, 0.0), c))
 
 
-def _global_counts(analysis: Analysis, scores, candidates: dict[int, list[int]], ratio: float, cap: float) -> dict[int, int]:
+def _global_counts(
+    analysis: Analysis, scores, candidates: dict[int, list[int]], ratio: float, cap: float
+) -> dict[int, int]:
     """How many classes each group loses when all groups compete on their normalized scores."""
     budget = math.floor(ratio * sum(g.width for g in analysis.groups) + 1e-9)
     limit = {g.id: g.width - keep_count(g.width, cap, 1) for g in analysis.groups}
-    ranked = sorted((scores.get(c, 0.0), c, gid) for gid, classes in candidates.items() for c in classes)
+    ranked = sorted(
+        (scores.get(c, 0.0), c, gid) for gid, classes in candidates.items() for c in classes
+    )
     counts = {g.id: 0 for g in analysis.groups}
     for _, _, gid in ranked:
         if budget == 0:
@@ -139,7 +162,9 @@ def _global_counts(analysis: Analysis, scores, candidates: dict[int, list[int]],
     return counts
 
 
-def layer_ratios(analysis: Analysis, patterns: dict[str, float]) -> tuple[dict[int, float], list[str]]:
+def layer_ratios(
+    analysis: Analysis, patterns: dict[str, float]
+) -> tuple[dict[int, float], list[str]]:
     """Per group id, the ratio of the first pattern that matches the node name of a layer whose
     output channels the group holds, in the order given; and the patterns that match no group.
     (Output channels only: a layer's weight also carries the channels it reads, another group's.)"""
@@ -147,7 +172,12 @@ def layer_ratios(analysis: Analysis, patterns: dict[str, float]) -> tuple[dict[i
     fixed, unmatched = {}, []
     for pattern, ratio in patterns.items():
         labels = [s.labels for s in analysis.spaces if fnmatch.fnmatchcase(s.node, pattern)]
-        groups = {group_of[c] for lab in labels for c in np.unique(analysis.sets.find(lab)).tolist() if c in group_of}
+        groups = {
+            group_of[c]
+            for lab in labels
+            for c in np.unique(analysis.sets.find(lab)).tolist()
+            if c in group_of
+        }
         if not groups:
             unmatched.append(pattern)
         for gid in groups:
@@ -168,7 +198,9 @@ def _protected(analysis: Analysis, patterns) -> set[int]:
     return {int(r) for lab in labels for r in np.unique(analysis.sets.find(lab))}
 
 
-def _keep_one_per_segment(analysis: Analysis, scores, removed: np.ndarray, by_group: dict) -> np.ndarray:
+def _keep_one_per_segment(
+    analysis: Analysis, scores, removed: np.ndarray, by_group: dict
+) -> np.ndarray:
     """A layer, or a slice of one, must keep at least one channel: give back its best class."""
     removed_set = set(removed.tolist())
     for segment in analysis.segments:

@@ -1,4 +1,5 @@
-"""Pictures (matplotlib, optional): a sweep's latency against MACs, and a prune's layers by depth."""
+"""Pictures (matplotlib, optional): a sweep's latency against MACs, and a prune's layers by
+depth."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str) -> None:
     ax.plot(macs, latency, "o-", color="tab:blue", label="latency (onnxruntime, CPU)")
     ax.plot(macs, params, "s:", color="tab:orange", label="params")
     for r, x, y in zip(rows, macs, latency):
-        ax.annotate(f"{r['ratio']:g}", (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        ax.annotate(
+            f"{r['ratio']:g}", (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8
+        )
     ax.set_xlabel("MACs after / before")
     ax.set_ylabel("after / before")
     ax.set_xlim(0, 1.05)
@@ -46,7 +49,11 @@ def layers_plot(groups: list[dict], path: str | Path, title: str) -> None:
     """Every layer's output channels before (light) and after (dark), in graph order: where the
     model got thinner. `groups` as in the JSON report's "groups"."""
     plt = _pyplot()
-    layers = sorted(((layer["position"], layer["node"], layer["width"], len(layer["kept"])) for g in groups for layer in g["layers"]))
+    layers = sorted(
+        (layer["position"], layer["node"], layer["width"], len(layer["kept"]))
+        for g in groups
+        for layer in g["layers"]
+    )
     if not layers:
         raise SpaError("--plot: no prunable layer to draw")
     x = range(len(layers))
@@ -56,7 +63,13 @@ def layers_plot(groups: list[dict], path: str | Path, title: str) -> None:
     ax.set_xlabel("layer (graph order)")
     ax.set_ylabel("output channels")
     step = max(1, len(layers) // 12)
-    ax.set_xticks(list(x)[::step], [n[:18] for _, n, _, _ in layers][::step], rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(
+        list(x)[::step],
+        [n[:18] for _, n, _, _ in layers][::step],
+        rotation=45,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

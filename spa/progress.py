@@ -32,11 +32,17 @@ class Progress:
     def update(self, done: int) -> None:
         global _on_screen, _status
         elapsed = time.perf_counter() - self.start
-        eta = f", about {elapsed / done * (self.total - done):.0f} s left" if 0 < done < self.total else ""
+        eta = (
+            f", about {elapsed / done * (self.total - done):.0f} s left"
+            if 0 < done < self.total
+            else ""
+        )
         _status = f"{self.label} {done}/{self.total}{eta}"
         if self.terminal and elapsed >= _SHOW_AFTER_S:
             filled = int(30 * done / self.total)
-            _write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}{eta}   ")
+            _write(
+                f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}{eta}   "
+            )
             self.shown, _on_screen = True, self
 
     def close(self) -> None:

@@ -20,7 +20,13 @@ def human(n: float | None, unit: str = "") -> str:
 
 
 def counts_dict(c: Counts) -> dict:
-    return {"params": c.params, "macs": c.macs, "flops": c.flops, "file_bytes": c.file_bytes, "ops": c.ops}
+    return {
+        "params": c.params,
+        "macs": c.macs,
+        "flops": c.flops,
+        "file_bytes": c.file_bytes,
+        "ops": c.ops,
+    }
 
 
 def table(before: Counts, after: Counts, latency: tuple[float, float] | None = None) -> str:
@@ -28,10 +34,22 @@ def table(before: Counts, after: Counts, latency: tuple[float, float] | None = N
         ("params", human(before.params), human(after.params), _ratio(after.params, before.params)),
         ("MACs", human(before.macs), human(after.macs), _ratio(after.macs, before.macs)),
         ("FLOPs", human(before.flops), human(after.flops), _ratio(after.flops, before.flops)),
-        ("file size", human(before.file_bytes, "B"), human(after.file_bytes, "B"), _ratio(after.file_bytes, before.file_bytes)),
+        (
+            "file size",
+            human(before.file_bytes, "B"),
+            human(after.file_bytes, "B"),
+            _ratio(after.file_bytes, before.file_bytes),
+        ),
     ]
     if latency is not None:
-        rows.append(("latency", f"{latency[0]:.3f} ms", f"{latency[1]:.3f} ms", _ratio(latency[1], latency[0])))
+        rows.append(
+            (
+                "latency",
+                f"{latency[0]:.3f} ms",
+                f"{latency[1]:.3f} ms",
+                _ratio(latency[1], latency[0]),
+            )
+        )
     ops = sorted(set(before.ops) | set(after.ops))
     if len(ops) > _MAX_OP_ROWS:  # long graphs: the ops that changed and the ones that do the MACs
         ops = [op for op in ops if before.ops.get(op) != after.ops.get(op) or op in _COMPUTE_OPS]
@@ -39,10 +57,19 @@ def table(before: Counts, after: Counts, latency: tuple[float, float] | None = N
         rows.append((f"  {op}", str(before.ops.get(op, 0)), str(after.ops.get(op, 0)), ""))
     header = ("", "before", "after", "after/before")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in [header, *rows]
+    ]
     lines.insert(1, "-" * len(lines[0]))
     hidden = len(set(before.ops) | set(after.ops)) - len(ops)
-    lines.insert(6 + (latency is not None), "ops" + (f" ({hidden} other op types unchanged)" if hidden else ""))
+    lines.insert(
+        6 + (latency is not None),
+        "ops" + (f" ({hidden} other op types unchanged)" if hidden else ""),
+    )
     return "\n".join(lines)
 
 
@@ -63,27 +90,57 @@ def kept_channels(analysis: Analysis, removed: np.ndarray) -> list[dict]:
         for s in group.spaces:
             space = analysis.spaces[s]
             keep = ~analysis.removed_mask(space.labels, removed)
-            spaces.append({"node": space.node, "op": space.op, "position": s, "width": len(space.labels), "kept": np.flatnonzero(keep).tolist()})
+            spaces.append(
+                {
+                    "node": space.node,
+                    "op": space.op,
+                    "position": s,
+                    "width": len(space.labels),
+                    "kept": np.flatnonzero(keep).tolist(),
+                }
+            )
         lost = int(np.isin(group.classes, removed).sum())
-        groups.append({
-            "id": group.id, "width": group.width, "unit": unit_name(group), "channels_per_unit": group.channels_per_class, "lossy": group.lossy,
-            "pinned": group.pinned, "removed": lost, "layers": spaces, "params": params[group.id],
-        })
+        groups.append(
+            {
+                "id": group.id,
+                "width": group.width,
+                "unit": unit_name(group),
+                "channels_per_unit": group.channels_per_class,
+                "lossy": group.lossy,
+                "pinned": group.pinned,
+                "removed": lost,
+                "layers": spaces,
+                "params": params[group.id],
+            }
+        )
     return groups
 
 
 def unit_name(group) -> str:
-    return "heads" if group.heads else "channels" if group.channels_per_class == 1 else "channel groups"
+    return (
+        "heads"
+        if group.heads
+        else "channels"
+        if group.channels_per_class == 1
+        else "channel groups"
+    )
 
 
 def width_text(group) -> str:
     if group.channels_per_class == 1:
         return str(group.width)
-    return f"{group.width} heads x {group.channels_per_class}" if group.heads else f"{group.width} x {group.channels_per_class}"
+    return (
+        f"{group.width} heads x {group.channels_per_class}"
+        if group.heads
+        else f"{group.width} x {group.channels_per_class}"
+    )
 
 
 def barriers(analysis: Analysis) -> list[dict]:
-    return [{"node": b.node, "op": b.op, "reason": b.reason, "blocked_channels": b.blocked} for b in analysis.barriers]
+    return [
+        {"node": b.node, "op": b.op, "reason": b.reason, "blocked_channels": b.blocked}
+        for b in analysis.barriers
+    ]
 
 
 def normalizations(analysis: Analysis) -> list[dict]:
@@ -95,10 +152,14 @@ def normalizations_line(analysis: Analysis) -> str | None:
     if not analysis.normalizations:
         return None
     ops = sorted({n.op for n in analysis.normalizations})
-    return f"kept: channels that {len(analysis.normalizations)} normalization(s) ({', '.join(ops)}) average over; --prune-hidden prunes them (lossy)"
+    return (
+        f"kept: channels that {len(analysis.normalizations)} normalization(s) "
+        f"({', '.join(ops)}) average over; --prune-hidden prunes them (lossy)"
+    )
 
 
-REPORT_SCHEMA = 2  # 2: schema, versions, options, ratio and target added; the same from the API and the CLI
+# 2: schema, versions, options, ratio and target added; the same from the API and the CLI
+REPORT_SCHEMA = 2
 
 
 def versions() -> dict:
@@ -109,7 +170,13 @@ def versions() -> dict:
 
     from spa import __version__
 
-    return {"spa": __version__, "onnx": onnx.__version__, "onnx_ir": onnx_ir.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    return {
+        "spa": __version__,
+        "onnx": onnx.__version__,
+        "onnx_ir": onnx_ir.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def prune_report(result) -> dict:
@@ -136,7 +203,11 @@ def prune_report(result) -> dict:
 
 def verify_report(verdict) -> dict:
     def described(moved) -> dict | None:
-        return None if moved is None else {**dataclasses.asdict(moved), "likely_broken": moved.likely_broken}
+        return (
+            None
+            if moved is None
+            else {**dataclasses.asdict(moved), "likely_broken": moved.likely_broken}
+        )
 
     return {
         "checker": "passed",
@@ -151,7 +222,11 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
     groups = analysis.groups
     prunable = sum(len(g.classes) for g in groups)
     blocking = sum(b.blocked for b in analysis.barriers)
-    lines = [f"{name}: {len(groups)} prunable groups, {prunable} removable units (channels or heads), {len(analysis.barriers)} barriers ({blocking} blocking channels)", ""]
+    lines = [
+        f"{name}: {len(groups)} prunable groups, {prunable} removable units (channels or heads), "
+        f"{len(analysis.barriers)} barriers ({blocking} blocking channels)",
+        "",
+    ]
     widths = [width_text(g) for g in groups]
     w = max([5, *map(len, widths)])
     lines.append(f"{'group':>5}  {'width':>{w}}  {'pinned':>6}  {'params':>6}  layers")
@@ -166,21 +241,36 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
             lines.append(f"  {b.node or '(unnamed)'} [{b.op}]: {b.reason}; {blocked}")
     if analysis.normalizations:
         lines += ["", "normalizations (their channels stay; --prune-hidden prunes them, lossy):"]
-        lines += [f"  {n.node or '(unnamed)'} [{n.op}]: averages over {n.channels} channel(s)" for n in analysis.normalizations]
+        lines += [
+            f"  {n.node or '(unnamed)'} [{n.op}]: averages over {n.channels} channel(s)"
+            for n in analysis.normalizations
+        ]
     return "\n".join(lines)
 
 
 def analysis_report(analysis: Analysis) -> dict:
-    return {"groups": kept_channels(analysis, np.zeros(0, np.int64)), "barriers": barriers(analysis), "normalizations": normalizations(analysis)}
+    return {
+        "groups": kept_channels(analysis, np.zeros(0, np.int64)),
+        "barriers": barriers(analysis),
+        "normalizations": normalizations(analysis),
+    }
 
 
 def sweep_table(rows: list[dict], threads: int) -> str:
     base = rows[0]
-    lines = [f"{'ratio':>6}  {'MACs':>10}  {'MACs x':>7}  {'params':>10}  {'params x':>8}  {'latency ms':>10}  {'latency x':>9}"]
+    lines = [
+        f"{'ratio':>6}  {'MACs':>10}  {'MACs x':>7}  {'params':>10}  {'params x':>8}  "
+        f"{'latency ms':>10}  {'latency x':>9}"
+    ]
     for r in rows:
         lines.append(
-            f"{r['ratio']:>6.2f}  {human(r['macs']):>10}  {r['macs'] / base['macs']:>7.3f}  {human(r['params']):>10}  "
-            f"{r['params'] / base['params']:>8.3f}  {r['latency_ms']:>10.3f}  {r['latency_ratio']:>9.3f}"
+            f"{r['ratio']:>6.2f}  {human(r['macs']):>10}  {r['macs'] / base['macs']:>7.3f}  "
+            f"{human(r['params']):>10}  "
+            f"{r['params'] / base['params']:>8.3f}  {r['latency_ms']:>10.3f}  "
+            f"{r['latency_ratio']:>9.3f}"
         )
-    lines.append(f"latency: onnxruntime CPU, {threads} intra-op thread(s), all models interleaved in one loop; x = after/before")
+    lines.append(
+        f"latency: onnxruntime CPU, {threads} intra-op thread(s), all models interleaved in one "
+        "loop; x = after/before"
+    )
     return "\n".join(lines)

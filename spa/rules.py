@@ -22,15 +22,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from spa.evaluate import run_node
-from spa.labels import varying_axes
-from spa.labels import compress as compress_labels
 from spa.graph import is_default_domain
+from spa.labels import compress as compress_labels
+from spa.labels import varying_axes
 
 if TYPE_CHECKING:
     from spa.analysis import Propagation
@@ -41,7 +42,8 @@ class NotHandled(Exception):
 
 
 Rule = Callable[["Propagation", ir.Node], None]
-Rewrite = Callable[..., None]  # (spa.apply's surgery, node): the node's attributes and shape inputs after a prune
+# (spa.apply's surgery, node): the node's attributes and shape inputs after a prune
+Rewrite = Callable[..., None]
 Creates = Callable[[ir.Node, "Propagation"], bool]
 
 
@@ -79,8 +81,10 @@ def rewrite(*ops: str, domain: str = ""):
     def register(fn: Rewrite) -> Rewrite:
         for op in ops:
             entry = _RULES.get((domain, op))
-            if entry is None or entry.rewrite is not None:
-                raise ValueError(f"{op}: {'no rule to rewrite for' if entry is None else 'already rewritten by ' + entry.rewrite.__name__}")
+            if entry is None:
+                raise ValueError(f"{op}: no rule to rewrite for")
+            if entry.rewrite is not None:
+                raise ValueError(f"{op}: already rewritten by {entry.rewrite.__name__}")
             entry.rewrite = fn
         return fn
 
@@ -88,15 +92,23 @@ def rewrite(*ops: str, domain: str = ""):
 
 
 def op_rule(node: ir.Node) -> OpRule | None:
-    """The node's rule; None for an op without one and for a node with subgraphs (If, Loop, Scan)."""
-    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+    """The node's rule; None for an op without one and for a node with subgraphs (If, Loop,
+    Scan)."""
+    if any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for a in node.attributes.values()
+    ):
         return None
     return _RULES.get(("" if is_default_domain(node) else node.domain, node.op_type))
 
 
 def creates_channels(node: ir.Node, prop: Propagation) -> bool:
     entry = op_rule(node)
-    return entry is not None and entry.creates_channels is not None and entry.creates_channels(node, prop)
+    return (
+        entry is not None
+        and entry.creates_channels is not None
+        and entry.creates_channels(node, prop)
+    )
 
 
 def _constant_weight(node: ir.Node, prop: Propagation) -> bool:
@@ -105,8 +117,13 @@ def _constant_weight(node: ir.Node, prop: Propagation) -> bool:
 
 
 def _constant_table(node: ir.Node, prop: Propagation) -> bool:
-    """A Gather from a constant table by run-time indices (an embedding) opens the table's channels."""
-    return prop.is_constant(node.inputs[0]) and len(node.inputs) > 1 and not prop.is_constant(node.inputs[1])
+    """A Gather from a constant table by run-time indices (an embedding) opens the table's
+    channels."""
+    return (
+        prop.is_constant(node.inputs[0])
+        and len(node.inputs) > 1
+        and not prop.is_constant(node.inputs[1])
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +178,17 @@ def conv(prop: Propagation, node: ir.Node) -> None:
             prop.sets.union(g_out, g_out[:1])
         # The weight's per-group axis holds one group's positions; the full axis holds all of them.
         if transposed:
-            out_member = g_out[0] if out_per_group > 1 and in_per_group > 1 else np.zeros(out_per_group, np.int64)
+            out_member = (
+                g_out[0]
+                if out_per_group > 1 and in_per_group > 1
+                else np.zeros(out_per_group, np.int64)
+            )
         else:
-            in_member = g_in[0] if out_per_group > 1 and in_per_group > 1 else np.zeros(in_per_group, np.int64)
+            in_member = (
+                g_in[0]
+                if out_per_group > 1 and in_per_group > 1
+                else np.zeros(in_per_group, np.int64)
+            )
     prop.member(node, 1, _at_axis(in_member, in_axis, rank))
     prop.member(node, 1, _at_axis(out_member, out_axis, rank))
     if bias is not None:
@@ -209,7 +234,11 @@ def matmul(prop: Propagation, node: ir.Node) -> None:
         prop.member(node, 1, outputs.reshape(1, -1))
         prop.set(node.outputs[0], _at_axis(outputs, out_rank - 1, out_rank))
         return
-    if prop.is_constant(a) or prop.is_constant(b) or min(len(prop.shape(a)), len(prop.shape(b))) < 2:
+    if (
+        prop.is_constant(a)
+        or prop.is_constant(b)
+        or min(len(prop.shape(a)), len(prop.shape(b))) < 2
+    ):
         raise NotHandled("MatMul with a constant first operand, a batched weight or a vector")
     _contract(prop, node, out_shape)
 
@@ -219,7 +248,8 @@ def _contract(prop: Propagation, node: ir.Node, out_shape: tuple[int, ...]) -> N
 
     Channel k of A's columns meets channel k of B's rows. Each output element sums over all k, so
     where A's labels also vary along its batch or row axes (heads), every batch slice becomes one
-    class: removing a head removes its whole slice of the output. The batch axes meet elementwise."""
+    class: removing a head removes its whole slice of the output. The batch axes meet
+    elementwise."""
     rank = len(out_shape)
     la, sa = _at_rank(prop, node.inputs[0], rank)
     lb, sb = _at_rank(prop, node.inputs[1], rank)
@@ -260,7 +290,9 @@ def recurrent(prop: Propagation, node: ir.Node) -> None:
     x, w, rec = node.inputs[0], node.inputs[1], node.inputs[2]
     optional = list(node.inputs[3:]) + [None] * (8 - len(node.inputs))
     bias, _, initial_h, initial_c, peephole = optional[:5]
-    if not (prop.is_constant(w) and prop.is_constant(rec)) or (bias is not None and not prop.is_constant(bias)):
+    if not (prop.is_constant(w) and prop.is_constant(rec)) or (
+        bias is not None and not prop.is_constant(bias)
+    ):
         raise NotHandled("weights are not constants")
     gates = _GATES[node.op_type]
     size = node.attributes.get_int("hidden_size", 0)
@@ -296,7 +328,9 @@ def recurrent(prop: Propagation, node: ir.Node) -> None:
 # elementwise ops
 
 
-def elementwise(prop: Propagation, node: ir.Node, operands: list[tuple[int, list[int] | None]]) -> None:
+def elementwise(
+    prop: Propagation, node: ir.Node, operands: list[tuple[int, list[int] | None]]
+) -> None:
     """Operands meet elementwise. Each is (input index, the output axes its own axes sit at), None
     meaning numpy broadcasting."""
     out_shape = prop.shape(node.outputs[0])
@@ -306,7 +340,11 @@ def elementwise(prop: Propagation, node: ir.Node, operands: list[tuple[int, list
         value = node.inputs[index]
         own = prop.shape(value)
         axes = list(range(rank - len(own), rank)) if axes is None else axes
-        labels = None if prop.is_constant(value) else prop.labels(value).reshape(_place(prop.labels(value).shape, axes, rank))
+        labels = (
+            None
+            if prop.is_constant(value)
+            else prop.labels(value).reshape(_place(prop.labels(value).shape, axes, rank))
+        )
 
         def as_member(param: np.ndarray, index=index, axes=axes) -> None:
             prop.member(node, index, param.reshape([param.shape[a] for a in axes]))
@@ -328,7 +366,9 @@ def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarr
     heads the unit), while an unlabelled one or a constant must stay whole, so removals may cut only
     along the axes it does not span (a rotary cos/sin table over head dims keeps whole heads)."""
     rank = len(out_shape)
-    channel_axes = {a for lab, _, _ in parts if lab is not None for a in varying_axes(lab) if out_shape[a] > 1}
+    channel_axes = {
+        a for lab, _, _ in parts if lab is not None for a in varying_axes(lab) if out_shape[a] > 1
+    }
     compressed = tuple(out_shape[a] if a in channel_axes else 1 for a in range(rank))
     spans = [{a for a in channel_axes if shape[a] == out_shape[a]} for _, shape, _ in parts]
     result = np.zeros(compressed, dtype=np.int64)
@@ -357,11 +397,11 @@ def _place(own: tuple[int, ...], axes: list[int], rank: int) -> tuple[int, ...]:
     return tuple(placed)
 
 
-_UNARY = """Abs Acos Acosh Asin Asinh Atan Atanh Cast Ceil Celu Cos Cosh Dropout Elu Erf Exp Floor Gelu
-HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal Relu Round Selu
-Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Swish Tan Tanh ThresholdedRelu""".split()
-_NARY = """Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max
-Mean Min Mod Mul Or Pow PRelu Sub Sum Where Xor Clip CastLike""".split()
+_UNARY = """Abs Acos Acosh Asin Asinh Atan Atanh Cast Ceil Celu Cos Cosh Dropout Elu Erf Exp Floor
+Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal Relu Round
+Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Swish Tan Tanh ThresholdedRelu""".split()
+_NARY = """Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less
+LessOrEqual Max Mean Min Mod Mul Or Pow PRelu Sub Sum Where Xor Clip CastLike""".split()
 
 
 @rule(*_UNARY, *_NARY)
@@ -382,7 +422,11 @@ def per_channel(prop: Propagation, node: ir.Node) -> None:
         # Reshape back) go together, one class per row, so that whole rows (groups) go or stay.
         _per_row_norm(prop, node, _channel_vector(prop, node.inputs[0], 1))
         return
-    elementwise(prop, node, [(0, None)] + [(i, [1]) for i in range(1, len(node.inputs)) if node.inputs[i] is not None])
+    elementwise(
+        prop,
+        node,
+        [(0, None)] + [(i, [1]) for i in range(1, len(node.inputs)) if node.inputs[i] is not None],
+    )
 
 
 @rule("LayerNormalization")
@@ -391,7 +435,9 @@ def layer_norm(prop: Propagation, node: ir.Node) -> None:
     rank = len(prop.shape(node.inputs[0]))
     axis = node.attributes.get_int("axis", -1) % rank
     labels = prop.labels(node.inputs[0])
-    if any(labels.shape[a] > 1 for a in range(axis, rank)) and not _statistics_may_change(prop, node, labels, range(axis, rank)):
+    if any(labels.shape[a] > 1 for a in range(axis, rank)) and not _statistics_may_change(
+        prop, node, labels, range(axis, rank)
+    ):
         prop.sets.pin(labels)
     elementwise(prop, node, [(i, None) for i, v in enumerate(node.inputs) if v is not None])
 
@@ -403,7 +449,8 @@ def _statistics_may_change(prop: Propagation, node: ir.Node, labels: np.ndarray,
     if prop.lossy:
         prop.mark_lossy(labels)
     else:
-        prop.normalized(node, math.prod(labels.shape[a] for a in axes))  # channels along the axes it averages
+        # channels along the axes it averages
+        prop.normalized(node, math.prod(labels.shape[a] for a in axes))
     return prop.lossy
 
 
@@ -420,7 +467,9 @@ def _pin_along(prop: Propagation, value: ir.Value, axes) -> bool:
     return False
 
 
-def axis_local(prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] = (), statistics: bool = False) -> None:
+def axis_local(
+    prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] = (), statistics: bool = False
+) -> None:
     """The op works along `axes` of input 0 (pool, reduce, normalize over them); `dropped` axes
     disappear from the output. Channels along other axes pass through unchanged; channels along
     `axes` are pinned, unless the op computes `statistics` and hidden-size pruning is lossy."""
@@ -433,14 +482,29 @@ def axis_local(prop: Propagation, node: ir.Node, axes, dropped: tuple[int, ...] 
             prop.sets.pin(labels)
         labels = np.zeros([1 if a in axes else d for a, d in enumerate(labels.shape)], np.int64)
     if dropped:
-        labels = labels.reshape([d for a, d in enumerate(labels.shape) if a not in {a % rank for a in dropped}])
+        labels = labels.reshape(
+            [d for a, d in enumerate(labels.shape) if a not in {a % rank for a in dropped}]
+        )
     for out in node.outputs:
         if out.name:
             out_rank = len(prop.shape(out))
-            prop.set(out, labels.reshape(labels.shape[:out_rank]) if labels.ndim == out_rank else np.zeros((1,) * out_rank, np.int64))
+            prop.set(
+                out,
+                labels.reshape(labels.shape[:out_rank])
+                if labels.ndim == out_rank
+                else np.zeros((1,) * out_rank, np.int64),
+            )
 
 
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
+@rule(
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "MaxRoiPool",
+)
 def pool(prop: Propagation, node: ir.Node) -> None:
     if len([o for o in node.outputs if o.name and o.uses()]) > 1:
         raise NotHandled("MaxPool indices encode the channel count")
@@ -450,8 +514,11 @@ def pool(prop: Propagation, node: ir.Node) -> None:
 @rule("LRN", "MeanVarianceNormalization")
 def across_channels(prop: Propagation, node: ir.Node) -> None:
     """Normalizing across channels: removing one would change the others, so they are pinned."""
-    rank = len(prop.shape(node.inputs[0]))
-    axes = node.attributes.get_ints("axes", [0, 2, 3]) if node.op_type == "MeanVarianceNormalization" else [1]
+    axes = (
+        node.attributes.get_ints("axes", [0, 2, 3])
+        if node.op_type == "MeanVarianceNormalization"
+        else [1]
+    )
     axis_local(prop, node, axes)
 
 
@@ -492,9 +559,18 @@ def along_axis(prop: Propagation, node: ir.Node) -> None:
         axis = int(_const(prop, node, 1).reshape(-1)[0])
         axes = [axis]
     else:
-        axis = node.attributes.get_int("axis", -1 if prop.opset >= 13 or node.op_type == "LpNormalization" else 1) % rank
+        axis = (
+            node.attributes.get_int(
+                "axis", -1 if prop.opset >= 13 or node.op_type == "LpNormalization" else 1
+            )
+            % rank
+        )
         # Before opset 13, softmax works on the input flattened from `axis` on.
-        axes = [axis] if prop.opset >= 13 or node.op_type == "LpNormalization" else list(range(axis, rank))
+        axes = (
+            [axis]
+            if prop.opset >= 13 or node.op_type == "LpNormalization"
+            else list(range(axis, rank))
+        )
     axis_local(prop, node, axes)
 
 
@@ -537,7 +613,9 @@ def pad(prop: Propagation, node: ir.Node) -> None:
 def resize(prop: Propagation, node: ir.Node) -> None:
     in_shape, out_shape = prop.shape(node.inputs[0]), prop.shape(node.outputs[0])
     axis_local(prop, node, [a for a in range(len(in_shape)) if in_shape[a] != out_shape[a]])
-    if node.outputs[0].name and not _runtime_shape_follows(prop, node, prop.labels(node.outputs[0])):
+    if node.outputs[0].name and not _runtime_shape_follows(
+        prop, node, prop.labels(node.outputs[0])
+    ):
         raise NotHandled("the run-time sizes spell out a channel count")
 
 
@@ -602,7 +680,9 @@ def move(prop: Propagation, node: ir.Node) -> None:
         if value is None:
             arrays.append(None)
         elif i in data:
-            arrays.append(np.ascontiguousarray(np.broadcast_to(prop.labels(value), prop.shape(value))))
+            arrays.append(
+                np.ascontiguousarray(np.broadcast_to(prop.labels(value), prop.shape(value)))
+            )
         elif node.op_type == "Gather" and i == 1 and not prop.is_constant(value):
             arrays.append(_runtime_indices(prop, node))
         else:
@@ -625,7 +705,8 @@ def _runtime_indices(prop: Propagation, node: ir.Node) -> np.ndarray:
     """Indices known only at run time (a graph's edges, a point cloud's neighbours, chosen tokens)
     along an axis the channel labels do not vary along move whole channel vectors: any index
     gives the same labels, so index 0 stands for all. Along a channel axis they pin."""
-    labels = prop.labels(node.inputs[0])  # broadcastable: size 1 along the axes it does not vary along
+    # broadcastable: size 1 along the axes it does not vary along
+    labels = prop.labels(node.inputs[0])
     axis = node.attributes.get_int("axis", 0) % labels.ndim
     if axis in varying_axes(labels):
         raise NotHandled("input 1 (indices) is computed at run time and addresses a channel axis")
@@ -660,7 +741,8 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
         return True
     if shape_pieces(shape) is None:
         return False
-    if node.op_type == "Resize" and node.attributes.get("axes") is not None:  # sizes of some axes only
+    # sizes of some axes only
+    if node.op_type == "Resize" and node.attributes.get("axes") is not None:
         return False
     scaled = _entries_follow(prop, _shape_entries(prop, shape), compress_labels(labels))
     if scaled is None:
@@ -701,7 +783,10 @@ def _entries_follow(prop: Propagation, entries: list[ShapeEntry], out: np.ndarra
 
 def _reads_channels(prop: Propagation, entry) -> bool:
     """Whether a shape entry is a run-time dim of an axis that channels vary along."""
-    return isinstance(entry, (RuntimeDim, ScaledDim)) and prop.labels(entry.source).shape[entry.axis] > 1
+    return (
+        isinstance(entry, (RuntimeDim, ScaledDim))
+        and prop.labels(entry.source).shape[entry.axis] > 1
+    )
 
 
 class Piece(enum.Enum):
@@ -747,13 +832,19 @@ def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: 
         blocks = along.reshape(per, along.shape[0] // per, *along.shape[1:])
         return "rewrite" if bool((blocks == blocks[:1]).all()) else None
     slices = _channel_slices(source, entry.axis)
-    return "follows" if [s for s in slices for _ in range(count)] == _channel_slices(out, axis) else None
+    return (
+        "follows"
+        if [s for s in slices for _ in range(count)] == _channel_slices(out, axis)
+        else None
+    )
 
 
 def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
     if labels.shape[axis] == 1:
         return None
-    return [frozenset(np.unique(labels.take(k, axis=axis)).tolist()) for k in range(labels.shape[axis])]
+    return [
+        frozenset(np.unique(labels.take(k, axis=axis)).tolist()) for k in range(labels.shape[axis])
+    ]
 
 
 def _shape_entries(prop: Propagation, value: ir.Value) -> list[ShapeEntry]:
@@ -791,21 +882,33 @@ def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
                     return [ScaledDim(source[0].source, source[0].axis, producer, slot)]
         return None
     if producer.op_type == "Concat":
-        parts = [[Piece.FIXED] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else dims_of(prop, v) for v in producer.inputs]
+        parts = [
+            [Piece.FIXED] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else dims_of(prop, v)
+            for v in producer.inputs
+        ]
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
     if producer.op_type == "Where":
         # torch's expand fix-up, Where(Equal(v, -1), 1, v), keeps v wherever v is a real dim.
         test = producer.inputs[0].producer()
         chosen = producer.inputs[2]
-        if test is not None and test.op_type == "Equal" and chosen in test.inputs and prop.is_constant(producer.inputs[1]):
+        if (
+            test is not None
+            and test.op_type == "Equal"
+            and chosen in test.inputs
+            and prop.is_constant(producer.inputs[1])
+        ):
             return dims_of(prop, chosen)
         return None
     if producer.op_type in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape"):
         source = dims_of(prop, producer.inputs[0])
-        if source is None or not all(prop.is_constant(v) for v in producer.inputs[1:] if v is not None):
+        if source is None or not all(
+            prop.is_constant(v) for v in producer.inputs[1:] if v is not None
+        ):
             return None
         others = [None if v is None else v.const_value.numpy() for v in producer.inputs[1:]]
-        picked = run_node(producer, [np.arange(len(source), dtype=np.int64), *others], prop.opset)[0]
+        picked = run_node(producer, [np.arange(len(source), dtype=np.int64), *others], prop.opset)[
+            0
+        ]
         return [source[int(i)] for i in picked.reshape(-1)]
     return None
 
@@ -815,10 +918,17 @@ def shape_pieces(value: ir.Value) -> list[tuple[int, ir.Value]] | None:
     vector itself; None unless every piece has a known length. Constant pieces can be rewritten
     after pruning; the others are computed at run time."""
     producer = value.producer()
-    pieces = list(producer.inputs) if producer is not None and producer.op_type == "Concat" else [value]
+    pieces = (
+        list(producer.inputs) if producer is not None and producer.op_type == "Concat" else [value]
+    )
     result, offset = [], 0
     for piece in pieces:
-        if piece is None or piece.shape is None or len(piece.shape) != 1 or not isinstance(piece.shape[0], int):
+        if (
+            piece is None
+            or piece.shape is None
+            or len(piece.shape) != 1
+            or not isinstance(piece.shape[0], int)
+        ):
             return None
         result.append((offset, piece))
         offset += piece.shape[0]
@@ -830,7 +940,11 @@ def _check_slice_steps(prop: Propagation, node: ir.Node) -> None:
         return
     labels = prop.labels(node.inputs[0])
     rank = labels.ndim
-    axes = _const(prop, node, 3).reshape(-1) if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(rank)
+    axes = (
+        _const(prop, node, 3).reshape(-1)
+        if len(node.inputs) > 3 and node.inputs[3] is not None
+        else np.arange(rank)
+    )
     steps = _const(prop, node, 4).reshape(-1)
     for axis, step in zip(axes, steps):
         if step != 1 and labels.shape[axis % rank] > 1:

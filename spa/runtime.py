@@ -8,8 +8,9 @@ import os
 import pickle
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import onnxruntime as ort
 
 from spa.errors import SpaError, first_line
 from spa.io import PROTO_LIMIT, inline_external_tensors, is_large
+
 
 def quiet() -> None:
     """onnxruntime's own log lines off (the command line's errors are one line). The command line
@@ -55,9 +57,14 @@ def isolated(run: Callable[[], T], doing: str) -> T:
         payload = pipe.read()  # before waiting: a large result would fill the pipe
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        raise SpaError(f"onnxruntime crashed ({signal.Signals(os.WTERMSIG(status)).name}) while {doing}")
+        raise SpaError(
+            f"onnxruntime crashed ({signal.Signals(os.WTERMSIG(status)).name}) while {doing}"
+        )
     if not payload:
-        raise SpaError(f"onnxruntime's process ended without a result (exit {os.waitstatus_to_exitcode(status)}) while {doing}")
+        raise SpaError(
+            "onnxruntime's process ended without a result (exit "
+            f"{os.waitstatus_to_exitcode(status)}) while {doing}"
+        )
     ok, value = pickle.loads(payload)
     if not ok:
         raise RuntimeError(value)
@@ -76,7 +83,11 @@ def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:
     """Drop the nodes that `outputs` do not depend on: onnxruntime runs every node of a graph,
     needed or not (an early layer's input costs the whole model otherwise). Graphs with subgraphs
     stay whole: their nodes read outer values that the node inputs do not list."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
         return
     needed, kept = set(outputs), []
     for node in reversed(graph.node):
@@ -96,7 +107,13 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, lean: bool | None = None, only_for: list[str] | None = None) -> ort.InferenceSession:
+def session(
+    model: ir.Model,
+    threads: int = 1,
+    serialized: bytes | None = None,
+    lean: bool | None = None,
+    only_for: list[str] | None = None,
+) -> ort.InferenceSession:
     """An onnxruntime session of `model`.
 
     lean: share the weights with onnxruntime instead of serializing them (see `skeleton`); the
@@ -107,7 +124,9 @@ def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, 
     if serialized is None and not (is_large(model) if lean is None else lean):
         serialized = serialize(model, only_for)
     if serialized is not None:
-        return ort.InferenceSession(serialized, session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            serialized, session_options(threads), providers=["CPUExecutionProvider"]
+        )
     with tempfile.TemporaryDirectory(prefix="spa-") as folder:
         path, shared = skeleton(model, Path(folder))
         return lean_session(path, shared, threads)
@@ -115,9 +134,18 @@ def session(model: ir.Model, threads: int = 1, serialized: bytes | None = None, 
 
 # Weights onnxruntime can take from memory as they are (numpy dtypes it maps one to one).
 _SHAREABLE = {
-    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL,
-    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+    ir.DataType.FLOAT,
+    ir.DataType.DOUBLE,
+    ir.DataType.FLOAT16,
+    ir.DataType.BOOL,
+    ir.DataType.INT8,
+    ir.DataType.INT16,
+    ir.DataType.INT32,
+    ir.DataType.INT64,
+    ir.DataType.UINT8,
+    ir.DataType.UINT16,
+    ir.DataType.UINT32,
+    ir.DataType.UINT64,
 }
 _SHARE_MIN_BYTES = 1024  # smaller tensors (shape constants and the like) stay in the graph
 _PLACEHOLDER = "weights.data"
@@ -139,11 +167,23 @@ def skeleton(model: ir.Model, folder: Path) -> tuple[Path, dict[str, np.ndarray]
     try:
         for value in model.graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or tensor.dtype not in _SHAREABLE or tensor.nbytes <= _SHARE_MIN_BYTES:
+            if (
+                tensor is None
+                or tensor.dtype not in _SHAREABLE
+                or tensor.nbytes <= _SHARE_MIN_BYTES
+            ):
                 continue
             shared[value.name] = np.ascontiguousarray(tensor.numpy())
             replaced.append((value, tensor))
-            value.const_value = ir.ExternalTensor(_PLACEHOLDER, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=folder)
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER,
+                offset,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=value.name,
+                base_dir=folder,
+            )
             offset += tensor.nbytes
         proto = ir.serde.serialize_model(model)
     finally:
@@ -171,18 +211,27 @@ def lean_session(path: Path, shared: dict[str, np.ndarray], threads: int) -> ort
     return sess
 
 
-def random_inputs(sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(
+    sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     for arg in sess.get_inputs():
         given = (input_shapes or {}).get(arg.name)
         shape = given or [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
         kind = arg.type[len("tensor(") : -1]
-        dtype = np.dtype({"float": "float32", "double": "float64"}.get(kind, kind)) if kind != "string" else None
+        dtype = (
+            np.dtype({"float": "float32", "double": "float64"}.get(kind, kind))
+            if kind != "string"
+            else None
+        )
         if dtype is None:
-            raise SpaError(f"input '{arg.name}' is a string tensor: spa cannot make test inputs for it")
+            raise SpaError(
+                f"input '{arg.name}' is a string tensor: spa cannot make test inputs for it"
+            )
         if dtype.kind == "f":
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[arg.name] = np.ones(shape, dtype=dtype)  # ids and masks: 1 is valid for any vocabulary
+            # ids and masks: 1 is valid for any vocabulary
+            feeds[arg.name] = np.ones(shape, dtype=dtype)
     return feeds

@@ -7,16 +7,18 @@ import collections
 import numpy as np
 
 from spa.analysis import Analysis
-from spa.options import CRITERIA, DATA_CRITERIA  # noqa: F401 -- declared with the options; DATA_CRITERIA need calibration statistics
+
+# Declared with the options; DATA_CRITERIA need calibration statistics.
+from spa.options import CRITERIA, DATA_CRITERIA  # noqa: F401
 from spa.statistics import feature_classes, one_blas_thread
 
 
 def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int, float]:
     """Score each removable class (root label -> importance, higher is more important).
 
-    Magnitude: for every member, the L1 or L2 norm of the elements that belong to each class, divided
-    by the member's mean over its classes, so that a conv weight and a bias vote with equal voice;
-    the class score is the sum over members, normalized by the group's mean score.
+    Magnitude: for every member, the L1 or L2 norm of the elements that belong to each class,
+    divided by the member's mean over its classes, so that a conv weight and a bias vote with equal
+    voice; the class score is the sum over members, normalized by the group's mean score.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance criterion {criterion!r}; choose from {CRITERIA}")
@@ -30,7 +32,9 @@ def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int,
     for member in analysis.members:
         weight = member.value.const_value.numpy()
         # Sum the magnitudes over the axes the labels do not vary along, then per class.
-        flat = tuple(a for a, size in enumerate(member.labels.shape) if size == 1 and weight.shape[a] > 1)
+        flat = tuple(
+            a for a, size in enumerate(member.labels.shape) if size == 1 and weight.shape[a] > 1
+        )
         weight = weight.astype(np.float32, copy=False)
         magnitude = np.square(weight) if criterion == "l2" else np.abs(weight)
         magnitude = magnitude.sum(axis=flat, keepdims=True, dtype=np.float64)
@@ -48,7 +52,8 @@ def score(analysis: Analysis, criterion: str = "l2", seed: int = 0) -> dict[int,
 
 def dead_first(analysis: Analysis, scores: dict[int, float]) -> dict[int, float]:
     """Classes whose parameters are all zero cost nothing to remove: they rank below every live
-    one, whatever the criterion (data-free OBS ranked live channels that noise never reaches first)."""
+    one, whatever the criterion (data-free OBS ranked live channels that noise never reaches
+    first)."""
     dead = [c for c, magnitude in score(analysis, "l1").items() if magnitude == 0.0]
     if not dead:
         return scores
@@ -67,7 +72,9 @@ def _per_group(analysis: Analysis, totals: np.ndarray) -> dict[int, float]:
 
 
 @one_blas_thread  # the same scores whatever the thread count (spa.statistics.one_blas_thread)
-def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, found: list, damping: float = 0.01) -> dict[int, float]:
+def score_with_statistics(
+    analysis: Analysis, criterion: str, moments: dict, found: list, damping: float = 0.01
+) -> dict[int, float]:
     """Data-aware importance from the consumers' input statistics (spa.statistics).
 
     wanda: sum over a class's input features of |W| times the feature's RMS (Wanda, on channels).
@@ -83,7 +90,8 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     keeps their mean) times their weights squared, and classes accumulate in ascending order.
     Classes that no consumer reads keep their magnitude score, scaled down."""
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
-    pending: dict[int, list[tuple]] = {}  # group id -> (consumer, weight, feature classes) for greedy OBS
+    # group id -> (consumer, weight, feature classes) for greedy OBS
+    pending: dict[int, list[tuple]] = {}
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
     for consumer in found:
         members = analysis.members_named(consumer.weight)
@@ -102,7 +110,9 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
         squares = stats.mean_square()[:-1] if consumer.wide else np.diag(stats.mean_gram())[:-1]
         if criterion == "wanda":
             rms = np.sqrt(np.maximum(squares, 0))
-            per_class = np.bincount(classes, weights=np.abs(matrix).sum(axis=0) * rms, minlength=len(totals))
+            per_class = np.bincount(
+                classes, weights=np.abs(matrix).sum(axis=0) * rms, minlength=len(totals)
+            )
             mean = per_class[np.unique(classes[classes != 0])].mean()
             if mean > 0:
                 totals += per_class / mean
@@ -114,7 +124,9 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     readers = _Readers(moments, damping, pending)
     for group in analysis.groups:
         if group.id in pending:
-            totals[group.classes] += _greedy_obs(group.classes, [readers.of(*r) for r in pending[group.id]])
+            totals[group.classes] += _greedy_obs(
+                group.classes, [readers.of(*r) for r in pending[group.id]]
+            )
             for consumer, _, _ in pending[group.id]:
                 readers.done(consumer)
     fallback = np.zeros(len(totals))
@@ -123,24 +135,29 @@ def score_with_statistics(analysis: Analysis, criterion: str, moments: dict, fou
     if criterion == "wanda":
         return _per_group(analysis, np.where(totals > 0, totals, 1e-3 * fallback))
     # Unread classes go first, in magnitude order, below every read class of their group.
-    floor = min((totals[c] for g in analysis.groups for c in g.classes if totals[c] > 0), default=1.0)
+    floor = min(
+        (totals[c] for g in analysis.groups for c in g.classes if totals[c] > 0), default=1.0
+    )
     totals = np.where(totals > 0, totals, 1e-3 * floor * fallback / max(fallback.max(), 1e-30))
     return {int(c): float(totals[c]) for g in analysis.groups for c in g.classes}
 
 
 class _Readers:
-    """What greedy OBS needs of each consumer of a group, (weights, inverse Hessian, feature classes,
-    output energy), made when the first of its groups is scored and dropped after the last, its
-    moments with it: one group's matrices alive at a time (a 3.4 GB LLaMA-style model's, made all
-    at once, passed 16 GB). Consumers that share their moments (Q, K and V) share the inverse."""
+    """What greedy OBS needs of each consumer of a group, (weights, inverse Hessian, feature
+    classes, output energy), made when the first of its groups is scored and dropped after the
+    last, its moments with it: one group's matrices alive at a time (a 3.4 GB LLaMA-style model's,
+    made all at once, passed 16 GB). Consumers that share their moments (Q, K and V) share the
+    inverse."""
 
     def __init__(self, moments: dict, damping: float, pending: dict[int, list[tuple]]):
         self.moments, self.damping = moments, damping
         uses = [c for readers in pending.values() for c, _, _ in readers]
-        self.left = collections.Counter(c.weight for c in uses)  # groups still to score, per consumer
+        # groups still to score, per consumer
+        self.left = collections.Counter(c.weight for c in uses)
         self.shared = collections.Counter(id(moments[c.weight]) for c in uses)  # per set of moments
         self.made: dict[str, tuple] = {}
-        self.inverses: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(moments) -> (gram, inverse)
+        # id(moments) -> (gram, inverse)
+        self.inverses: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def of(self, consumer, weight: np.ndarray, classes: np.ndarray) -> tuple:
         if consumer.weight not in self.made:
@@ -151,9 +168,11 @@ class _Readers:
                 self.inverses[id(stats)] = gram, np.linalg.inv(gram + damp * np.eye(len(gram)))
             gram, inverse = self.inverses[id(stats)]
             matrix = consumer.matrix(weight.astype(np.float64))
-            matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)  # its weight: the bias
+            # its weight: the bias
+            matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)
             energy = max(float(np.sum((matrix @ gram) * matrix)), 1e-30)  # tr(W H W^T)
-            self.made[consumer.weight] = (matrix, inverse, np.append(classes, 0), energy)  # the constant feature: no class
+            # the constant feature: no class
+            self.made[consumer.weight] = (matrix, inverse, np.append(classes, 0), energy)
         return self.made[consumer.weight]
 
     def done(self, consumer) -> None:
@@ -212,7 +231,9 @@ def _greedy_obs(classes: np.ndarray, readers: list[tuple]) -> np.ndarray:
     return np.array([result.get(int(c), 0.0) for c in classes])
 
 
-def _removal_errors(w: np.ndarray, h: np.ndarray, features: np.ndarray, candidates: list[int]) -> np.ndarray:
+def _removal_errors(
+    w: np.ndarray, h: np.ndarray, features: np.ndarray, candidates: list[int]
+) -> np.ndarray:
     """tr(W_R ([H^-1]_RR)^-1 W_R^T) for each candidate class's features R, batched over the
     candidates that hold the same number of features (a conv's kernel, a head's dims)."""
     errors = np.zeros(len(candidates))
@@ -226,7 +247,9 @@ def _removal_errors(w: np.ndarray, h: np.ndarray, features: np.ndarray, candidat
     return errors
 
 
-def _remove_features(w: np.ndarray, h: np.ndarray, features: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _remove_features(
+    w: np.ndarray, h: np.ndarray, features: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """OBS update: the weights compensated for removing `rows`, and the inverse Hessian of the
     features that remain (Schur complement); returns both, and the remaining features' classes, for
     the remaining features only: the matrices shrink as channels go (AlexNet's 9,216-input layer

@@ -23,11 +23,11 @@ import onnx_ir as ir
 
 from spa import io, runtime, verify
 from spa.analysis import Analysis
-from spa.count import Counts, count
 from spa.apply import pruned_shapes
 from spa.calibration import batch_size
-from spa.statistics import SESSION_THREADS
+from spa.count import Counts, count
 from spa.progress import Progress
+from spa.statistics import SESSION_THREADS
 
 # Fractions of a group at which its loss is measured (within max_group_ratio). Finer steps matter
 # more than more samples: on EfficientNet-Lite0 at 0.9 of the MACs, 4 steps on 16 samples kept
@@ -54,7 +54,8 @@ class Step:
 class Curves:
     """Every group's measured loss at each fraction, and the steps they take in order."""
 
-    points: dict[int, list[tuple[float, int, float, float]]]  # group -> (fraction, classes, saved, loss)
+    # group -> (fraction, classes, saved, loss)
+    points: dict[int, list[tuple[float, int, float, float]]]
     steps: list[Step]  # flattest first
     total: int  # removable classes over the measured groups
     samples: int  # calibration samples the losses were measured on
@@ -74,28 +75,41 @@ class Curves:
         return shares
 
 
-def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Counts, kind: str, max_group_ratio: float) -> Curves:
+def measure(
+    analysis: Analysis,
+    plan_for_group,
+    feeds: list[dict],
+    before: Counts,
+    kind: str,
+    max_group_ratio: float,
+) -> Curves:
     """The loss curve of every group (lossy ones excepted: zeroing hidden channels is not removing
     them from a normalization). plan_for_group(group id, fraction) gives the classes removed."""
     model = analysis.model
     groups = [g for g in analysis.groups if not g.lossy and len(g.classes)]
     fractions = [k / STEPS for k in range(1, STEPS) if k / STEPS <= max_group_ratio + 1e-9]
     trials = len(groups) * len(fractions)
-    members = {g.id: [m for m in analysis.members if analysis.removed_mask(m.labels, g.classes).any()] for g in groups}
+    members = {
+        g.id: [m for m in analysis.members if analysis.removed_mask(m.labels, g.classes).any()]
+        for g in groups
+    }
     values = {g: list({m.value.name: m.value for m in ms}.values()) for g, ms in members.items()}
     session_for = _sessions(model, values)
     sess = session_for(groups[0].id if groups else None)
     scores = verify.class_scores(model)
     names = [o.name for o in sess.get_outputs()]
     first = sess.run(None, feeds[0])
-    feeds = _samples(feeds, trials, _rows(names, first, scores) / _count(feeds[0]), whole=batch_size(sess)[1])
+    feeds = _samples(
+        feeds, trials, _rows(names, first, scores) / _count(feeds[0]), whole=batch_size(sess)[1]
+    )
     points: dict[int, list] = {}
     bar = Progress(trials, "sensitivity")
     done = 0
     reference, referred = None, None
     for group in groups:
         sess = session_for(group.id)
-        if sess is not referred:  # each session its own reference (its own optimizations): no change reads 0
+        # each session its own reference (its own optimizations): no change reads 0
+        if sess is not referred:
             reference, referred = [sess.run(None, f) for f in feeds], sess
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
@@ -103,9 +117,14 @@ def measure(analysis: Analysis, plan_for_group, feeds: list[dict], before: Count
             if last is not None and len(removed) == last[1]:
                 curve.append((fraction, *last[1:]))  # rounding kept the same channels
             else:
-                saved = getattr(before, kind) - getattr(count(model, shapes=pruned_shapes(analysis, removed)), kind)
+                saved = getattr(before, kind) - getattr(
+                    count(model, shapes=pruned_shapes(analysis, removed)), kind
+                )
                 zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
-                loss = sum(_loss(names, o, sess.run(None, {**f, **zeroed}), scores) for f, o in zip(feeds, reference)) / len(feeds)
+                loss = sum(
+                    _loss(names, o, sess.run(None, {**f, **zeroed}), scores)
+                    for f, o in zip(feeds, reference)
+                ) / len(feeds)
                 last = (fraction, len(removed), float(saved), float(loss))
                 curve.append(last)
             done += 1
@@ -123,14 +142,22 @@ def _count(feed: dict) -> int:
 
 def _rows(names: list[str], outputs: list[np.ndarray], scores: dict[str, str]) -> int:
     """Rows of loss in outputs: class-score rows (an LM's tokens), else their leading dim."""
-    rows = [o.size // o.shape[-1] for n, o in zip(names, outputs) if n in scores and o.ndim >= 1 and o.shape[-1] >= 2]
+    rows = [
+        o.size // o.shape[-1]
+        for n, o in zip(names, outputs)
+        if n in scores and o.ndim >= 1 and o.shape[-1] >= 2
+    ]
     return max(rows, default=max((len(o) for o in outputs if o.ndim), default=1))
 
 
 def _samples(feeds: list[dict], trials: int, rows_per_sample: float, whole: bool) -> list[dict]:
     """The first calibration samples: about PASSES passes over all of them in all, at least
     MIN_ROWS rows of loss; whole feeds where the model fixes the batch size."""
-    allowed = max(math.ceil(MIN_ROWS / max(rows_per_sample, 1e-9)), PASSES * sum(_count(f) for f in feeds) // max(trials, 1), 1)
+    allowed = max(
+        math.ceil(MIN_ROWS / max(rows_per_sample, 1e-9)),
+        PASSES * sum(_count(f) for f in feeds) // max(trials, 1),
+        1,
+    )
     chosen, left = [], allowed
     for f in feeds:
         n = len(next(iter(f.values())))
@@ -149,7 +176,9 @@ def _sessions(model: ir.Model, values: dict[int, list[ir.Value]]):
     product loses little (SmolLM2-135M: 0.27 against 0.25 s), and a session per group would cost
     an opening each (4.5 s there, 60 groups). Structural, not timed: the same model gives the same
     losses. One session kept at a time: a session holds the model's weights."""
-    convs = {v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[1:2] if v is not None}
+    convs = {
+        v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[1:2] if v is not None
+    }
     per_group = len(values) > 1 and any(v.name in convs for vs in values.values() for v in vs)
     held: dict = {}
 
@@ -157,7 +186,9 @@ def _sessions(model: ir.Model, values: dict[int, list[ir.Value]]):
         key = group if per_group else None
         if key not in held:
             held.clear()
-            held[key] = _overridable(model, values[group] if per_group else [v for vs in values.values() for v in vs])
+            held[key] = _overridable(
+                model, values[group] if per_group else [v for vs in values.values() for v in vs]
+            )
         return held[key]
 
     return session_for
@@ -181,7 +212,9 @@ def _zeroed(analysis: Analysis, member, removed: np.ndarray) -> np.ndarray:
     return np.where(hit, np.zeros((), array.dtype), array)
 
 
-def _loss(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], scores: dict[str, str]) -> float:
+def _loss(
+    names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], scores: dict[str, str]
+) -> float:
     """KL divergence for class scores (mean over rows), relative squared error otherwise; summed."""
     total = 0.0
     for name, a, b in zip(names, expected, actual):
@@ -190,7 +223,15 @@ def _loss(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray]
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if name in scores and a64.ndim >= 1 and a64.shape[-1] >= 2:
             rows = a64.shape[-1]
-            total += float(np.mean(verify._kl(a64.reshape(-1, rows), b64.reshape(-1, rows), scores[name] == "probabilities")))
+            total += float(
+                np.mean(
+                    verify._kl(
+                        a64.reshape(-1, rows),
+                        b64.reshape(-1, rows),
+                        scores[name] == "probabilities",
+                    )
+                )
+            )
         else:
             total += float(np.sum((a64 - b64) ** 2) / max(np.sum(a64**2), 1e-30))
     return total

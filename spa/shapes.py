@@ -34,12 +34,16 @@ def parse_input_shapes(text: str) -> dict[str, list[int]]:
     return shapes
 
 
-def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[ir.Value, tuple[int, ...]]:
+def concrete_shapes(
+    model: ir.Model, input_shapes: dict[str, list[int]]
+) -> dict[ir.Value, tuple[int, ...]]:
     graph = model.graph
     names = {v.name for v in graph.inputs}
     unknown = set(input_shapes) - names
     if unknown:
-        raise SpaError(f"--input-shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+        raise SpaError(
+            f"--input-shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}"
+        )
     original = {v: v.shape for v in _all_values(graph)}
     try:
         for v in graph.inputs:
@@ -51,8 +55,16 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
                 shapes[v] = tuple(v.shape)
         for v, shape in shapes.items():
             if math.prod(shape) > _MAX_ELEMENTS:
-                raise SpaError(f"tensor '{v.name}' would have {math.prod(shape):,} elements {list(shape)}: is the model corrupt?")
-        missing = [v for node in graph for v in node.outputs if v.name and v not in shapes and isinstance(v.type, ir.TensorType)]
+                raise SpaError(
+                    f"tensor '{v.name}' would have {math.prod(shape):,} elements {list(shape)}: is "
+                    "the model corrupt?"
+                )
+        missing = [
+            v
+            for node in graph
+            for v in node.outputs
+            if v.name and v not in shapes and isinstance(v.type, ir.TensorType)
+        ]
         if missing:
             shapes.update(_shapes_from_a_run(model, missing, input_shapes))
         return shapes
@@ -61,7 +73,9 @@ def concrete_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict
             v.shape = shape
 
 
-def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) -> dict[ir.Value, tuple[int, ...]]:
+def _shapes_from_a_run(
+    model: ir.Model, values: list[ir.Value], input_shapes
+) -> dict[ir.Value, tuple[int, ...]]:
     """Shapes that inference could not work out (Range, GatherND, ...), read off one onnxruntime
     run on inputs of the same concrete shapes. Nothing if onnxruntime cannot run the model."""
     from spa.runtime import isolated, random_inputs, session
@@ -73,7 +87,10 @@ def _shapes_from_a_run(model: ir.Model, values: list[ir.Value], input_shapes) ->
         feeds = random_inputs(sess, input_shapes)
         names = [v.name for v in values]
         shown = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
-        shapes = isolated(lambda: [r.shape for r in sess.run(names, feeds)], f"running the model on inputs {shown} (give other sizes with --input-shapes)")
+        shapes = isolated(
+            lambda: [r.shape for r in sess.run(names, feeds)],
+            f"running the model on inputs {shown} (give other sizes with --input-shapes)",
+        )
         return dict(zip(values, map(tuple, shapes)))
     except SpaError:
         raise
@@ -90,14 +107,23 @@ def _fixed_dims(value: ir.Value, given: list[int] | None) -> list[int]:
         raise SpaError(f"--input-shapes {value.name}: dims must be positive, got {given}")
     if value.shape is None:
         if given is None:
-            raise SpaError(f"input '{value.name}' has no shape: give one with --input-shapes {value.name}:D1,D2,...")
+            raise SpaError(
+                f"input '{value.name}' has no shape: give one with --input-shapes "
+                f"{value.name}:D1,D2,..."
+            )
         return given
     if given is not None:
         if len(given) != len(value.shape):
-            raise SpaError(f"--input-shapes {value.name}: {len(given)} dims given, the input has {len(value.shape)}")
+            raise SpaError(
+                f"--input-shapes {value.name}: {len(given)} dims given, the input has "
+                f"{len(value.shape)}"
+            )
         for have, want in zip(value.shape, given):
             if isinstance(have, int) and have >= 0 and have != want:
-                raise SpaError(f"--input-shapes {value.name}: dim {want} contradicts the model's fixed dim {have}")
+                raise SpaError(
+                    f"--input-shapes {value.name}: dim {want} contradicts the model's fixed dim "
+                    f"{have}"
+                )
         return given
     # Some converters write -1 for a dynamic dim: it is as unknown as a symbolic one.
     return [d if isinstance(d, int) and d >= 0 else 1 for d in value.shape]

@@ -22,9 +22,9 @@ import threadpoolctl
 
 from spa.analysis import Analysis
 from spa.errors import CalibrationError, first_line
+from spa.graph import is_default_domain
 from spa.progress import Progress
 from spa.runtime import session
-from spa.graph import is_default_domain
 
 
 class Kind(enum.Enum):
@@ -90,17 +90,25 @@ class Consumer:
         out[..., :-1] = rows
         out[..., -1] = 1
         if not np.isfinite(np.sum(out, dtype=np.float64)):
-            raise CalibrationError(f"'{self.node}' reads NaN or infinite values on the calibration data: no statistics from those (prune with --importance l2 --no-compensate)")
+            raise CalibrationError(
+                f"'{self.node}' reads NaN or infinite values on the calibration data: no "
+                "statistics from those (prune with --importance l2 --no-compensate)"
+            )
         return out
 
     def output_rows(self, y: np.ndarray) -> np.ndarray:
-        """Rows of an output-shaped tensor at the positions `features` samples: (samples, channels)."""
+        """Rows of an output-shaped tensor at the positions `features` samples: (samples,
+        channels)."""
         if self.kind == Kind.DENSE:
             return y.reshape(-1, y.shape[-1]).astype(np.float32)
         flat = y.reshape(y.shape[0], y.shape[1], -1)
         total = flat.shape[2]
         step = max(1, -(-total // self.positions))
-        return np.ascontiguousarray(flat[:, :, np.arange(0, total, step)].transpose(0, 2, 1)).reshape(-1, y.shape[1]).astype(np.float32)
+        return (
+            np.ascontiguousarray(flat[:, :, np.arange(0, total, step)].transpose(0, 2, 1))
+            .reshape(-1, y.shape[1])
+            .astype(np.float32)
+        )
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         """The weight as (outputs, features), features in the order of `features`."""
@@ -108,7 +116,9 @@ class Consumer:
         return w.reshape(w.shape[0], -1)
 
     def unmatrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        moved = np.moveaxis(np.empty(shape, dtype=np.float32), (self.out_axis, self.in_axis), (0, 1)).shape
+        moved = np.moveaxis(
+            np.empty(shape, dtype=np.float32), (self.out_axis, self.in_axis), (0, 1)
+        ).shape
         return np.moveaxis(matrix.reshape(moved), (0, 1), (self.out_axis, self.in_axis))
 
 
@@ -126,25 +136,38 @@ POSITIONS_PER_SAMPLE = 32
 # A depthwise conv fits each channel from its own patch (a 5x5 kernel: 26 unknowns), so fewer
 # positions suffice: its patches of every channel were most of EfficientNet-Lite0's refit time.
 # Measured there (agreement at 0.9 / 0.8 of the MACs, calibrated): 32 positions 0.902 / 0.703 in
-# 91 / 81 s, 16 positions 0.892 / 0.703 in 69 / 69 s, 8 positions 0.910 / 0.693 (top-1 0.80 -> 0.65).
+# 91 / 81 s, 16 positions 0.892 / 0.703 in 69 / 69 s, 8 positions 0.910 / 0.693 (top-1 0.80 ->
+# 0.65).
 DEPTHWISE_POSITIONS = 16
 
 
-def im2col(x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int], dilations: list[int], positions: int | None = None) -> np.ndarray:
+def im2col(
+    x: np.ndarray,
+    kernel: list[int],
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    positions: int | None = None,
+) -> np.ndarray:
     """Conv input patches (N, C, *spatial) -> (N * positions, C * prod(kernel)), channel-major.
 
     Only the chosen output positions are gathered (no padded copy of the whole input): each
     patch element's input index, clamped into the input, and zero where it falls in the padding."""
     dims = len(kernel)
     size = x.shape[2:]
-    out = [(size[i] + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1 for i in range(dims)]
+    out = [
+        (size[i] + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i]
+        + 1
+        for i in range(dims)
+    ]
     total = math.prod(out)
     step = max(1, -(-total // positions)) if positions else 1
     chosen = np.unravel_index(np.arange(0, total, step), out)  # per dim: (P,)
     offsets = np.unravel_index(np.arange(math.prod(kernel)), kernel)  # per dim: (K,)
     index, inside = np.zeros((len(chosen[0]), math.prod(kernel)), dtype=np.int64), True
     for i in range(dims):
-        at = chosen[i][:, None] * strides[i] - pads[i] + offsets[i][None, :] * dilations[i]  # (P, K)
+        # (P, K)
+        at = chosen[i][:, None] * strides[i] - pads[i] + offsets[i][None, :] * dilations[i]
         inside = inside & (at >= 0) & (at < size[i])
         index = index * size[i] + np.clip(at, 0, size[i] - 1)
     n, c = x.shape[:2]
@@ -160,7 +183,13 @@ def consumers(model: ir.Model) -> list[Consumer]:
         if not is_default_domain(node) or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
-        if w is None or w.const_value is None or x is None or x.const_value is not None or not w.name:
+        if (
+            w is None
+            or w.const_value is None
+            or x is None
+            or x.const_value is not None
+            or not w.name
+        ):
             continue
         shape = w.const_value.shape
         rank = len(shape)
@@ -177,16 +206,44 @@ def consumers(model: ir.Model) -> list[Consumer]:
                 "pads": list(node.attributes.get_ints("pads", [0] * 2 * dims)),
                 "dilations": list(node.attributes.get_ints("dilations", [1] * dims)),
             }
-            found.append(Consumer(node.name, x.name, w.name, Kind.DEPTHWISE if depthwise else Kind.CONV, 1, 0, conv, groups=groups, width=shape[1] * math.prod(kernel)))
+            found.append(
+                Consumer(
+                    node.name,
+                    x.name,
+                    w.name,
+                    Kind.DEPTHWISE if depthwise else Kind.CONV,
+                    1,
+                    0,
+                    conv,
+                    groups=groups,
+                    width=shape[1] * math.prod(kernel),
+                )
+            )
         elif node.op_type == "Gemm" and rank == 2:
-            trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
-            found.append(Consumer(node.name, x.name, w.name, Kind.DENSE, 1 if trans_b else 0, 0 if trans_b else 1, feature_axis=0 if trans_a else -1, width=shape[1 if trans_b else 0]))
+            trans_a, trans_b = (
+                node.attributes.get_int("transA", 0),
+                node.attributes.get_int("transB", 0),
+            )
+            found.append(
+                Consumer(
+                    node.name,
+                    x.name,
+                    w.name,
+                    Kind.DENSE,
+                    1 if trans_b else 0,
+                    0 if trans_b else 1,
+                    feature_axis=0 if trans_a else -1,
+                    width=shape[1 if trans_b else 0],
+                )
+            )
         elif node.op_type == "MatMul" and rank == 2:
             found.append(Consumer(node.name, x.name, w.name, Kind.DENSE, 0, 1, width=shape[0]))
     return found
 
 
-def feature_classes(analysis: Analysis, consumer: Consumer, weight_shape: tuple[int, ...]) -> np.ndarray:
+def feature_classes(
+    analysis: Analysis, consumer: Consumer, weight_shape: tuple[int, ...]
+) -> np.ndarray:
     """The class (root label) of every input feature of a consumer; 0 where none."""
     per_channel = np.zeros(weight_shape[consumer.in_axis], dtype=np.int64)
     for m in analysis.members_named(consumer.weight):
@@ -226,10 +283,18 @@ class Moments:
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         self._gram = _accumulate(self._gram, _products(x, x))
         if ys[0] is not None:
-            self._cross = _accumulate(self._cross, _products(x, ys[0] if len(ys) == 1 else np.concatenate(ys)))
+            self._cross = _accumulate(
+                self._cross, _products(x, ys[0] if len(ys) == 1 else np.concatenate(ys))
+            )
         self._pending, self._pending_bytes = [], 0
-        if not (np.isfinite(self._gram).all() and (self._cross is None or np.isfinite(self._cross).all())):
-            raise CalibrationError("activations on the calibration data overflow float32 statistics (prune with --importance l2 --no-compensate)")
+        if not (
+            np.isfinite(self._gram).all()
+            and (self._cross is None or np.isfinite(self._cross).all())
+        ):
+            raise CalibrationError(
+                "activations on the calibration data overflow float32 statistics (prune with "
+                "--importance l2 --no-compensate)"
+            )
 
     def mean_gram(self) -> np.ndarray:
         self._flush()
@@ -257,7 +322,11 @@ class Means:
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         self.count += len(x)
         x = x.astype(np.float64)
-        sums = [x.sum(axis=0), np.square(x).sum(axis=0), (x if y is None else y).sum(axis=0, dtype=np.float64)]
+        sums = [
+            x.sum(axis=0),
+            np.square(x).sum(axis=0),
+            (x if y is None else y).sum(axis=0, dtype=np.float64),
+        ]
         self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
 
     def mean(self) -> np.ndarray:
@@ -312,7 +381,9 @@ def _tiles(size: int) -> list[slice]:
 
 @functools.cache
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="spa-products")
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=os.cpu_count() or 1, thread_name_prefix="spa-products"
+    )
 
 
 def _accumulate(total: np.ndarray | None, product: np.ndarray) -> np.ndarray:
@@ -341,7 +412,9 @@ def one_blas_thread(fn):
 
 
 @one_blas_thread
-def collect(model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics") -> dict[str, Moments | Means]:
+def collect(
+    model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics"
+) -> dict[str, Moments | Means]:
     """Second moments of every consumer's features (Means of the wide ones), in one pass over the
     calibration batches; per weight name, consumers that read the same features sharing one."""
     run = exposing(model, sorted({c.input for c in found}))
@@ -369,7 +442,9 @@ RUN_BYTES = 256 << 20
 def _rows_per_run(model: ir.Model, run, feed: dict) -> int:
     """Samples per statistics run (0: the whole feed), measured on the feed's first sample. A model
     that fixes its batch size runs whole feeds."""
-    if any(v.shape is None or not v.shape or isinstance(v.shape[0], int) for v in model.graph.inputs):
+    if any(
+        v.shape is None or not v.shape or isinstance(v.shape[0], int) for v in model.graph.inputs
+    ):
         return 0
     probe = run({k: v[:1] for k, v in feed.items()})
     per_sample = sum(getattr(v, "nbytes", 0) for v in probe.values())
@@ -385,7 +460,8 @@ def _parts(feed: dict, rows: int) -> list[dict]:
 
 
 def exposing(model: ir.Model, names: list[str]):
-    """A function feed -> {name: value} for intermediate values (graph inputs come from the feed)."""
+    """A function feed -> {name: value} for intermediate values (graph inputs come from the
+    feed)."""
     produced = {v.name: v for n in model.graph for v in n.outputs if v.name}
     wanted = [n for n in names if n in produced]
     outputs = list(model.graph.outputs)
@@ -415,8 +491,8 @@ class Forward:
 
     Running a prefix of the model for every value instead costs a pass per value (ResNet-18 at
     224x224: a refit of 141 s, against 20 s this way). The kept values of every feed live in memory;
-    past KEPT_BYTES, for a value asked out of order, or where a step's model does not run on its own,
-    it runs prefixes, feed by feed, from then on (a failure there is the model's)."""
+    past KEPT_BYTES, for a value asked out of order, or where a step's model does not run on its
+    own, it runs prefixes, feed by feed, from then on (a failure there is the model's)."""
 
     def __init__(self, model: ir.Model, feeds: list[dict]):
         self.model, self.feeds = model, feeds
@@ -436,11 +512,23 @@ class Forward:
 
     def _step(self, name: str) -> None:
         nodes = list(self.model.graph)
-        end = next((i for i in range(self.done, len(nodes)) if any(v.name == name for v in nodes[i].outputs)), None)
+        end = next(
+            (
+                i
+                for i in range(self.done, len(nodes))
+                if any(v.name == name for v in nodes[i].outputs)
+            ),
+            None,
+        )
         if end is None:  # produced before the last step and not kept: run its prefix
             return
         later = set().union(*(reads(n) for n in nodes[end + 1 :]))
-        produced = [v for n in nodes[self.done : end + 1] for v in n.outputs if v.name in later or v.name == name]
+        produced = [
+            v
+            for n in nodes[self.done : end + 1]
+            for v in n.outputs
+            if v.name in later or v.name == name
+        ]
         kept = self._run_step(produced)
         if kept is not None:
             kept.update({n: v for n, v in self.kept.items() if n in later})
@@ -451,19 +539,30 @@ class Forward:
         """`produced` on every feed, from the kept values; None where the step does not run on its
         own (an untyped value at the cut) or what it would keep passes KEPT_BYTES."""
         values = ir.convenience.create_value_mapping(self.model.graph)
-        inputs = [values[n] for n in self.kept] + [v for v in self.model.graph.inputs if v.name not in self.model.graph.initializers]
+        inputs = [values[n] for n in self.kept] + [
+            v for v in self.model.graph.inputs if v.name not in self.model.graph.initializers
+        ]
         names = [v.name for v in produced]
         kept = {n: [] for n in names}
         held = sum(getattr(a, "nbytes", 0) for arrays in self.kept.values() for a in arrays)
         try:
             graph = ir.convenience.extract(self.model.graph, inputs, produced)
-            for value in graph.inputs:  # a graph output read later keeps its declared shape: drop it
+            # a graph output read later keeps its declared shape: drop it
+            for value in graph.inputs:
                 if value.name in self.kept:
                     value.shape = None
-            step = _open(ir.Model(graph, ir_version=self.model.ir_version, functions=list(self.model.functions.values())))
+            step = _open(
+                ir.Model(
+                    graph,
+                    ir_version=self.model.ir_version,
+                    functions=list(self.model.functions.values()),
+                )
+            )
             needed = [i.name for i in step.get_inputs()]
             for i, feed in enumerate(self.feeds):
-                outputs = _run(step, names, {n: self.kept[n][i] if n in self.kept else feed[n] for n in needed})
+                outputs = _run(
+                    step, names, {n: self.kept[n][i] if n in self.kept else feed[n] for n in needed}
+                )
                 for n, out in zip(names, outputs):
                     kept[n].append(out)
                 held += sum(getattr(out, "nbytes", 0) for out in outputs)
@@ -483,7 +582,12 @@ def reads(node: ir.Node) -> set[str]:
     for attr in node.attributes.values():
         if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
             for graph in [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value:
-                names |= {v.name for inner in ir.traversal.RecursiveGraphIterator(graph) for v in inner.inputs if v is not None}
+                names |= {
+                    v.name
+                    for inner in ir.traversal.RecursiveGraphIterator(graph)
+                    for v in inner.inputs
+                    if v is not None
+                }
     return names
 
 
@@ -498,14 +602,18 @@ def _open(model: ir.Model, only_for: list[str] | None = None):
     try:
         return session(model, threads=SESSION_THREADS, only_for=only_for)
     except Exception as e:  # onnxruntime raises untyped errors
-        raise CalibrationError(f"onnxruntime cannot open the model for calibration: {first_line(e)}") from None
+        raise CalibrationError(
+            f"onnxruntime cannot open the model for calibration: {first_line(e)}"
+        ) from None
 
 
 def _run(sess, names: list[str], feed: dict) -> list:
     try:
         return sess.run(names, feed)
     except Exception as e:  # onnxruntime raises untyped errors
-        raise CalibrationError(f"onnxruntime fails to run the model on the calibration data: {first_line(e)}") from None
+        raise CalibrationError(
+            f"onnxruntime fails to run the model on the calibration data: {first_line(e)}"
+        ) from None
 
 
 def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndarray]:
@@ -524,9 +632,16 @@ def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndar
         if node is not None and node.op_type in ("Relu", "Clip"):
             bounds = _clip_bounds(node)
             node = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if node is None or node.op_type != "BatchNormalization" or len(node.outputs) != 1 or np.isnan(bounds).any():
+        if (
+            node is None
+            or node.op_type != "BatchNormalization"
+            or len(node.outputs) != 1
+            or np.isnan(bounds).any()
+        ):
             continue
-        gamma, beta = (node.inputs[i].const_value if node.inputs[i] is not None else None for i in (1, 2))
+        gamma, beta = (
+            node.inputs[i].const_value if node.inputs[i] is not None else None for i in (1, 2)
+        )
         if gamma is None or beta is None:
             continue
         # BN's channels are axis 1 of its input; a dense consumer reads features on another axis
@@ -534,7 +649,9 @@ def batchnorm_means(model: ir.Model, found: list[Consumer]) -> dict[str, np.ndar
         rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
         if c.kind == Kind.DENSE and (rank != 2 or c.feature_axis not in (-1, 1)):
             continue
-        means[c.weight] = _clipped_gaussian_mean(beta.numpy().astype(np.float64), np.abs(gamma.numpy().astype(np.float64)), *bounds)
+        means[c.weight] = _clipped_gaussian_mean(
+            beta.numpy().astype(np.float64), np.abs(gamma.numpy().astype(np.float64)), *bounds
+        )
     return means
 
 
@@ -543,7 +660,7 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float]:
         return 0.0, np.inf
     low = node.attributes.get_float("min", -np.inf)
     high = node.attributes.get_float("max", np.inf)
-    for i, default in ((1, low), (2, high)):
+    for i in (1, 2):
         bound = node.inputs[i] if len(node.inputs) > i else None
         if bound is not None:
             if bound.const_value is None:
@@ -553,7 +670,9 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float]:
     return low, high
 
 
-def _clipped_gaussian_mean(mu: np.ndarray, sigma: np.ndarray, low: float, high: float) -> np.ndarray:
+def _clipped_gaussian_mean(
+    mu: np.ndarray, sigma: np.ndarray, low: float, high: float
+) -> np.ndarray:
     """E[clip(z, low, high)] for z ~ N(mu, sigma^2), per channel."""
     sigma = np.maximum(sigma, 1e-12)
     erf = np.vectorize(math.erf)

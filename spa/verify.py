@@ -28,10 +28,15 @@ class Deviation:
     verification inputs (random), or calibration samples held out of the fit (real ones)."""
 
     inputs: str  # what they were
-    outputs: dict[str, dict]  # per output: relative_error and cosine (floats) or agreement; class scores also top-1 agreement and KL
+    # per output: relative_error and cosine (floats) or agreement; class scores also top-1
+    # agreement and KL
+    outputs: dict[str, dict]
     relative_error: float  # the worst output's: max |a - b| / max |a|
-    similarity: float  # the worst output's top-1 agreement (class scores on enough rows), else cosine (or, for integer outputs, fraction equal)
-    exact: bool | None  # the removed channels were all zero, so nothing could move; None: not provable
+    # the worst output's top-1 agreement (class scores on enough rows), else cosine (or, for
+    # integer outputs, fraction equal)
+    similarity: float
+    # the removed channels were all zero, so nothing could move; None: not provable
+    exact: bool | None
     held_out: bool = False  # on real samples the fit never saw: a measure of fidelity, not a proxy
 
     @property
@@ -43,20 +48,37 @@ class Deviation:
             parts = []
             for name, o in self.outputs.items():
                 if "top1_agreement" in o:
-                    parts.append(f"'{name}' top-1 agreement {o['top1_agreement']:.3f}, KL {o['kl']:.3g}, cosine {o['cosine']:.4f}")
+                    parts.append(
+                        f"'{name}' top-1 agreement {o['top1_agreement']:.3f}, KL {o['kl']:.3g}, "
+                        f"cosine {o['cosine']:.4f}"
+                    )
                 elif "cosine" in o:
-                    parts.append(f"'{name}' cosine {o['cosine']:.4f}, relative error {o['relative_error']:.3g}")
+                    parts.append(
+                        f"'{name}' cosine {o['cosine']:.4f}, relative error "
+                        f"{o['relative_error']:.3g}"
+                    )
                 else:
                     parts.append(f"'{name}' agreement {o['agreement']:.3f}")
-            text = f"fidelity on {self.inputs}: " + "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else "")
+            text = (
+                f"fidelity on {self.inputs}: "
+                + "; ".join(parts[:4])
+                + ("; ..." if len(parts) > 4 else "")
+            )
             if self.likely_broken:
                 text = f"WARNING: the pruned model is likely broken: {text}"
             return text
-        text = f"outputs moved by {self.relative_error:.3g} (max relative error), similarity {self.similarity:.4f} (worst output's cosine), on {self.inputs}"
+        text = (
+            f"outputs moved by {self.relative_error:.3g} (max relative error), similarity "
+            f"{self.similarity:.4f} (worst output's cosine), on {self.inputs}"
+        )
         if self.exact:
             text += "; exact, as the removed channels were all zero"
         if self.likely_broken:
-            text = f"WARNING: the pruned model may be broken: {text}. Random inputs are a weak proxy (a calibrated prune fitted to real images can score lower than a worse one fitted to noise): check its accuracy on real data"
+            text = (
+                f"WARNING: the pruned model may be broken: {text}. Random inputs are a weak "
+                "proxy (a calibrated prune fitted to real images can score lower than a worse one "
+                "fitted to noise): check its accuracy on real data"
+            )
         elif not self.exact:
             text += " (random inputs, a weak proxy: --calibration data gives held-out fidelity)"
         return text
@@ -115,12 +137,17 @@ class Comparison:
     def result(self) -> dict:
         error = self.worst / max(self.scale, 1e-12) if self.elements else 0.0
         if not self.floating:
-            return {"relative_error": error, "agreement": self.equal / self.elements if self.elements else 1.0}
+            return {
+                "relative_error": error,
+                "agreement": self.equal / self.elements if self.elements else 1.0,
+            }
         norms = np.sqrt(self.norm_a * self.norm_b)
         cosine = self.dot / norms if norms else float(self.norm_a == self.norm_b == 0.0)
         found = {"relative_error": error, "cosine": float(cosine)}
         if self.rows:
-            found.update(top1_agreement=self.agreeing / self.rows, kl=self.kl / self.rows, rows=self.rows)
+            found.update(
+                top1_agreement=self.agreeing / self.rows, kl=self.kl / self.rows, rows=self.rows
+            )
         return found
 
     def similarity(self, found: dict) -> float:
@@ -130,7 +157,8 @@ class Comparison:
 
 
 def _kl(a: np.ndarray, b: np.ndarray, probabilities: bool) -> np.ndarray:
-    """KL(softmax a || softmax b) per row (or of the rows themselves, where they are probabilities)."""
+    """KL(softmax a || softmax b) per row (or of the rows themselves, where they are
+    probabilities)."""
     if probabilities:
         p, q = np.clip(a, 1e-12, None), np.clip(b, 1e-12, None)
         p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
@@ -143,7 +171,12 @@ def _kl(a: np.ndarray, b: np.ndarray, probabilities: bool) -> np.ndarray:
 
 
 # Outputs made by these ops (through data movement) hold one score per class on their last axis.
-_SCORE_MAKERS = {"Gemm": "logits", "MatMul": "logits", "LogSoftmax": "logits", "Softmax": "probabilities"}
+_SCORE_MAKERS = {
+    "Gemm": "logits",
+    "MatMul": "logits",
+    "LogSoftmax": "logits",
+    "Softmax": "probabilities",
+}
 _PASS_THROUGH = {"Add", "Reshape", "Flatten", "Squeeze", "Identity", "Cast"}
 
 
@@ -154,21 +187,41 @@ def class_scores(model: ir.Model) -> dict[str, str]:
     activations and are compared by cosine only."""
     found = {}
     for output in model.graph.outputs:
-        if output.dtype is None or not output.dtype.is_floating_point() or output.shape is None or len(output.shape) < 2:
+        if (
+            output.dtype is None
+            or not output.dtype.is_floating_point()
+            or output.shape is None
+            or len(output.shape) < 2
+        ):
             continue
         last = output.shape[-1]
         if not isinstance(last, int) or last < 2:
             continue
         value = output
-        while value.producer() is not None and value.producer().op_type in _PASS_THROUGH and is_default_domain(value.producer()):
+        while (
+            value.producer() is not None
+            and value.producer().op_type in _PASS_THROUGH
+            and is_default_domain(value.producer())
+        ):
             value = value.producer().inputs[0]
         producer = value.producer()
-        if producer is not None and is_default_domain(producer) and producer.op_type in _SCORE_MAKERS:
+        if (
+            producer is not None
+            and is_default_domain(producer)
+            and producer.op_type in _SCORE_MAKERS
+        ):
             found[output.name] = _SCORE_MAKERS[producer.op_type]
     return found
 
 
-def compare(names: list[str], pairs, inputs: str, exact: bool, scores: dict[str, str] | None = None, held_out: bool = False) -> Deviation:
+def compare(
+    names: list[str],
+    pairs,
+    inputs: str,
+    exact: bool,
+    scores: dict[str, str] | None = None,
+    held_out: bool = False,
+) -> Deviation:
     """Deviation over (original outputs, pruned outputs) pairs, one pair per batch."""
     comparisons = {name: Comparison((scores or {}).get(name)) for name in names}
     for expected, actual in pairs:
@@ -180,7 +233,13 @@ def compare(names: list[str], pairs, inputs: str, exact: bool, scores: dict[str,
     return Deviation(inputs, outputs, worst_error, similarity, True if exact else None, held_out)
 
 
-def fidelity(original: ort.InferenceSession, pruned: ort.InferenceSession, batches: list[dict], scores: dict[str, str], exact: bool) -> Deviation:
+def fidelity(
+    original: ort.InferenceSession,
+    pruned: ort.InferenceSession,
+    batches: list[dict],
+    scores: dict[str, str],
+    exact: bool,
+) -> Deviation:
     """The pruned model against the original on held-out samples, batch by batch, in a child
     process (a native crash is an error line)."""
     names = [o.name for o in original.get_outputs()]
@@ -188,14 +247,23 @@ def fidelity(original: ort.InferenceSession, pruned: ort.InferenceSession, batch
     inputs = f"{samples} held-out calibration sample(s), kept out of the fit"
 
     def run() -> Deviation:
-        return compare(names, ((original.run(None, b), pruned.run(None, b)) for b in batches), inputs, exact, scores, held_out=True)
+        return compare(
+            names,
+            ((original.run(None, b), pruned.run(None, b)) for b in batches),
+            inputs,
+            exact,
+            scores,
+            held_out=True,
+        )
 
     try:
         return isolated(run, f"comparing the models on {inputs}")
     except SpaError:
         raise
     except Exception as e:
-        raise SpaError(f"the pruned model fails to run on {inputs}, where the original runs: {first_line(e)}") from None
+        raise SpaError(
+            f"the pruned model fails to run on {inputs}, where the original runs: {first_line(e)}"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -221,10 +289,13 @@ class Verdict:
 
 
 def signature(model: ir.Model) -> tuple[list, list]:
-    """Names, element types and shapes (symbolic dims by name) of the real inputs and the outputs."""
+    """Names, element types and shapes (symbolic dims by name) of the real inputs and the
+    outputs."""
 
     def describe(v: ir.Value):
-        shape = None if v.shape is None else tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+        shape = (
+            None if v.shape is None else tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+        )
         return (v.name, v.dtype, shape)
 
     inputs = [describe(v) for v in model.graph.inputs if not v.is_initializer()]
@@ -257,7 +328,9 @@ def _opened(make) -> ort.InferenceSession:
         raise SpaError(f"onnxruntime cannot open the pruned model: {first_line(e)}") from None
 
 
-def reference(original: ir.Model, input_shapes: dict[str, list[int]] | None = None, lean: bool | None = None) -> Reference:
+def reference(
+    original: ir.Model, input_shapes: dict[str, list[int]] | None = None, lean: bool | None = None
+) -> Reference:
     """Run the original model on the verification inputs (random floats, integer inputs as ones),
     in a child process; a model that fails there is blamed, not the pruned one."""
     try:
@@ -271,20 +344,34 @@ def reference(original: ir.Model, input_shapes: dict[str, list[int]] | None = No
     except SpaError:
         raise
     except Exception as e:  # onnxruntime's errors are untyped
-        raise SpaError(f"the original model fails to run on spa's test inputs, {inputs}: {first_line(e)}; give --input-shapes, or skip the check with --no-verify") from None
+        raise SpaError(
+            f"the original model fails to run on spa's test inputs, {inputs}: {first_line(e)}; "
+            "give --input-shapes, or skip the check with --no-verify"
+        ) from None
     return Reference(feeds, outputs, inputs)
 
 
-def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, expected: Reference, exact: bool = False, lean: bool | None = None) -> Verdict:
+def verify(
+    expected_signature: tuple,
+    expected_shapes: list,
+    pruned: ir.Model,
+    expected: Reference,
+    exact: bool = False,
+    lean: bool | None = None,
+) -> Verdict:
     """Raise SpaError unless `pruned` keeps the signature, passes the full checker, opens in
     onnxruntime and gives outputs of the expected concrete shapes on the inputs the original ran
     on. The verdict says how far the outputs moved; where `exact` (the removed channels were all
     zero) they must not have moved at all.
 
     lean (default: for large models): check a skeleton of the model and run it on shared weights
-    (`spa.runtime.skeleton`) instead of serializing it; the verdict then carries no serialized model."""
+    (`spa.runtime.skeleton`) instead of serializing it; the verdict then carries no serialized
+    model."""
     if signature(pruned) != expected_signature:
-        raise SpaError(f"pruned model changed the inputs or outputs: {expected_signature} -> {signature(pruned)}")
+        raise SpaError(
+            f"pruned model changed the inputs or outputs: {expected_signature} -> "
+            f"{signature(pruned)}"
+        )
     serialized = None if (is_large(pruned) if lean is None else lean) else serialize(pruned)
     if serialized is not None:
         _check(serialized)
@@ -295,19 +382,28 @@ def verify(expected_signature: tuple, expected_shapes: list, pruned: ir.Model, e
             _check(str(path))
             sess = _opened(lambda: lean_session(path, shared, 1))
     try:
-        outputs = isolated(lambda: sess.run(None, expected.feeds), f"running the pruned model on {expected.inputs}")
+        outputs = isolated(
+            lambda: sess.run(None, expected.feeds), f"running the pruned model on {expected.inputs}"
+        )
     except SpaError:
         raise
     except Exception as e:
-        raise SpaError(f"the pruned model fails to run in onnxruntime on {expected.inputs}, where the original runs: {first_line(e)}") from None
+        raise SpaError(
+            f"the pruned model fails to run in onnxruntime on {expected.inputs}, where the "
+            f"original runs: {first_line(e)}"
+        ) from None
     names = [arg.name for arg in sess.get_outputs()]
     for output, name, shape in zip(outputs, names, expected_shapes):
         if shape is not None and output.shape != tuple(shape):
-            raise SpaError(f"pruned model's output '{name}' has shape {output.shape}, the original {tuple(shape)}")
+            raise SpaError(
+                f"pruned model's output '{name}' has shape {output.shape}, the original "
+                f"{tuple(shape)}"
+            )
     moved = compare(names, [(expected.outputs, outputs)], expected.inputs, exact)
     if exact and not moved.relative_error <= EXACT_TOLERANCE:
         raise SpaError(
-            f"spa bug: the removed channels were all zero, yet the outputs moved by {moved.relative_error:.3g} (relative error);"
+            "spa bug: the removed channels were all zero, yet the outputs moved by "
+            f"{moved.relative_error:.3g} (relative error);"
             " nothing written. Please report it with the model; `spa analyze` lists what spa saw"
         )
     return Verdict(output_shapes=[o.shape for o in outputs], serialized=serialized, deviation=moved)
@@ -320,7 +416,9 @@ def all_zero(analysis, classes: np.ndarray) -> bool:
         return False
     for member in analysis.members:
         hit = analysis.removed_mask(member.labels, classes)
-        if hit.any() and np.any(member.value.const_value.numpy()[np.broadcast_to(hit, member.value.const_value.shape)]):
+        if hit.any() and np.any(
+            member.value.const_value.numpy()[np.broadcast_to(hit, member.value.const_value.shape)]
+        ):
             return False
     return True
 
@@ -341,5 +439,7 @@ def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> floa
         if a.shape != b.shape:
             return float("inf")
         scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12)
-        worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b))) / scale if a.size else 0.0)
+        worst = max(
+            worst, float(np.max(np.abs(a.astype(np.float64) - b))) / scale if a.size else 0.0
+        )
     return worst

@@ -28,22 +28,41 @@ class Graph:
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         outs = [self.name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name(op_type + "_"), **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), outs, name=self.name(op_type + "_"), **attrs)
+        )
         return outs[0] if outputs == 1 else outs
 
-    def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, bias: bool = True) -> str:
-        ins = [x, self.weight(cout, cin // group, k, k)] + ([self.const(self.rng.standard_normal(cout).astype(np.float32))] if bias else [])
+    def conv(
+        self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, bias: bool = True
+    ) -> str:
+        ins = [x, self.weight(cout, cin // group, k, k)] + (
+            [self.const(self.rng.standard_normal(cout).astype(np.float32))] if bias else []
+        )
         return self.op("Conv", *ins, pads=[k // 2] * 4, group=group)
 
     def bn(self, x: str, c: int) -> str:
         r = self.rng
-        params = [r.uniform(0.5, 1.5, c), r.standard_normal(c), r.standard_normal(c) * 0.1, r.uniform(0.5, 2, c)]
+        params = [
+            r.uniform(0.5, 1.5, c),
+            r.standard_normal(c),
+            r.standard_normal(c) * 0.1,
+            r.uniform(0.5, 2, c),
+        ]
         return self.op("BatchNormalization", x, *[self.const(p.astype(np.float32)) for p in params])
 
     def gemm(self, x: str, k: int, n: int) -> str:
-        return self.op("Gemm", x, self.weight(n, k), self.const(self.rng.standard_normal(n).astype(np.float32)), transB=1)
+        return self.op(
+            "Gemm",
+            x,
+            self.weight(n, k),
+            self.const(self.rng.standard_normal(n).astype(np.float32)),
+            transB=1,
+        )
 
-    def model(self, inputs: dict[str, list], outputs: dict[str, list], opset: int = 17) -> onnx.ModelProto:
+    def model(
+        self, inputs: dict[str, list], outputs: dict[str, list], opset: int = 17
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes,
             "test",
@@ -60,12 +79,35 @@ def if_model() -> onnx.ModelProto:
     """conv -> If(both branches read the conv output) -> conv; and a second, plain conv chain."""
     g = Graph()
     a = g.op("Relu", g.conv("x", 3, 16))
-    then_graph = helper.make_graph([helper.make_node("Relu", [a], ["t"])], "then", [], [helper.make_tensor_value_info("t", 1, None)])
-    else_graph = helper.make_graph([helper.make_node("Neg", [a], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, None)])
-    g.nodes.append(helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph, name="if"))
+    then_graph = helper.make_graph(
+        [helper.make_node("Relu", [a], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", 1, None)],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", [a], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", 1, None)],
+    )
+    g.nodes.append(
+        helper.make_node(
+            "If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph, name="if"
+        )
+    )
     b = g.conv("branch", 16, 4)
     c = g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 4)
     g.op("Add", b, c)
     g.nodes[-1].output[0] = "y"
-    graph = helper.make_graph(g.nodes, "m", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6]), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], g.inits)
+    graph = helper.make_graph(
+        g.nodes,
+        "m",
+        [
+            helper.make_tensor_value_info("x", 1, [1, 3, 6, 6]),
+            helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])],
+        g.inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graphs import Graph
 from onnx import TensorProto, helper
 
 import spa
-from graphs import Graph
 
 
 def _channel_count_reader(g: Graph, h: str, how: str) -> str:
@@ -22,7 +22,11 @@ def _channel_count_reader(g: Graph, h: str, how: str) -> str:
     if how == "reduceprod_shape":
         return as_float(g.op("ReduceProd", g.op("Shape", h), keepdims=0))
     if how == "reducesum_constantofshape":
-        ones = g.op("ConstantOfShape", g.op("Shape", h), value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+        ones = g.op(
+            "ConstantOfShape",
+            g.op("Shape", h),
+            value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+        )
         return g.op("ReduceSum", ones, keepdims=0)
     if how == "gather_shape":
         return as_float(g.op("Gather", g.op("Shape", h), g.const(np.array(1, np.int64))))
@@ -32,11 +36,25 @@ def _channel_count_reader(g: Graph, h: str, how: str) -> str:
         return as_float(g.op("ReduceSum", steps, keepdims=0))
     if how == "shape_arithmetic":
         count = g.op("Gather", g.op("Shape", h), g.const(np.array(1, np.int64)))
-        return as_float(g.op("Add", g.op("Mul", count, g.const(np.array(3, np.int64))), g.const(np.array(1, np.int64))))
+        return as_float(
+            g.op(
+                "Add",
+                g.op("Mul", count, g.const(np.array(3, np.int64))),
+                g.const(np.array(1, np.int64)),
+            )
+        )
     raise ValueError(how)
 
 
-READERS = ["size", "shape_start_end", "reduceprod_shape", "reducesum_constantofshape", "gather_shape", "range_size", "shape_arithmetic"]
+READERS = [
+    "size",
+    "shape_start_end",
+    "reduceprod_shape",
+    "reducesum_constantofshape",
+    "gather_shape",
+    "range_size",
+    "shape_arithmetic",
+]
 
 
 def _divided_by_channel_count(how: str, batch) -> onnx.ModelProto:
@@ -56,14 +74,17 @@ def test_a_channel_count_read_at_run_time_never_silently_changes(how, batch):
     error, removed = spa.zero_channel_check(model, ratio=0.5)
     assert error <= 1e-5, f"removing all-zero channels changed the outputs by {error}"
     result = spa.prune(model, ratio=0.5, round_to=1, importance="l2")
-    nothing_removed = len(result.plan.removed) == 0  # then exact; else the removed weights were live
+    # then exact; else the removed weights were live
+    nothing_removed = len(result.plan.removed) == 0
     assert result.verdict.deviation.exact is (True if nothing_removed else None)
 
 
 @pytest.mark.parametrize("how", ["size", "shape_start_end", "reducesum_constantofshape"])
 def test_pinned_channel_counts_say_why(how):
     analysis = spa.analyze(_divided_by_channel_count(how, "N"))
-    assert any("channel count" in b.reason for b in analysis.barriers), [b.reason for b in analysis.barriers]
+    assert any("channel count" in b.reason for b in analysis.barriers), [
+        b.reason for b in analysis.barriers
+    ]
 
 
 def test_a_shape_that_only_feeds_a_following_reshape_still_prunes():
@@ -87,7 +108,11 @@ def test_a_reshape_of_another_tensor_by_a_channel_count_pins_it():
     shape = g.op("Concat", count, g.const(np.array([-1], np.int64)), axis=0)
     table = g.op("Reshape", g.const(np.arange(96, dtype=np.float32).reshape(1, 96)), shape)
     row_maxima = g.op("ReduceMax", table, axes=[1], keepdims=0)  # 16 rows of 6, or 8 rows of 12
-    g.op("Add", g.op("ReduceSum", row_maxima, keepdims=0), g.op("ReduceSum", g.conv(h, 16, 4), keepdims=0))
+    g.op(
+        "Add",
+        g.op("ReduceSum", row_maxima, keepdims=0),
+        g.op("ReduceSum", g.conv(h, 16, 4), keepdims=0),
+    )
     g.nodes[-1].output[0] = "y"
     model = g.model({"x": ["N", 8, 6, 6]}, {"y": []})
     error, _ = spa.zero_channel_check(model, ratio=0.5)
@@ -100,9 +125,20 @@ def test_a_channel_count_on_an_axis_without_channels_pins_it():
     g = Graph()
     h = g.op("Relu", g.conv("x", 8, 16))
     x2 = g.conv("x", 8, 4, k=1)
-    shape = g.op("Concat", g.op("Shape", x2, start=0, end=2), g.op("Shape", h, start=1, end=2), g.const(np.array([-1], np.int64)), axis=0)
+    shape = g.op(
+        "Concat",
+        g.op("Shape", x2, start=0, end=2),
+        g.op("Shape", h, start=1, end=2),
+        g.const(np.array([-1], np.int64)),
+        axis=0,
+    )
     grid = g.op("Reshape", x2, shape)  # [N, 4, 16, 1], or [N, 4, 8, 2] with 8 channels of h
-    g.op("ReduceSum", g.op("ReduceMax", grid, axes=[3], keepdims=0), g.const(np.array([2], np.int64)), keepdims=0)
+    g.op(
+        "ReduceSum",
+        g.op("ReduceMax", grid, axes=[3], keepdims=0),
+        g.const(np.array([2], np.int64)),
+        keepdims=0,
+    )
     g.nodes[-1].output[0] = "y2"
     g.conv(h, 16, 4)
     g.nodes[-1].output[0] = "y"
@@ -150,10 +186,29 @@ def test_the_cli_reports_how_far_the_outputs_moved(tmp_path, capsys):
 
     source, out, report = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "r.json"
     onnx.save(_zero_upper_half(_divided_by_channel_count("gather_shape", "N")), source)
-    assert main(["prune", str(source), str(out), "--importance", "l2", "--round-to", "1", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(source),
+                str(out),
+                "--importance",
+                "l2",
+                "--round-to",
+                "1",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert "outputs moved by" in capsys.readouterr().out
     deviation = json.loads(report.read_text())["verify"]["deviation"]
-    assert deviation["exact"] is True and deviation["relative_error"] <= 1e-6 and not deviation["likely_broken"]
+    assert (
+        deviation["exact"] is True
+        and deviation["relative_error"] <= 1e-6
+        and not deviation["likely_broken"]
+    )
 
 
 def test_a_shape_read_of_a_value_of_unknown_shape_is_analyzed():
@@ -164,7 +219,15 @@ def test_a_shape_read_of_a_value_of_unknown_shape_is_analyzed():
     g.nodes.append(helper.make_node("Foo", [h], ["opaque"], domain="test.custom", name="foo"))
     g.op("Cast", g.op("Shape", "opaque"), to=TensorProto.FLOAT)
     g.nodes[-1].output[0] = "y"
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("test.custom", 1)])
+    graph = helper.make_graph(
+        g.nodes,
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        g.inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("test.custom", 1)]
+    )
     analysis = spa.analyze(model)
     assert any(b.op == "test.custom::Foo" for b in analysis.barriers)

@@ -15,7 +15,16 @@ from spa.cli import main
 MODELS = Path(__file__).parent.parent / "models" / "transformers"
 
 
-@pytest.mark.parametrize("name, lm", [("llama_lm_legacy", True), ("llama_lm_dynamo", True), ("llama_legacy", False), ("gpt2_dynamo", False), ("bert_legacy", False)])
+@pytest.mark.parametrize(
+    "name, lm",
+    [
+        ("llama_lm_legacy", True),
+        ("llama_lm_dynamo", True),
+        ("llama_legacy", False),
+        ("gpt2_dynamo", False),
+        ("bert_legacy", False),
+    ],
+)
 def test_a_causal_lm_is_token_ids_in_and_logits_from_an_lm_head_out(name, lm):
     """Hidden states out (an encoder, or a decoder without its head) is not a language model;
     two inputs (ids and a mask) are not handled."""
@@ -43,11 +52,23 @@ def test_without_data_a_causal_lm_calibrates_on_its_own_text_and_reports_fidelit
     assert result.method.calibration == "generated" and result.method.importance == "obs"
     assert "text the model generated itself" in result.method.describe()
     fidelity = result.verdict.fidelity
-    assert fidelity.held_out and fidelity.outputs["logits"]["rows"] == calibration.GENERATED // 8 * calibration.GENERATED_LENGTH
+    assert (
+        fidelity.held_out
+        and fidelity.outputs["logits"]["rows"]
+        == calibration.GENERATED // 8 * calibration.GENERATED_LENGTH
+    )
 
 
 def test_generated_calibration_on_a_model_that_is_no_lm_is_one_error_line(tmp_path, capsys):
-    code = main(["prune", str(MODELS / "llama_legacy.onnx"), str(tmp_path / "out.onnx"), "--calibration", "generated"])
+    code = main(
+        [
+            "prune",
+            str(MODELS / "llama_legacy.onnx"),
+            str(tmp_path / "out.onnx"),
+            "--calibration",
+            "generated",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "needs a causal language model" in err[0]
     assert not (tmp_path / "out.onnx").exists()

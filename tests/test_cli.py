@@ -15,18 +15,36 @@ MODELS = Path(__file__).parent.parent / "models" / "torch"
 
 
 def spa(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spa", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "spa", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_prune_prints_table_and_writes_json(tmp_path):
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
-    run = spa("prune", str(MODELS / "resnet_dynamo.onnx"), str(out), "--ratio", "0.5", "--json", str(report))
+    run = spa(
+        "prune",
+        str(MODELS / "resnet_dynamo.onnx"),
+        str(out),
+        "--ratio",
+        "0.5",
+        "--json",
+        str(report),
+    )
     assert run.returncode == 0, run.stderr
     for row in ("params", "MACs", "FLOPs", "file size", "Conv"):
         assert row in run.stdout
     assert "method: importance obs, synthetic calibration (data-free), layers refit" in run.stdout
     data = json.loads(report.read_text())
-    assert data["method"] == {"importance": "obs", "calibration": "synthetic", "compensated": True, "note": None, "too_wide": [], "allocation": "uniform", "sensitivity": None}
+    assert data["method"] == {
+        "importance": "obs",
+        "calibration": "synthetic",
+        "compensated": True,
+        "note": None,
+        "too_wide": [],
+        "allocation": "uniform",
+        "sensitivity": None,
+    }
     assert data["after"]["macs"] < data["before"]["macs"]
     assert data["after"]["flops"] == 2 * data["after"]["macs"]
     assert data["groups"] and all("kept" in layer for g in data["groups"] for layer in g["layers"])
@@ -78,7 +96,8 @@ def test_bad_input_is_one_line_and_no_output(tmp_path, setup, args, message):
     run = spa("prune", *args, cwd=tmp_path)
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, input intact
+    # nothing written, input intact
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_usage_error_exits_2():
@@ -95,13 +114,21 @@ def test_missing_external_data_is_one_line(tmp_path):
 def test_external_data_location_that_is_not_utf8_is_one_line(tmp_path):
     data = (MODELS / "vgg_dynamo.onnx").read_bytes()
     assert data.count(b"vgg_dynamo.onnx.data") >= 1
-    (tmp_path / "m.onnx").write_bytes(data.replace(b"vgg_dynamo.onnx.data", b"vgg_dynamo.onnx.dat\xff"))
+    (tmp_path / "m.onnx").write_bytes(
+        data.replace(b"vgg_dynamo.onnx.data", b"vgg_dynamo.onnx.dat\xff")
+    )
     run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "not a valid file name" in run.stderr, run.stderr
+    assert (
+        run.returncode == 1
+        and run.stderr.count("\n") == 1
+        and "not a valid file name" in run.stderr
+    ), run.stderr
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_step(tmp_path, capsys, monkeypatch):
+def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_step(
+    tmp_path, capsys, monkeypatch
+):
     from spa import progress
     from spa.cli import main
 
@@ -110,7 +137,11 @@ def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith("spa: ") and " s so far" in line for line in lines), lines
     run = spa("prune", "-v", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx"))
-    for step in ("finding the coupled channels ...", "removing channels and refitting: ", "verifying the pruned model: "):
+    for step in (
+        "finding the coupled channels ...",
+        "removing channels and refitting: ",
+        "verifying the pruned model: ",
+    ):
         assert f"spa.progress: {step}" in run.stderr, run.stderr
 
 
@@ -122,11 +153,23 @@ def test_the_report_and_the_model_say_what_made_them_and_keep_the_dim_names(tmp_
     assert len(repr(result)) < 300 and "macs=" in repr(result)
     data = result.report()
     assert data["schema"] >= 2 and set(data["versions"]) >= {"spa", "onnx", "onnxruntime"}
-    assert data["options"]["seed"] == 3 and data["options"]["resolved"]["round_to"] >= 1 and data["ratio"] == 0.3
+    assert (
+        data["options"]["seed"] == 3
+        and data["options"]["resolved"]["round_to"] >= 1
+        and data["ratio"] == 0.3
+    )
     model = onnx.load(out)
     props = {p.key: p.value for p in model.metadata_props}
-    assert props["spa.version"] == data["versions"]["spa"] and json.loads(props["spa.options"])["seed"] == 3
-    dims = {d.dim_param for v in model.graph.value_info for d in v.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    assert (
+        props["spa.version"] == data["versions"]["spa"]
+        and json.loads(props["spa.options"])["seed"] == 3
+    )
+    dims = {
+        d.dim_param
+        for v in model.graph.value_info
+        for d in v.type.tensor_type.shape.dim
+        if d.HasField("dim_param")
+    }
     assert dims == {"batch"}  # as the exporter named it; shape inference alone would invent unk__0
 
 
@@ -134,8 +177,33 @@ def test_dry_run_exclusions_and_the_notes_on_options_that_do_nothing(tmp_path, c
     from spa.cli import main
 
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    args = ["prune", "--input-shapes", "input:1,3,32,32", str(MODELS / "resnet_dynamo.onnx"), str(out)]  # flags before the files
-    assert main([*args, "--target-macs", "0.6", "--ratio", "0.3", "--ignore", "nomatch*", "--exclude-ops", "Conv,Foo", "--dry-run", "--json", str(report)]) == 0
+    # flags before the files
+    args = [
+        "prune",
+        "--input-shapes",
+        "input:1,3,32,32",
+        str(MODELS / "resnet_dynamo.onnx"),
+        str(out),
+    ]
+    assert (
+        main(
+            [
+                *args,
+                "--target-macs",
+                "0.6",
+                "--ratio",
+                "0.3",
+                "--ignore",
+                "nomatch*",
+                "--exclude-ops",
+                "Conv,Foo",
+                "--dry-run",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "dry run, nothing written" in stdout and not out.exists() and report.is_file()
     for note in ("--ratio 0.3 is ignored", "'nomatch*' matches no node", "excluded op type 'Foo'"):
@@ -149,7 +217,20 @@ def test_plot_draws_the_layers_before_and_after(tmp_path):
     from spa.cli import main
 
     plot = tmp_path / "layers.png"
-    assert main(["prune", str(MODELS / "resnet_dynamo.onnx"), str(tmp_path / "out.onnx"), "--importance", "l2", "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(MODELS / "resnet_dynamo.onnx"),
+                str(tmp_path / "out.onnx"),
+                "--importance",
+                "l2",
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
@@ -164,22 +245,65 @@ def test_every_prune_option_is_a_flag_and_an_api_keyword_from_one_declaration(tm
     assert fields <= flags  # input_shapes too, through --input-shapes
     with pytest.raises(Exception, match="unknown option"):
         __import__("spa").prune(MODELS / "resnet_dynamo.onnx", ratioo=0.3)
-    sweep_flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["sweep"]._actions}
-    assert {"importance", "calibration", "allocation", "ignore", "round_to", "compensate"} <= sweep_flags
+    sweep_flags = {
+        a.dest for a in _parser()._subparsers._group_actions[0].choices["sweep"]._actions
+    }
+    assert {
+        "importance",
+        "calibration",
+        "allocation",
+        "ignore",
+        "round_to",
+        "compensate",
+    } <= sweep_flags
 
 
-def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what_does_not_fit(tmp_path, capsys):
+def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what_does_not_fit(
+    tmp_path, capsys
+):
     from spa.cli import main
 
     model, report = str(MODELS / "resnet_dynamo.onnx"), tmp_path / "r.json"
-    assert main(["prune", model, str(tmp_path / "a.onnx"), "--ratio", "0.4", "--importance", "l1", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                model,
+                str(tmp_path / "a.onnx"),
+                "--ratio",
+                "0.4",
+                "--importance",
+                "l1",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     first = json.loads(report.read_text())
-    assert main(["prune", model, str(tmp_path / "b.onnx"), "--plan", str(report), "--json", str(tmp_path / "again.json")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                model,
+                str(tmp_path / "b.onnx"),
+                "--plan",
+                str(report),
+                "--json",
+                str(tmp_path / "again.json"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "again.json").read_text())
-    kept = lambda r: {layer["node"]: layer["kept"] for g in r["groups"] for layer in g["layers"]}  # noqa: E731
+
+    def kept(r):
+        return {layer["node"]: layer["kept"] for g in r["groups"] for layer in g["layers"]}
+
     assert kept(again) == kept(first) and again["after"]["macs"] == first["after"]["macs"]
     layer = next(layer for g in first["groups"] for layer in g["layers"] if len(g["layers"]) > 1)
-    layer["kept"] = layer["kept"][1:]  # one layer of a coupled group loses a channel the others keep
+    # one layer of a coupled group loses a channel the others keep
+    layer["kept"] = layer["kept"][1:]
     report.write_text(json.dumps(first))
     capsys.readouterr()
     assert main(["prune", model, str(tmp_path / "c.onnx"), "--plan", str(report)]) == 1
@@ -189,18 +313,44 @@ def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what
 def test_sweep_takes_the_method_options_prints_each_step_and_saves_the_models(tmp_path, capsys):
     from spa.cli import main
 
-    args = ["sweep", str(MODELS / "resnet_dynamo.onnx"), "--ratios", "0.05,0.5", "--importance", "l2", "--save-dir", str(tmp_path / "models")]
+    args = [
+        "sweep",
+        str(MODELS / "resnet_dynamo.onnx"),
+        "--ratios",
+        "0.05,0.5",
+        "--importance",
+        "l2",
+        "--save-dir",
+        str(tmp_path / "models"),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "ratio 0.05: MACs x1.000" in out and "nothing removed" in out and "ratio 0.5: MACs x0.2" in out
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["resnet_dynamo_ratio0.05.onnx", "resnet_dynamo_ratio0.5.onnx"]
+    assert (
+        "ratio 0.05: MACs x1.000" in out
+        and "nothing removed" in out
+        and "ratio 0.5: MACs x0.2" in out
+    )
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "resnet_dynamo_ratio0.05.onnx",
+        "resnet_dynamo_ratio0.5.onnx",
+    ]
 
 
 def test_shell_completion_offers_commands_and_flags(tmp_path):
     """With argcomplete (the `completion` extra), the shell asks spa for completions."""
     pytest.importorskip("argcomplete")
     answers = tmp_path / "completions"
-    for line, expected in (("spa sw", ["sweep"]), ("spa prune m.onnx o.onnx --layer", ["--layer-ratio"])):
-        env = {**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": " ", "COMP_LINE": line, "COMP_POINT": str(len(line)), "_ARGCOMPLETE_STDOUT_FILENAME": str(answers)}
+    for line, expected in (
+        ("spa sw", ["sweep"]),
+        ("spa prune m.onnx o.onnx --layer", ["--layer-ratio"]),
+    ):
+        env = {
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_IFS": " ",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(answers),
+        }
         subprocess.run([sys.executable, "-m", "spa"], env=env, timeout=120, check=False)
         assert answers.read_text().split() == expected

@@ -10,8 +10,8 @@ import stat
 
 import onnx
 import pytest
-
 from graphs import Graph
+
 from spa import cli, io
 
 
@@ -27,7 +27,13 @@ def folder(tmp_path, monkeypatch):
     """m.onnx, and ext.onnx with its weights in ext.onnx.data; the tests run in this folder."""
     model = _model()
     onnx.save(model, tmp_path / "m.onnx")
-    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        model,
+        tmp_path / "ext.onnx",
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -46,18 +52,42 @@ def _refused(capsys, argv: list[str], message: str) -> None:
     "argv,message",
     [
         (["prune", "m.onnx", "out.onnx", "--json", "m.onnx"], "--json m.onnx: is the input model"),
-        (["prune", "ext.onnx", "out.onnx", "--json", "ext.onnx.data"], "--json ext.onnx.data: is the input's external data"),
-        (["prune", "m.onnx", "out.onnx", "--json", "out.onnx"], "--json out.onnx: the same file as output out.onnx"),
-        (["prune", "m.onnx", "out.onnx", "--json", "out.onnx.data"], "the same file as the output's external data"),
-        (["prune", "ext.onnx", "ext.onnx.data"], "output ext.onnx.data: is the input's external data"),
-        (["prune", "m.onnx", "out.onnx", "--calibration", "c.npy", "--json", "c.npy"], "is the calibration data"),
+        (
+            ["prune", "ext.onnx", "out.onnx", "--json", "ext.onnx.data"],
+            "--json ext.onnx.data: is the input's external data",
+        ),
+        (
+            ["prune", "m.onnx", "out.onnx", "--json", "out.onnx"],
+            "--json out.onnx: the same file as output out.onnx",
+        ),
+        (
+            ["prune", "m.onnx", "out.onnx", "--json", "out.onnx.data"],
+            "the same file as the output's external data",
+        ),
+        (
+            ["prune", "ext.onnx", "ext.onnx.data"],
+            "output ext.onnx.data: is the input's external data",
+        ),
+        (
+            ["prune", "m.onnx", "out.onnx", "--calibration", "c.npy", "--json", "c.npy"],
+            "is the calibration data",
+        ),
         (["analyze", "m.onnx", "--json", "m.onnx"], "--json m.onnx: is the input model"),
         (["analyze", "ext.onnx", "--json", "ext.onnx.data"], "is the input's external data"),
-        (["bench", "m.onnx", "ext.onnx", "--runs", "1", "--json", "ext.onnx.data"], "is the input's external data"),
-        (["bench", "m.onnx", "--runs", "1", "--inputs", "c.npy", "--json", "c.npy"], "is the --inputs file"),
+        (
+            ["bench", "m.onnx", "ext.onnx", "--runs", "1", "--json", "ext.onnx.data"],
+            "is the input's external data",
+        ),
+        (
+            ["bench", "m.onnx", "--runs", "1", "--inputs", "c.npy", "--json", "c.npy"],
+            "is the --inputs file",
+        ),
         (["sweep", "m.onnx", "--json", "m.onnx"], "--json m.onnx: is the input model"),
         (["sweep", "m.onnx", "--plot", "m.onnx"], "--plot m.onnx: is the input model"),
-        (["sweep", "m.onnx", "--plot", "s.png", "--json", "s.png"], "--plot s.png: the same file as --json s.png"),
+        (
+            ["sweep", "m.onnx", "--plot", "s.png", "--json", "s.png"],
+            "--plot s.png: the same file as --json s.png",
+        ),
     ],
 )
 def test_a_file_the_command_reads_or_writes_twice_is_refused(folder, capsys, argv, message):
@@ -71,8 +101,14 @@ def test_a_file_the_command_reads_or_writes_twice_is_refused(folder, capsys, arg
 def test_a_link_to_the_input_is_the_input(folder, capsys, link):
     link("m.onnx", "alias.onnx")
     before = _snapshot(folder)
-    _refused(capsys, ["prune", "m.onnx", "alias.onnx"], "output alias.onnx: is the input model 'm.onnx'")
-    _refused(capsys, ["prune", "m.onnx", "out.onnx", "--json", "alias.onnx"], "--json alias.onnx: is the input model")
+    _refused(
+        capsys, ["prune", "m.onnx", "alias.onnx"], "output alias.onnx: is the input model 'm.onnx'"
+    )
+    _refused(
+        capsys,
+        ["prune", "m.onnx", "out.onnx", "--json", "alias.onnx"],
+        "--json alias.onnx: is the input model",
+    )
     assert _snapshot(folder) == before
 
 
@@ -84,7 +120,13 @@ def test_a_fifo_or_a_directory_is_not_replaced(folder, capsys, flag):
     _refused(capsys, out + ["fifo"], "fifo: is not a regular file")
     _refused(capsys, out + ["folder"], "folder: is a directory")
     assert stat.S_ISFIFO(os.stat("fifo").st_mode) and os.path.isdir("folder")
-    assert sorted(p.name for p in folder.iterdir()) == ["ext.onnx", "ext.onnx.data", "fifo", "folder", "m.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ext.onnx",
+        "ext.onnx.data",
+        "fifo",
+        "folder",
+        "m.onnx",
+    ]
 
 
 def _fail_json(monkeypatch, where: str, error: int) -> None:
@@ -118,7 +160,9 @@ def _fail_json(monkeypatch, where: str, error: int) -> None:
     ],
 )
 @pytest.mark.parametrize("old_output", [False, True])
-def test_a_failed_json_write_leaves_no_model(folder, capsys, monkeypatch, where, error, message, old_output):
+def test_a_failed_json_write_leaves_no_model(
+    folder, capsys, monkeypatch, where, error, message, old_output
+):
     """All or nothing: the model is renamed into place only with its report; a rename that fails
     after the model's puts back the file the model replaced."""
     if old_output:
@@ -131,5 +175,11 @@ def test_a_failed_json_write_leaves_no_model(folder, capsys, monkeypatch, where,
 
 def test_everything_is_written_when_nothing_fails(folder, capsys):
     assert cli.main(["prune", "m.onnx", "out.onnx", "--json", "r.json"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["ext.onnx", "ext.onnx.data", "m.onnx", "out.onnx", "r.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ext.onnx",
+        "ext.onnx.data",
+        "m.onnx",
+        "out.onnx",
+        "r.json",
+    ]
     onnx.checker.check_model("out.onnx", full_check=True)

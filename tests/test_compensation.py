@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from graphs import Graph, if_model
 
 import spa
-from graphs import Graph, if_model
 from spa import apply, compensate, io, normalize, statistics
 from spa.analysis import analyze
 
@@ -18,7 +18,9 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-def _pruned_and_refit(model: onnx.ModelProto, removed_channels: list[int], feeds: list[dict]) -> tuple[ir.Model, ir.Model]:
+def _pruned_and_refit(
+    model: onnx.ModelProto, removed_channels: list[int], feeds: list[dict]
+) -> tuple[ir.Model, ir.Model]:
     """Remove the given output channels of the first layer, then refit its consumers, with a
     vanishing ridge: the default ridge trades a little exactness for robustness."""
     work = ir.serde.deserialize_model(model)
@@ -38,7 +40,8 @@ def test_channels_that_are_combinations_of_kept_ones_are_reconstructed_exactly()
     refitting the next layer loses nothing."""
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((16, 6)).astype(np.float32)
-    w1 = np.concatenate([w1, w1 @ rng.standard_normal((6, 2)).astype(np.float32)], axis=1)  # (16, 8)
+    # (16, 8)
+    w1 = np.concatenate([w1, w1 @ rng.standard_normal((6, 2)).astype(np.float32)], axis=1)
     g = Graph()
     h = g.op("MatMul", "x", g.const(w1))
     g.op("MatMul", h, g.weight(8, 4))
@@ -72,7 +75,9 @@ def test_a_constant_channel_is_absorbed_into_the_bias():
 
 
 @pytest.mark.parametrize("residual", [True, False])
-def test_the_last_layer_of_a_residual_block_makes_up_for_what_the_branch_lost(monkeypatch, residual):
+def test_the_last_layer_of_a_residual_block_makes_up_for_what_the_branch_lost(
+    monkeypatch, residual
+):
     """y = MatMul(MatMul(x, W1), W2) + x * c, where the pruned model's branch drifted (c moved, as
     upstream pruning moves a residual stream): the refit of W2 reproduces the original sum, since
     x (c - c') is linear in the 16 hidden features; fit to its own output only, it cannot."""
@@ -85,7 +90,9 @@ def test_the_last_layer_of_a_residual_block_makes_up_for_what_the_branch_lost(mo
     original = ir.serde.deserialize_model(g.model({"x": [64, 8]}, {"y": [64, 8]}))
     normalize.normalize(original)
     pruned = io.clone(original)
-    scale = pruned.graph.initializers[next(n for n in pruned.graph.initializers if n.startswith("scale"))]
+    scale = pruned.graph.initializers[
+        next(n for n in pruned.graph.initializers if n.startswith("scale"))
+    ]
     scale.const_value = ir.tensor(c + rng.uniform(0.2, 0.5, 8).astype(np.float32), name=scale.name)
     if not residual:
         monkeypatch.setattr(compensate, "_residual_partner", lambda *args: None)
@@ -109,7 +116,9 @@ def test_a_layer_after_a_matmul_that_gained_a_bias_reads_it_with_the_bias():
     model = g.model({"x": [64, 5]}, {"y": [64, 4]})
 
     def sample():
-        return np.concatenate([rng.standard_normal((64, 4)), np.ones((64, 1))], axis=1).astype(np.float32)
+        return np.concatenate([rng.standard_normal((64, 4)), np.ones((64, 1))], axis=1).astype(
+            np.float32
+        )
 
     original, pruned = _pruned_and_refit(model, [3], [{"x": sample()} for _ in range(4)])
     x = sample()
@@ -124,10 +133,15 @@ def test_a_graph_output_that_later_layers_read_is_refit_whatever_shape_it_declar
     hidden = g.op("Relu", g.gemm(g.op("Relu", g.gemm("x", 16, 32)), 32, 32))
     y = g.gemm(g.op("Relu", g.gemm(hidden, 32, 32)), 32, 8)
     graph = onnx.helper.make_graph(
-        g.nodes, "m", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16])],
-        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["batch", 8]), onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, [1, 32])],
+        g.nodes,
+        "m",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16])],
+        [
+            onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["batch", 8]),
+            onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, [1, 32]),
+        ],
         g.inits,
-    )  # fmt: skip
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     data = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
     result = spa.prune(model, ratio=0.5, round_to=1, calibration=data)
@@ -141,15 +155,24 @@ def test_the_ridge_is_cross_validated_where_rows_are_few(removed):
     fit learns from 32 rows does not carry over and a stronger ridge wins."""
     rng = np.random.default_rng(0)
     kept = rng.standard_normal((64, 40))
-    gone = kept @ rng.standard_normal((40, 8)) if removed == "combinations of kept ones" else rng.standard_normal((64, 8))
+    gone = (
+        kept @ rng.standard_normal((40, 8))
+        if removed == "combinations of kept ones"
+        else rng.standard_normal((64, 8))
+    )
     ones = np.ones((64, 1))
     pruned_features, original_features = np.hstack([kept, ones]), np.hstack([kept, gone, ones])
     halves = compensate._Halves()
     for i in range(0, 64, 8):
-        halves.add(pruned_features[i : i + 8].astype(np.float32), original_features[i : i + 8].astype(np.float32))
+        halves.add(
+            pruned_features[i : i + 8].astype(np.float32),
+            original_features[i : i + 8].astype(np.float32),
+        )
     target = rng.standard_normal((5, 49))
     prior = target[:, list(range(40)) + [48]].T
-    _, chosen = compensate._cross_validated(halves.halves, [target], prior, [0.01 * 10**k for k in range(4)])
+    _, chosen = compensate._cross_validated(
+        halves.halves, [target], prior, [0.01 * 10**k for k in range(4)]
+    )
     assert (chosen == 0.01) == (removed == "combinations of kept ones")
 
 
@@ -184,7 +207,9 @@ def test_statistics_are_the_same_in_one_batch_or_many():
     many = statistics.collect(model, found, [{"input": x[:5]}, {"input": x[5:6]}, {"input": x[6:]}])
     for c in found:
         assert one[c.weight].count == many[c.weight].count
-        assert np.allclose(one[c.weight].mean_gram(), many[c.weight].mean_gram(), rtol=1e-5, atol=1e-3)
+        assert np.allclose(
+            one[c.weight].mean_gram(), many[c.weight].mean_gram(), rtol=1e-5, atol=1e-3
+        )
 
 
 @pytest.mark.parametrize("kept_bytes", [statistics.KEPT_BYTES, 0])
@@ -197,8 +222,17 @@ def test_forward_gives_the_values_that_running_prefixes_gives(monkeypatch, kept_
     resnet = io.load("models/torch/resnet_legacy.onnx")
     branching = ir.serde.deserialize_model(if_model())
     cases = [
-        (resnet, [{"input": rng.standard_normal((n, 3, 32, 32)).astype(np.float32)} for n in (2, 3)]),
-        (branching, [{"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32), "cond": np.array(c)} for c in (True, False)]),
+        (
+            resnet,
+            [{"input": rng.standard_normal((n, 3, 32, 32)).astype(np.float32)} for n in (2, 3)],
+        ),
+        (
+            branching,
+            [
+                {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32), "cond": np.array(c)}
+                for c in (True, False)
+            ],
+        ),
     ]
     for model, feeds in cases:
         normalize.normalize(model)
@@ -214,8 +248,14 @@ def test_forward_gives_the_values_that_running_prefixes_gives(monkeypatch, kept_
 def test_zero_channel_test_holds_with_compensation(calibration, monkeypatch):
     if "wide" in calibration:  # the mean-only repair of layers too wide for statistics
         monkeypatch.setattr(statistics, "MAX_WIDTH", 100)
-    data = "synthetic" if calibration == "synthetic" else np.random.default_rng(3).standard_normal((64, 3, 32, 32)).astype(np.float32)
-    error, removed = spa.zero_channel_check("models/torch/mobilenetv2_dynamo.onnx", calibration=data)
+    data = (
+        "synthetic"
+        if calibration == "synthetic"
+        else np.random.default_rng(3).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    )
+    error, removed = spa.zero_channel_check(
+        "models/torch/mobilenetv2_dynamo.onnx", calibration=data
+    )
     assert removed > 0 and error <= 1e-4
 
 
@@ -245,7 +285,9 @@ def test_synthetic_samples_have_the_spectrum_of_natural_images():
     noise = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
     images = _pink(noise, seed=0)
     assert images.dtype == np.float32 and images.shape == noise.shape
-    assert np.allclose(images.std(axis=(1, 2, 3)), 1, atol=1e-3) and np.allclose(images.mean(axis=(1, 2, 3)), 0, atol=1e-3)
+    assert np.allclose(images.std(axis=(1, 2, 3)), 1, atol=1e-3) and np.allclose(
+        images.mean(axis=(1, 2, 3)), 0, atol=1e-3
+    )
     power = np.abs(np.fft.fft2(images)) ** 2
     low, high = power[..., 1:4, 1:4].mean(), power[..., 12:20, 12:20].mean()
     assert low > 100 * high
@@ -258,7 +300,11 @@ def test_default_without_data_is_the_data_free_refit_where_it_is_cheap(monkeypat
     assert result.method == spa.api.Method("obs", "synthetic", True, None)
     monkeypatch.setattr(spa.calibration, "DATA_FREE_BUDGET_MACS", 1e6)
     result = spa.prune("models/mnist/vgg.onnx", ratio=0.3, round_to=1)
-    assert (result.method.importance, result.method.calibration, result.method.compensated) == ("l2", None, False)
+    assert (result.method.importance, result.method.calibration, result.method.compensated) == (
+        "l2",
+        None,
+        False,
+    )
     assert "multiply-accumulates" in result.method.note
 
 
@@ -285,20 +331,39 @@ def test_batchnorm_means_are_those_of_a_clipped_gaussian():
     mu, sigma = np.array([0.5, -1.0, 3.0]), np.array([1.0, 2.0, 4.0])
     z = mu + sigma * rng.standard_normal((400_000, 3))
     for low, high in [(0.0, np.inf), (0.0, 6.0), (-np.inf, np.inf)]:
-        assert np.allclose(statistics._clipped_gaussian_mean(mu, sigma, low, high), np.clip(z, low, high).mean(axis=0), atol=0.02)
+        assert np.allclose(
+            statistics._clipped_gaussian_mean(mu, sigma, low, high),
+            np.clip(z, low, high).mean(axis=0),
+            atol=0.02,
+        )
 
 
 @pytest.mark.parametrize("activation", ["Relu", "Clip"])
 def test_without_data_a_constant_batchnorm_channel_is_absorbed_into_the_bias(activation):
     """A BatchNormalization channel with gamma 0 outputs beta, whatever its input: pruned without
-    data, the next conv's bias absorbs relu(beta) (clip(beta, 0, 6)) and the outputs do not change."""
+    data, the next conv's bias absorbs relu(beta) (clip(beta, 0, 6)) and the outputs do not
+    change."""
     rng = np.random.default_rng(6)
     g = Graph()
     h = g.conv("x", 3, 8)
-    gamma, beta = rng.uniform(0.5, 1.5, 8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    gamma, beta = (
+        rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        rng.standard_normal(8).astype(np.float32),
+    )
     gamma[[2, 5]], beta[[2, 5]] = 0.0, [1.5, 7.0]
-    h = g.op("BatchNormalization", h, g.const(gamma), g.const(beta), g.const(np.zeros(8, np.float32)), g.const(np.ones(8, np.float32)))
-    h = g.op("Relu", h) if activation == "Relu" else g.op("Clip", h, g.const(np.float32(0)), g.const(np.float32(6)))
+    h = g.op(
+        "BatchNormalization",
+        h,
+        g.const(gamma),
+        g.const(beta),
+        g.const(np.zeros(8, np.float32)),
+        g.const(np.ones(8, np.float32)),
+    )
+    h = (
+        g.op("Relu", h)
+        if activation == "Relu"
+        else g.op("Clip", h, g.const(np.float32(0)), g.const(np.float32(6)))
+    )
     g.op("Conv", h, g.weight(4, 8, 3, 3), pads=[1, 1, 1, 1])
     g.nodes[-1].output[0] = "y"
     model = g.model({"x": ["n", 3, 8, 8]}, {"y": ["n", 4, 8, 8]})
@@ -315,7 +380,9 @@ def test_without_data_a_constant_batchnorm_channel_is_absorbed_into_the_bias(act
     assert compensate.shift_biases(work, found, shifts) == 1
     # Padding: at the border a removed channel's constant is missing from the patch; inside, exact.
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
-    assert np.allclose(_run(original, x)[..., 1:-1, 1:-1], _run(work, x)[..., 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+    assert np.allclose(
+        _run(original, x)[..., 1:-1, 1:-1], _run(work, x)[..., 1:-1, 1:-1], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_default_without_data_absorbs_batchnorm_means_where_the_refit_is_too_costly(monkeypatch):
@@ -334,7 +401,10 @@ def test_symbolic_image_dims_need_input_shapes_for_the_data_free_refit(tmp_path)
     assert "--input-shapes" in spa.prune(path, ratio=0.3).method.note
     with pytest.raises(spa.SpaError, match="symbolic dims"):
         spa.prune(path, ratio=0.3, calibration="synthetic")
-    assert spa.prune(path, ratio=0.3, input_shapes={"x": [1, 16, 64]}).method.calibration == "synthetic"
+    assert (
+        spa.prune(path, ratio=0.3, input_shapes={"x": [1, 16, 64]}).method.calibration
+        == "synthetic"
+    )
 
 
 def test_batchnorm_means_only_reach_dense_layers_that_read_its_channels(tmp_path):
@@ -345,7 +415,9 @@ def test_batchnorm_means_only_reach_dense_layers_that_read_its_channels(tmp_path
     h = g.op("Relu", g.bn(h, 4))
     g.op("MatMul", h, g.weight(16, 8))
     g.nodes[-1].output[0] = "y"
-    result = spa.prune(g.model({"x": [2, 4, 8]}, {"y": [2, 4, 8]}), ratio=0.5, round_to=1, importance="l2")
+    result = spa.prune(
+        g.model({"x": [2, 4, 8]}, {"y": [2, 4, 8]}), ratio=0.5, round_to=1, importance="l2"
+    )
     assert (result.method.calibration, result.method.compensated) == (None, False)
 
 
@@ -381,7 +453,10 @@ def test_the_cost_estimate_is_per_sample_whatever_batch_the_analysis_used():
     normalize.normalize(model)
     found = statistics.consumers(model)
     name = model.graph.inputs[0].name
-    one, many = (spa.calibration.data_free_work(model, analyze(model, {name: [n, 1, 28, 28]}).shapes, found) for n in (1, 64))
+    one, many = (
+        spa.calibration.data_free_work(model, analyze(model, {name: [n, 1, 28, 28]}).shapes, found)
+        for n in (1, 64)
+    )
     assert abs(one - many) <= 0.01 * one
 
 
@@ -398,14 +473,21 @@ def test_a_layer_too_wide_for_statistics_keeps_its_weights_and_its_mean_output(m
     x = np.random.default_rng(5).standard_normal((256, 16)).astype(np.float32)
     result = spa.prune(model, ratio=0.5, round_to=1, calibration=x)
     wide = g.nodes[-1].name or g.nodes[-1].input[1]
-    assert result.method.too_wide == [wide] and "only their biases refit" in result.method.describe()
+    assert (
+        result.method.too_wide == [wide] and "only their biases refit" in result.method.describe()
+    )
     original = ir.serde.deserialize_model(model)
-    fit = x[: -len(x) // spa.calibration.HELD_OUT_SHARE]  # the rest is held out to measure the result
-    assert np.allclose(_run(result.model, fit).mean(axis=0), _run(original, fit).mean(axis=0), atol=1e-4)
+    # the rest is held out to measure the result
+    fit = x[: -len(x) // spa.calibration.HELD_OUT_SHARE]
+    assert np.allclose(
+        _run(result.model, fit).mean(axis=0), _run(original, fit).mean(axis=0), atol=1e-4
+    )
     weights = {v.name: v.const_value.numpy() for v in result.model.graph.initializers.values()}
     kept = weights[g.nodes[-1].input[1]]
     assert kept.shape == (8, 32)
-    wide_weight = onnx.numpy_helper.to_array(next(i for i in g.inits if i.name == g.nodes[-1].input[1]))
+    wide_weight = onnx.numpy_helper.to_array(
+        next(i for i in g.inits if i.name == g.nodes[-1].input[1])
+    )
     assert all(any(np.array_equal(column, w) for w in wide_weight.T) for column in kept.T)
 
 
@@ -416,7 +498,9 @@ def test_a_wide_layer_costs_the_data_free_estimate_nothing_but_its_pass():
     g.nodes[-1].output[0] = "y"
     model = ir.serde.deserialize_model(g.model({"x": [1, 25088]}, {"y": [1, 4]}))
     found = statistics.consumers(model)
-    assert found[0].wide and spa.calibration.data_free_work(model, analyze(model).shapes, found) < 1e9
+    assert (
+        found[0].wide and spa.calibration.data_free_work(model, analyze(model).shapes, found) < 1e9
+    )
 
 
 def test_the_cost_estimate_counts_prefix_runs_where_forward_would_keep_too_much(monkeypatch):

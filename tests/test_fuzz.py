@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("hypothesis")
-from hypothesis import Phase, assume, given, settings, strategies as st  # noqa: E402
+from hypothesis import Phase, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -29,8 +30,10 @@ SEEDS = [
 @settings(
     max_examples=300,
     deadline=None,
-    derandomize=True,  # the same cases on every run: CI stays reproducible; explore with scripts/fuzz.py
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking: each example prunes a model
+    # the same cases on every run: CI stays reproducible; explore with scripts/fuzz.py
+    derandomize=True,
+    # no shrinking: each example prunes a model
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 @given(
     seed_model=st.sampled_from(SEEDS),
@@ -43,16 +46,29 @@ def test_mutated_model_prunes_or_fails_cleanly(seed_model, mutation, mutation_se
     result = fuzz.run_case(case, in_process=True, timeout=120)
     assume(result.outcome != "n/a")  # e.g. delete_external_data on a model without external data
     assert result.outcome in (fuzz.OK, fuzz.CLEAN), (
-        f"{mutation} (seed {mutation_seed}) on {seed_model.name} at ratio {case.ratio}: {result.note}\n"
+        f"{mutation} (seed {mutation_seed}) on {seed_model.name} at ratio {case.ratio}: "
+        f"{result.note}\n"
         f"{result.reason}\n--- spa -v:\n{result.verbose_stderr[-3000:]}"
     )
 
 
 def test_a_case_past_its_deadline_is_killed_reported_and_the_run_goes_on(tmp_path):
     """A worker that hangs (or dies) costs its case only: reported as KILLED with its reproducer
-    saved, and a fresh worker takes the next case (a Pool would wait for the lost result forever)."""
+    saved, and a fresh worker takes the next case (a Pool would wait for the lost result
+    forever)."""
     cases = [fuzz.Case(i, str(SEEDS[0]), ["truncate_bytes"], i, 0.3) for i in range(2)]
-    results = list(fuzz.run_cases(cases, 1, True, 120, str(tmp_path), None, "python scripts/fuzz.py --seed 0", deadline=0.01))
+    results = list(
+        fuzz.run_cases(
+            cases,
+            1,
+            True,
+            120,
+            str(tmp_path),
+            None,
+            "python scripts/fuzz.py --seed 0",
+            deadline=0.01,
+        )
+    )
     assert sorted(r.index for r in results) == [0, 1]
     for r in results:
         assert r.outcome == fuzz.KILLED and "no result after" in r.reason, r

@@ -19,7 +19,8 @@ def test_external_data_model_loads_and_output_stands_alone(tmp_path):
     out = tmp_path / "pruned.onnx"
     spa.prune(MODELS / "resnet_dynamo.onnx", out, ratio=0.3)
     proto = onnx.load(out, load_external_data=False)
-    assert not any(t.external_data for t in proto.graph.initializer)  # no link back to the input's data
+    # no link back to the input's data
+    assert not any(t.external_data for t in proto.graph.initializer)
     assert list(tmp_path.iterdir()) == [out]  # no temporary files left
 
 
@@ -40,14 +41,23 @@ def test_symbolic_dims_survive(tmp_path):
     out = tmp_path / "p.onnx"
     spa.prune(MODELS / "mobilenetv2_dynamo.onnx", out, ratio=0.5)
     dims = [d.dim_param for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
-    assert dims[0] and dims[0] == onnx.load(MODELS / "mobilenetv2_dynamo.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert (
+        dims[0]
+        and dims[0]
+        == onnx.load(MODELS / "mobilenetv2_dynamo.onnx")
+        .graph.input[0]
+        .type.tensor_type.shape.dim[0]
+        .dim_param
+    )
 
 
 def test_pruned_model_runs_with_a_larger_batch(tmp_path):
     out = tmp_path / "p.onnx"
     spa.prune(MODELS / "shufflenet_legacy.onnx", out, ratio=0.5)
     session = spa.runtime.session(ir.load(out))
-    (y,) = session.run(None, {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)})
+    (y,) = session.run(
+        None, {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    )
     assert y.shape == (3, 10)
 
 
@@ -76,12 +86,20 @@ def test_lean_session_runs_on_the_weights_in_place():
     lean = spa.runtime.session(model, lean=True)
     feeds = spa.runtime.random_inputs(reference)
     assert spa.verify.relative_error(reference.run(None, feeds), lean.run(None, feeds)) < 1e-5
-    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values() if v.const_value.nbytes > 1024)
+    assert all(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for v in model.graph.initializers.values()
+        if v.const_value.nbytes > 1024
+    )
 
 
 def test_output_data_file_never_replaces_the_inputs(tmp_path, monkeypatch):
-    # a.onnx keeps its weights in resnet_dynamo.onnx.data: an output named resnet_dynamo.onnx would write over them.
-    for name, target in (("resnet_dynamo.onnx", "a.onnx"), ("resnet_dynamo.onnx.data", "resnet_dynamo.onnx.data")):
+    # a.onnx keeps its weights in resnet_dynamo.onnx.data: an output named resnet_dynamo.onnx
+    # would write over them.
+    for name, target in (
+        ("resnet_dynamo.onnx", "a.onnx"),
+        ("resnet_dynamo.onnx.data", "resnet_dynamo.onnx.data"),
+    ):
         (tmp_path / target).write_bytes((MODELS / name).read_bytes())
     before = (tmp_path / "resnet_dynamo.onnx.data").read_bytes()
     monkeypatch.setattr(io, "LARGE_BYTES", 1000)

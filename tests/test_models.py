@@ -1,5 +1,6 @@
 """Real exports: the torch models in models/ (both exporters) and the real-topology models that ship
-in the onnx wheel. On each: the zero-channel test, and `--ratio 0.5` gives a valid, smaller model."""
+in the onnx wheel. On each: the zero-channel test, and `--ratio 0.5` gives a valid, smaller
+model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from spa import io
 MODELS = Path(__file__).parent.parent / "models"
 TORCH = sorted((MODELS / "torch").glob("*.onnx"))
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-LIGHT = ["resnet50", "vgg19", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet"]
+LIGHT = [
+    "resnet50",
+    "vgg19",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "shufflenet",
+    "squeezenet",
+]
 
 
 def test_all_torch_models_are_here():
@@ -65,11 +74,15 @@ def test_zero_channel_test_sees_a_real_change():
     reference = spa.runtime.session(io.clone(model))
     result = spa.prune(model, ratio=0.5, round_to=1, verify=False)
     feeds = spa.runtime.random_inputs(reference)
-    error = spa.verify.relative_error(reference.run(None, feeds), spa.runtime.session(result.model).run(None, feeds))
+    error = spa.verify.relative_error(
+        reference.run(None, feeds), spa.runtime.session(result.model).run(None, feeds)
+    )
     assert error > 1e-2
 
 
-@pytest.mark.parametrize("path", TORCH + [LIGHT_DIR / f"light_{n}.onnx" for n in LIGHT], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", TORCH + [LIGHT_DIR / f"light_{n}.onnx" for n in LIGHT], ids=lambda p: p.stem
+)
 def test_prune_half_is_valid_and_smaller(path, tmp_path):
     out = tmp_path / "pruned.onnx"
     before = path.read_bytes()
@@ -80,5 +93,7 @@ def test_prune_half_is_valid_and_smaller(path, tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     original, pruned = onnx.load(path), onnx.load(out)
     initializers = {i.name for i in original.graph.initializer}
-    assert [i for i in original.graph.input if i.name not in initializers] == list(pruned.graph.input)
+    assert [i for i in original.graph.input if i.name not in initializers] == list(
+        pruned.graph.input
+    )
     assert list(original.graph.output) == list(pruned.graph.output)

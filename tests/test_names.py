@@ -9,10 +9,10 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from graphs import Graph, if_model
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from graphs import Graph, if_model
 from spa.names import Names
 from spa.normalize import SplitSharedVectors
 
@@ -48,15 +48,27 @@ def _unnamed_matmuls(taken: bool) -> onnx.ModelProto:
     "MatMul_bias" and values called "W1_bias" and "h1_biased"."""
     rng = np.random.default_rng(0)
     dims = [16, 32, 32, 8]
-    weights = [numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32), f"W{i + 1}") for i, (a, b) in enumerate(zip(dims, dims[1:]))]
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32), f"W{i + 1}")
+        for i, (a, b) in enumerate(zip(dims, dims[1:]))
+    ]
     relu = ["W1_bias", "r2", "y"] if taken else ["r1", "r2", "y"]
     nodes, x = [], "x"
     for i in range(3):
         h = "h1_biased" if taken and i == 0 else f"h{i + 1}"
         name = ("_bias", "MatMul_bias", "")[i] if taken else ""
-        nodes += [helper.make_node("MatMul", [x, f"W{i + 1}"], [h], name=name), helper.make_node("Relu", [h], [relu[i]])]
+        nodes += [
+            helper.make_node("MatMul", [x, f"W{i + 1}"], [h], name=name),
+            helper.make_node("Relu", [h], [relu[i]]),
+        ]
         x = relu[i]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], weights)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])],
+        weights,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -65,9 +77,14 @@ def _unnamed_matmuls(taken: bool) -> onnx.ModelProto:
 @pytest.mark.parametrize("taken", [False, True])
 @pytest.mark.parametrize("calibration", [None, "data"])
 def test_unnamed_biasless_matmuls_prune_with_refit(tmp_path, taken, calibration):
-    data = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32) if calibration else None
+    data = (
+        np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+        if calibration
+        else None
+    )
     result = spa.prune(_unnamed_matmuls(taken), tmp_path / "out.onnx", ratio=0.5, calibration=data)
-    assert result.method.compensated and result.after.ops.get("Add", 0) >= 2  # the refit added biases
+    # the refit added biases
+    assert result.method.compensated and result.after.ops.get("Add", 0) >= 2
     _assert_valid_and_unique(tmp_path / "out.onnx")
 
 
@@ -78,13 +95,25 @@ def test_unnamed_nodes_that_the_surgery_and_normalization_copy(tmp_path):
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
     t = g.op("Transpose", a, perm=[0, 2, 3, 1])
-    batch = g.op("Slice", g.op("Cast", g.op("Shape", a), to=TensorProto.INT32), g.const(np.array([0], np.int32)), g.const(np.array([1], np.int32)))
+    batch = g.op(
+        "Slice",
+        g.op("Cast", g.op("Shape", a), to=TensorProto.INT32),
+        g.const(np.array([0], np.int32)),
+        g.const(np.array([1], np.int32)),
+    )
 
     def flat_shape() -> str:
-        return g.op("Cast", g.op("Concat", batch, g.const(np.array([6 * 6 * 16], np.int32)), axis=0), to=TensorProto.INT64)
+        return g.op(
+            "Cast",
+            g.op("Concat", batch, g.const(np.array([6 * 6 * 16], np.int32)), axis=0),
+            to=TensorProto.INT64,
+        )
 
     shared, own = flat_shape(), flat_shape()
-    heads = [g.op("MatMul", g.op("Reshape", source, shape), g.weight(6 * 6 * 16, 4)) for source, shape in ((t, shared), (g.op("Neg", t), shared), (g.op("Sigmoid", t), own))]
+    heads = [
+        g.op("MatMul", g.op("Reshape", source, shape), g.weight(6 * 6 * 16, 4))
+        for source, shape in ((t, shared), (g.op("Neg", t), shared), (g.op("Sigmoid", t), own))
+    ]
     g.op("Add", g.op("Add", heads[0], heads[1]), heads[2])
     g.nodes[-1].output[0] = "y"
     for node in g.nodes:

@@ -10,9 +10,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from graphs import Graph
 
 import spa
-from graphs import Graph
 from spa import io, runtime, verify
 from spa.analysis import analyze
 from spa.normalize import normalize
@@ -28,10 +28,14 @@ def _half_dead(path: Path):
 
 
 def _outputs(proto, feeds):
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
 
 
-@pytest.mark.parametrize("name", ["torch/mobilenetv2_legacy.onnx", "mnist/mobilenetv2.onnx", "torch/resnet_legacy.onnx"])
+@pytest.mark.parametrize(
+    "name", ["torch/mobilenetv2_legacy.onnx", "mnist/mobilenetv2.onnx", "torch/resnet_legacy.onnx"]
+)
 def test_the_defaults_remove_dead_channels_before_any_live_one(name):
     """Half of every group dead, ratio 0.5, every default (data-free OBS, SIMD rounding): exactly
     the dead channels go, so the outputs do not move."""
@@ -52,7 +56,11 @@ def test_rounding_never_removes_live_channels_beyond_the_ratio():
     g.nodes[-1].output[0] = "y"
     dead = _half_dead_proto(g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]}))
     result = spa.prune(dead, ratio=0.5, round_to=16)
-    assert [int(v.const_value.shape[0]) for v in result.model.graph.initializers.values() if len(v.const_value.shape) == 4] == [32, 4]
+    assert [
+        int(v.const_value.shape[0])
+        for v in result.model.graph.initializers.values()
+        if len(v.const_value.shape) == 4
+    ] == [32, 4]
     assert result.verdict.deviation.exact
 
 
@@ -60,7 +68,9 @@ def _half_dead_proto(proto):
     model = ir.serde.deserialize_model(proto)
     normalize(model)
     analysis = analyze(model)
-    verify.zero_classes(analysis, make_plan(analysis, score(analysis, "random", 0), 0.5, round_to=1).removed)
+    verify.zero_classes(
+        analysis, make_plan(analysis, score(analysis, "random", 0), 0.5, round_to=1).removed
+    )
     return ir.serde.serialize_model(model)
 
 
@@ -76,13 +86,20 @@ def test_dead_channels_go_before_live_ones_that_noise_never_reaches():
     proto = g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]})
     inits = {i.name: i for i in proto.graph.initializer}
     first, second = [n for n in proto.graph.node if n.op_type == "Conv"]
-    arrays = {name: numpy_helper.to_array(inits[name]).copy() for name in (first.input[1], first.input[2], second.input[1])}
+    arrays = {
+        name: numpy_helper.to_array(inits[name]).copy()
+        for name in (first.input[1], first.input[2], second.input[1])
+    }
     arrays[first.input[2]][:8] = -1e4
     for name, axis in ((first.input[1], 0), (first.input[2], 0), (second.input[1], 1)):
         np.moveaxis(arrays[name], axis, 0)[8:] = 0
         inits[name].CopyFrom(numpy_helper.from_array(arrays[name], name))
     result = spa.prune(proto, ratio=0.5, round_to=1)
-    kept = [v.const_value.numpy() for v in result.model.graph.initializers.values() if v.name == first.input[2]][0]
+    kept = [
+        v.const_value.numpy()
+        for v in result.model.graph.initializers.values()
+        if v.name == first.input[2]
+    ][0]
     assert np.all(kept == -1e4)  # the biased live channels stayed
 
 
@@ -97,12 +114,23 @@ def test_layer_ratios_set_the_cut_of_the_groups_they_name(tmp_path, capsys):
     model = g.model({"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]})
 
     def widths(result):
-        return [int(v.const_value.shape[0]) for v in result.model.graph.initializers.values() if len(v.const_value.shape) == 4]
+        return [
+            int(v.const_value.shape[0])
+            for v in result.model.graph.initializers.values()
+            if len(v.const_value.shape) == 4
+        ]
 
-    result = spa.prune(model, ratio=0.5, round_to=1, importance="l2", layer_ratios={"body": 0.25, "b*": 0.0})
+    result = spa.prune(
+        model, ratio=0.5, round_to=1, importance="l2", layer_ratios={"body": 0.25, "b*": 0.0}
+    )
     assert widths(result) == [8, 24, 4]
-    assert json.loads(result.model.metadata_props["spa.options"])["layer_ratios"] == {"body": 0.25, "b*": 0.0}
-    targeted = spa.prune(model, target_macs=0.6, round_to=1, importance="l2", layer_ratios={"stem": 0.0})
+    assert json.loads(result.model.metadata_props["spa.options"])["layer_ratios"] == {
+        "body": 0.25,
+        "b*": 0.0,
+    }
+    targeted = spa.prune(
+        model, target_macs=0.6, round_to=1, importance="l2", layer_ratios={"stem": 0.0}
+    )
     assert widths(targeted)[0] == 16 and widths(targeted)[1] < 32 and targeted.target["met"]
     with pytest.raises(spa.SpaError, match="PATTERN=R"):
         spa.prune(model, layer_ratios=["stem"])
@@ -111,6 +139,23 @@ def test_layer_ratios_set_the_cut_of_the_groups_they_name(tmp_path, capsys):
 
     source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     source.write_bytes(model.SerializeToString())
-    assert main(["prune", str(source), str(out), "--layer-ratio", "stem=0", "--layer-ratio", "nomatch*=0.1", "--round-to", "1", "--importance", "l2"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(source),
+                str(out),
+                "--layer-ratio",
+                "stem=0",
+                "--layer-ratio",
+                "nomatch*=0.1",
+                "--round-to",
+                "1",
+                "--importance",
+                "l2",
+            ]
+        )
+        == 0
+    )
     assert "'nomatch*' matches no layer" in capsys.readouterr().out
     assert [d.dims[0] for d in onnx.load(out).graph.initializer if len(d.dims) == 4] == [16, 16, 4]

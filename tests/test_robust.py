@@ -1,4 +1,5 @@
-"""Robust by default: unsupported versions, truncated files, control flow, functions, determinism."""
+"""Robust by default: unsupported versions, truncated files, control flow, functions,
+determinism."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import Graph, if_model
 from onnx import helper
 
 import spa
-from graphs import Graph, if_model
 
 MODELS = Path(__file__).parent.parent / "models" / "torch"
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "spa", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "spa", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,20 +45,37 @@ def test_truncated_file_is_one_line(tmp_path):
     data = (MODELS / "vgg_legacy.onnx").read_bytes()
     (tmp_path / "m.onnx").write_bytes(data[: len(data) // 3])
     run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
-    assert run.returncode == 1 and "not a readable ONNX model" in run.stderr and "Traceback" not in run.stderr
+    assert (
+        run.returncode == 1
+        and "not a readable ONNX model" in run.stderr
+        and "Traceback" not in run.stderr
+    )
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_a_native_crash_in_onnxruntime_is_one_line(tmp_path):
     """Found by the fuzzer: without its pads, an AveragePool of Inception V1 makes onnxruntime die
     of SIGFPE when the model runs. spa runs onnxruntime in a forked child: one line, exit 1."""
-    model = onnx.load(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_inception_v1.onnx")
+    model = onnx.load(
+        Path(onnx.__file__).parent
+        / "backend"
+        / "test"
+        / "data"
+        / "light"
+        / "light_inception_v1.onnx"
+    )
     pool = next(n for n in model.graph.node if n.name == "n138")
     del pool.attribute[:]
-    pool.attribute.extend([helper.make_attribute("kernel_shape", [7, 7]), helper.make_attribute("strides", [1, 1])])
+    pool.attribute.extend(
+        [helper.make_attribute("kernel_shape", [7, 7]), helper.make_attribute("strides", [1, 1])]
+    )
     onnx.save(model, tmp_path / "m.onnx")
     run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "onnxruntime crashed (SIGFPE)" in run.stderr, run.stderr
+    assert (
+        run.returncode == 1
+        and run.stderr.count("\n") == 1
+        and "onnxruntime crashed (SIGFPE)" in run.stderr
+    ), run.stderr
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -63,23 +83,34 @@ def test_a_grouped_conv_with_weight_and_bias_swapped_is_one_line(tmp_path):
     """Found by the fuzzer (seed 10): a 1-D weight on a grouped conv was an internal error where
     spa looked for the layers calibration reads."""
     model = onnx.load(MODELS / "mobilenetv2_legacy.onnx")
-    conv = next(n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    conv = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    )
     conv.input[1], conv.input[2] = conv.input[2], conv.input[1]
     onnx.save(model, tmp_path / "m.onnx")
     run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "internal error" not in run.stderr, run.stderr
+    assert (
+        run.returncode == 1 and run.stderr.count("\n") == 1 and "internal error" not in run.stderr
+    ), run.stderr
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_a_dynamic_dim_written_as_minus_one_survives_shape_inference(tmp_path):
     """Found by the fuzzer: magika's batch dim set to -1 made onnx's C++ shape inference abort (a
     Shape folded to [-1, 2048], then a clamp). -1 is dynamic: never folded, unknown to inference."""
-    model = onnx.load(Path(__file__).parent.parent / "models" / "packaged" / "magika_standard_v3_3.onnx")
+    model = onnx.load(
+        Path(__file__).parent.parent / "models" / "packaged" / "magika_standard_v3_3.onnx"
+    )
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
     onnx.save(model, tmp_path / "m.onnx")
     run = _cli("prune", "m.onnx", "out.onnx", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert onnx.load(tmp_path / "out.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    assert (
+        onnx.load(tmp_path / "out.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        == -1
+    )
 
 
 def test_unwritable_output_folder(tmp_path):
@@ -128,9 +159,26 @@ def test_model_local_function_is_a_barrier():
     g.nodes.append(helper.make_node("Twice", [a], ["f"], domain="local", name="call"))
     g.conv("f", 16, 4)
     g.nodes[-1].output[0] = "y"
-    fn = onnx.helper.make_function("local", "Twice", ["i"], ["o"], [helper.make_node("Add", ["i", "i"], ["o"])], [helper.make_opsetid("", 17)])
-    graph = helper.make_graph(g.nodes, "m", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    fn = onnx.helper.make_function(
+        "local",
+        "Twice",
+        ["i"],
+        ["o"],
+        [helper.make_node("Add", ["i", "i"], ["o"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        g.nodes,
+        "m",
+        [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])],
+        g.inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[fn],
+    )
     analysis = spa.analyze(model)
     assert any(b.op == "local::Twice" and b.blocked for b in analysis.barriers)
     assert not analysis.groups  # the only prunable channels meet the call

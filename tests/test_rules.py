@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graphs import Graph
 from onnx import helper
 
 import spa
-from graphs import Graph
 
 IMG = [1, 8, 6, 6]
 
@@ -79,14 +79,22 @@ def test_concat_keeps_groups_apart_and_offsets_right():
 def test_depthwise_couples_input_and_output(multiplier):
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
-    d = g.op("Clip", g.conv(a, 16, 16 * multiplier, group=16), g.const(np.float32(0)), g.const(np.float32(6)))
+    d = g.op(
+        "Clip",
+        g.conv(a, 16, 16 * multiplier, group=16),
+        g.const(np.float32(0)),
+        g.const(np.float32(6)),
+    )
     g.conv(d, 16 * multiplier, 4)
     _out(g, None)
     model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
     assert _widths(model) == [16]  # a depthwise group goes with its input channel
     _zero_check(model)
     conv = [n for n in _pruned(model).graph.node if n.op_type == "Conv"][1]
-    assert helper.get_attribute_value(conv.attribute[[a.name for a in conv.attribute].index("group")]) == 8
+    assert (
+        helper.get_attribute_value(conv.attribute[[a.name for a in conv.attribute].index("group")])
+        == 8
+    )
 
 
 def test_grouped_conv_prunes_the_same_positions_in_every_group():
@@ -120,7 +128,12 @@ def test_per_channel_parameters_are_sliced_with_the_channels():
     a = g.op("PRelu", a, g.const(g.rng.uniform(0, 0.3, (16, 1, 1)).astype(np.float32)))
     a = g.op("Mul", a, g.const(g.rng.uniform(0.5, 2, (1, 16, 1, 1)).astype(np.float32)))
     a = g.op("Add", a, g.const(g.rng.standard_normal((16, 1, 1)).astype(np.float32)))
-    a = g.op("InstanceNormalization", a, g.const(np.ones(16, np.float32)), g.const(np.zeros(16, np.float32)))
+    a = g.op(
+        "InstanceNormalization",
+        a,
+        g.const(np.ones(16, np.float32)),
+        g.const(np.zeros(16, np.float32)),
+    )
     a = g.op("LeakyRelu", a, alpha=0.1)
     g.conv(a, 16, 4)
     _out(g, None)
@@ -131,7 +144,22 @@ def test_per_channel_parameters_are_sliced_with_the_channels():
     _zero_check(model)
 
 
-@pytest.mark.parametrize("op", ["Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Softplus", "Gelu", "Dropout", "Identity", "Abs", "Elu"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Erf",
+        "Softplus",
+        "Gelu",
+        "Dropout",
+        "Identity",
+        "Abs",
+        "Elu",
+    ],
+)
 def test_unary_ops_pass_channels(op):
     g = Graph()
     a = g.op(op, g.conv("x", 8, 16))
@@ -142,11 +170,15 @@ def test_unary_ops_pass_channels(op):
     _zero_check(model)
 
 
-@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"])
+@pytest.mark.parametrize(
+    "pool", ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"]
+)
 def test_pooling_then_flatten_into_gemm(pool):
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
-    attrs = {"kernel_shape": [2, 2], "strides": [2, 2]} if pool in ("MaxPool", "AveragePool") else {}
+    attrs = (
+        {"kernel_shape": [2, 2], "strides": [2, 2]} if pool in ("MaxPool", "AveragePool") else {}
+    )
     if pool == "ReduceMean":
         attrs = {"axes": [2, 3], "keepdims": 1}
     p = g.op(pool, a, **attrs)
@@ -157,7 +189,9 @@ def test_pooling_then_flatten_into_gemm(pool):
     model = g.model({"x": IMG}, {"y": [1, 10]})
     assert _widths(model) == [16]
     _zero_check(model)
-    gemm_weight = [i for i in _pruned(model).graph.initializer if list(i.dims)[:1] == [10] and len(i.dims) == 2][0]
+    gemm_weight = [
+        i for i in _pruned(model).graph.initializer if list(i.dims)[:1] == [10] and len(i.dims) == 2
+    ][0]
     assert list(gemm_weight.dims) == [10, 8 * spatial]  # flatten blocks of `spatial` per channel
 
 
@@ -172,7 +206,9 @@ def test_channel_shuffle_prunes_the_same_channel_in_both_halves():
     model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
     assert _widths(model) == [8]
     _zero_check(model)
-    shapes = [numpy_value(model, n.input[1]) for n in _pruned(model).graph.node if n.op_type == "Reshape"]
+    shapes = [
+        numpy_value(model, n.input[1]) for n in _pruned(model).graph.node if n.op_type == "Reshape"
+    ]
     assert shapes  # rewritten shape constants are checked by onnxruntime in the zero test
 
 
@@ -200,7 +236,13 @@ def test_split_sizes_follow_the_pruning(opset):
 def test_slice_and_gather_on_channels():
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
-    s = g.op("Slice", a, g.const(np.array([4], np.int64)), g.const(np.array([12], np.int64)), g.const(np.array([1], np.int64)))
+    s = g.op(
+        "Slice",
+        a,
+        g.const(np.array([4], np.int64)),
+        g.const(np.array([12], np.int64)),
+        g.const(np.array([1], np.int64)),
+    )
     q = g.op("Gather", a, g.const(np.array([0, 3, 5, 15], np.int64)), axis=1)
     b = g.conv(s, 8, 4)
     c = g.conv(q, 4, 4)
@@ -255,7 +297,17 @@ def test_resize_sizes_computed_at_run_time(channels):
     }[channels]
     sizes = g.op("Concat", batch, count, g.const(np.array([12, 12], np.int64)), axis=0)
     r = g.op("Resize", a, "", "", sizes, mode="nearest")
-    g.op("Add", g.conv(r, 16, 4), g.op("Resize", g.conv(b, 16, 4), "", g.const(np.array([1, 1, 2, 2], np.float32)), mode="nearest"))
+    g.op(
+        "Add",
+        g.conv(r, 16, 4),
+        g.op(
+            "Resize",
+            g.conv(b, 16, 4),
+            "",
+            g.const(np.array([1, 1, 2, 2], np.float32)),
+            mode="nearest",
+        ),
+    )
     _out(g, None)
     model = g.model({"x": ["N", 8, 6, 6]}, {"y": ["N", 4, 12, 12]})
     shapes = {"x": [2, 8, 6, 6]}
@@ -268,7 +320,11 @@ def test_resize_sizes_computed_at_run_time(channels):
 
 def test_matmul_with_weight_and_bias():
     g = Graph()
-    h = g.op("Add", g.op("MatMul", "x", g.weight(8, 32)), g.const(g.rng.standard_normal(32).astype(np.float32)))
+    h = g.op(
+        "Add",
+        g.op("MatMul", "x", g.weight(8, 32)),
+        g.const(g.rng.standard_normal(32).astype(np.float32)),
+    )
     h = g.op("Relu", h)
     g.op("MatMul", h, g.weight(32, 4))
     _out(g, None)
@@ -277,7 +333,9 @@ def test_matmul_with_weight_and_bias():
     _zero_check(model)
 
 
-@pytest.mark.parametrize("op,attrs", [("Softmax", {"axis": 1}), ("ReduceMean", {"axes": [1]}), ("LRN", {"size": 3})])
+@pytest.mark.parametrize(
+    "op,attrs", [("Softmax", {"axis": 1}), ("ReduceMean", {"axes": [1]}), ("LRN", {"size": 3})]
+)
 def test_ops_across_channels_pin_them(op, attrs):
     g = Graph()
     a = g.op("Relu", g.conv("x", 8, 16))
@@ -309,7 +367,8 @@ def test_a_mean_over_channels_keeps_them_and_says_so(keepdims):
 
 
 def test_a_dim_of_minus_one_is_dynamic():
-    """Paddle's converters write -1 for a dynamic dim: spa treats it like a symbolic one and keeps it."""
+    """Paddle's converters write -1 for a dynamic dim: spa treats it like a symbolic one and keeps
+    it."""
     g = Graph()
     g.conv(g.op("Relu", g.conv("x", 3, 16)), 16, 4)
     _out(g, None)
@@ -327,7 +386,11 @@ def test_nhwc_flatten_with_an_int32_shape_prunes_the_last_conv():
     t = g.op("Transpose", a, perm=[0, 2, 3, 1])
     dims = g.op("Cast", g.op("Shape", a), to=onnx.TensorProto.INT32)
     batch = g.op("Slice", dims, g.const(np.array([0], np.int32)), g.const(np.array([1], np.int32)))
-    shape = g.op("Cast", g.op("Concat", batch, g.const(np.array([6 * 6 * 16], np.int32)), axis=0), to=onnx.TensorProto.INT64)
+    shape = g.op(
+        "Cast",
+        g.op("Concat", batch, g.const(np.array([6 * 6 * 16], np.int32)), axis=0),
+        to=onnx.TensorProto.INT64,
+    )
     g.op("MatMul", g.op("Reshape", t, shape), g.weight(6 * 6 * 16, 4))
     _out(g, None)
     model = g.model({"x": ["n", 8, 6, 6]}, {"y": ["n", 4]})
@@ -342,8 +405,16 @@ def test_unknown_op_is_a_barrier_and_listed():
     g.nodes.append(helper.make_node("Mystery", [b], ["m"], domain="custom.ops", name="mystery"))
     g.op("Identity", "m")
     _out(g, None)
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", 1, IMG)], [helper.make_tensor_value_info("y", 1, None)], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
+    graph = helper.make_graph(
+        g.nodes,
+        "t",
+        [helper.make_tensor_value_info("x", 1, IMG)],
+        [helper.make_tensor_value_info("y", 1, None)],
+        g.inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)]
+    )
     analysis = spa.analyze(model)
     assert [(b.op, b.blocked) for b in analysis.barriers] == [("custom.ops::Mystery", True)]
     assert sorted(g.width for g in analysis.groups) == [16]  # the first conv still prunes
@@ -386,10 +457,17 @@ def _message_passing(axis: int) -> onnx.ModelProto:
     y = g.gemm(picked, 16, 4) if axis == 0 else g.op("ReduceSum", picked, keepdims=1)
     shapes = {0: [10, 4], 1: [6, 1]}[axis]
     graph = onnx.helper.make_graph(
-        g.nodes, "gnn",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6, 8]), onnx.helper.make_tensor_value_info("edges", onnx.TensorProto.INT64, [10 if axis == 0 else 16])],
-        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, shapes)], g.inits,
-    )  # fmt: skip
+        g.nodes,
+        "gnn",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6, 8]),
+            onnx.helper.make_tensor_value_info(
+                "edges", onnx.TensorProto.INT64, [10 if axis == 0 else 16]
+            ),
+        ],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, shapes)],
+        g.inits,
+    )
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
@@ -408,7 +486,10 @@ def test_run_time_indices_along_a_channel_axis_pin_it():
 def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     g = Graph()
     h = g.conv("x", 8, 16)
-    scale, bias = (g.const(g.rng.uniform(0.5, 1.5, 16).astype(np.float32)), g.const(g.rng.standard_normal(16).astype(np.float32)))
+    scale, bias = (
+        g.const(g.rng.uniform(0.5, 1.5, 16).astype(np.float32)),
+        g.const(g.rng.standard_normal(16).astype(np.float32)),
+    )
     h = g.op("Relu", g.op("GroupNormalization", h, scale, bias, num_groups=4, epsilon=1e-5))
     g.op("Conv", h, g.weight(4, 16, 3, 3), pads=[1, 1, 1, 1])
     g.nodes[-1].output[0] = "y"
@@ -419,7 +500,12 @@ def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     _zero_check(model, removed_at_least=1)
     pruned = _pruned(model)
     norm = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
-    assert helper.get_attribute_value(norm.attribute[[a.name for a in norm.attribute].index("num_groups")]) == 2
+    assert (
+        helper.get_attribute_value(
+            norm.attribute[[a.name for a in norm.attribute].index("num_groups")]
+        )
+        == 2
+    )
 
 
 def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly():
@@ -427,9 +513,19 @@ def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly():
     per-channel gamma and beta: torch's legacy exporter's GroupNorm. A group is one unit."""
     g = Graph()
     h = g.op("Reshape", g.conv("x", 8, 16), g.const(np.array([1, 4, -1], np.int64)))
-    h = g.op("InstanceNormalization", h, g.const(np.ones(4, np.float32)), g.const(np.zeros(4, np.float32)), epsilon=1e-5)
+    h = g.op(
+        "InstanceNormalization",
+        h,
+        g.const(np.ones(4, np.float32)),
+        g.const(np.zeros(4, np.float32)),
+        epsilon=1e-5,
+    )
     h = g.op("Reshape", h, g.const(np.array([1, 16, 6, 6], np.int64)))
-    h = g.op("Add", g.op("Mul", h, g.const(g.rng.uniform(0.5, 1.5, (16, 1, 1)).astype(np.float32))), g.const(g.rng.standard_normal((16, 1, 1)).astype(np.float32)))
+    h = g.op(
+        "Add",
+        g.op("Mul", h, g.const(g.rng.uniform(0.5, 1.5, (16, 1, 1)).astype(np.float32))),
+        g.const(g.rng.standard_normal((16, 1, 1)).astype(np.float32)),
+    )
     g.op("Conv", g.op("Relu", h), g.weight(4, 16, 3, 3), pads=[1, 1, 1, 1])
     g.nodes[-1].output[0] = "y"
     model = g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]})

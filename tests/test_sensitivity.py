@@ -9,7 +9,7 @@ import pytest
 from graphs import Graph
 
 import spa
-from spa import io, sensitivity, runtime, verify
+from spa import io, runtime, sensitivity, verify
 from spa.analysis import analyze
 from spa.apply import apply
 from spa.count import count
@@ -22,7 +22,9 @@ def _curves(analysis, scores, feeds):
     def plan_for_group(gid, fraction):
         return make_plan(analysis, scores, 0.0, 1, shares={gid: fraction}).removed
 
-    return sensitivity.measure(analysis, plan_for_group, feeds, count(analysis.model, shapes=analysis.shapes), "macs", 0.8)
+    return sensitivity.measure(
+        analysis, plan_for_group, feeds, count(analysis.model, shapes=analysis.shapes), "macs", 0.8
+    )
 
 
 def test_the_measured_loss_is_the_loss_of_removing_the_channels():
@@ -42,7 +44,9 @@ def test_the_measured_loss_is_the_loss_of_removing_the_channels():
     apply(analysis, removed)
     pruned = runtime.session(model).run(None, {"input": x})
     names = [o.name for o in model.graph.outputs]
-    assert loss > 0 and sensitivity._loss(names, original, pruned, verify.class_scores(model)) == pytest.approx(loss, rel=1e-4)
+    assert loss > 0 and sensitivity._loss(
+        names, original, pruned, verify.class_scores(model)
+    ) == pytest.approx(loss, rel=1e-4)
 
 
 def _two_hidden_layers() -> onnx.ModelProto:
@@ -51,7 +55,9 @@ def _two_hidden_layers() -> onnx.ModelProto:
     g = Graph(seed=3)
     h1 = g.op("Relu", g.gemm("x", 16, 32))
     h2 = g.op("Relu", g.gemm(h1, 32, 32))
-    faint = g.op("Gemm", h2, g.const(g.rng.standard_normal((10, 32)).astype(np.float32) * 1e-3), transB=1)
+    faint = g.op(
+        "Gemm", h2, g.const(g.rng.standard_normal((10, 32)).astype(np.float32) * 1e-3), transB=1
+    )
     y = g.op("Add", g.gemm(h1, 32, 10), faint)
     return g.model({"x": ["N", 16]}, {y: ["N", 10]})
 
@@ -62,9 +68,13 @@ def test_the_cheapest_group_loses_the_most():
     options = dict(ratio=0.25, round_to=1, calibration=x, importance="l2", compensate=False)
     uniform = spa.prune(model, allocation="uniform", **options)
     measured = spa.prune(model, allocation="sensitivity", **options)
-    assert measured.method.allocation == "sensitivity" and "measured sensitivity" in measured.method.describe()
+    assert (
+        measured.method.allocation == "sensitivity"
+        and "measured sensitivity" in measured.method.describe()
+    )
     first, second = sorted(measured.analysis.groups, key=lambda g: g.id)  # h1, h2
-    assert [len(measured.plan.by_group[g.id]) for g in (first, second)] == [0, 16]  # 16 of 64, from the faint layer
+    # 16 of 64, from the faint layer
+    assert [len(measured.plan.by_group[g.id]) for g in (first, second)] == [0, 16]
     kl = [next(iter(r.verdict.fidelity.outputs.values()))["kl"] for r in (uniform, measured)]
     assert kl[1] < kl[0] / 10
 
@@ -72,8 +82,13 @@ def test_the_cheapest_group_loses_the_most():
 def test_with_calibration_data_the_default_allocation_is_sensitivity_and_without_uniform():
     model = _two_hidden_layers()
     x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
-    assert spa.prune(model, ratio=0.25, round_to=1, calibration=x).method.allocation == "sensitivity"
-    assert spa.prune(model, ratio=0.25, round_to=1, calibration="synthetic").method.allocation == "uniform"
+    assert (
+        spa.prune(model, ratio=0.25, round_to=1, calibration=x).method.allocation == "sensitivity"
+    )
+    assert (
+        spa.prune(model, ratio=0.25, round_to=1, calibration="synthetic").method.allocation
+        == "uniform"
+    )
     with pytest.raises(spa.SpaError, match="needs --calibration"):
         spa.prune(model, ratio=0.25, allocation="sensitivity", importance="l2")
 
@@ -81,13 +96,19 @@ def test_with_calibration_data_the_default_allocation_is_sensitivity_and_without
 def test_a_bump_in_a_curve_does_not_hide_the_cheap_steps_behind_it():
     # (fraction, classes, saved, loss): group 1's first step costs more than group 2's, but its
     # second is free: on average from the start, group 1 is the cheaper
-    points = {1: [(0.0, 0, 0.0, 0.0), (0.5, 2, 10.0, 3.0), (1.0, 4, 20.0, 3.0)], 2: [(0.0, 0, 0.0, 0.0), (0.5, 2, 10.0, 2.0), (1.0, 4, 20.0, 8.0)]}
+    points = {
+        1: [(0.0, 0, 0.0, 0.0), (0.5, 2, 10.0, 3.0), (1.0, 4, 20.0, 3.0)],
+        2: [(0.0, 0, 0.0, 0.0), (0.5, 2, 10.0, 2.0), (1.0, 4, 20.0, 8.0)],
+    }
     steps = sensitivity.order(points)
     assert [(s.group, s.end) for s in steps] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
 
 
 def test_shares_take_the_flattest_steps_first_and_grow_with_the_ratio():
-    points = {1: [(0.0, 0, 0.0, 0.0), (0.5, 4, 100.0, 1.0)], 2: [(0.0, 0, 0.0, 0.0), (0.5, 4, 100.0, 10.0)]}
+    points = {
+        1: [(0.0, 0, 0.0, 0.0), (0.5, 4, 100.0, 1.0)],
+        2: [(0.0, 0, 0.0, 0.0), (0.5, 4, 100.0, 10.0)],
+    }
     curves = sensitivity.Curves(points, sensitivity.order(points), total=16, samples=1, trials=2)
     assert curves.shares(0.1) == {1: 0.0, 2: 0.0}
     assert curves.shares(0.25) == {1: 0.5, 2: 0.0}

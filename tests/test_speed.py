@@ -22,7 +22,8 @@ def test_target_is_met_by_the_smallest_ratio(kind, goal):
     assert result.target["met"] and reached <= goal
     assert abs(result.target["reached"] - reached) < 1e-9  # the estimate is the real figure
     less = spa.prune(RESNET, round_to=1, ratio=max(result.ratio - 0.02, 0.0), verify=False)
-    assert getattr(less.after, kind) / getattr(less.before, kind) > goal  # a smaller ratio would not do
+    # a smaller ratio would not do
+    assert getattr(less.after, kind) / getattr(less.before, kind) > goal
 
 
 def test_unreachable_target_says_so():
@@ -46,9 +47,19 @@ def test_global_ranking_follows_scores_across_groups_within_the_cap():
     p = plan.make_plan(a, scores, ratio=0.1, round_to=1, global_ranking=True, max_group_ratio=0.75)
     assert len(p.by_group[weak.id]) == weak.width - plan.keep_count(weak.width, 0.75, 1)  # capped
     assert sum(len(v) for v in p.by_group.values()) == int(0.1 * total)
-    capped = {g.id for g in a.groups if len(p.by_group[g.id]) == g.width - plan.keep_count(g.width, 0.75, 1)}
+    capped = {
+        g.id
+        for g in a.groups
+        if len(p.by_group[g.id]) == g.width - plan.keep_count(g.width, 0.75, 1)
+    }
     removed_scores = [scores[int(c)] for gid, v in p.by_group.items() if gid != weak.id for c in v]
-    kept_scores = [scores[int(c)] for g in a.groups if g.id not in capped for c in g.classes if c not in p.removed]
+    kept_scores = [
+        scores[int(c)]
+        for g in a.groups
+        if g.id not in capped
+        for c in g.classes
+        if c not in p.removed
+    ]
     assert max(removed_scores) <= min(kept_scores)  # below the caps, strictly by score
 
 
@@ -66,7 +77,17 @@ def test_bench_cli_reports_every_model_and_ratios(tmp_path):
     pruned = tmp_path / "p.onnx"
     spa.prune(RESNET, pruned, ratio=0.5)
     np.savez(tmp_path / "in.npz", input=np.ones((2, 3, 32, 32), np.float32))
-    run = _cli("bench", RESNET, str(pruned), "--runs", "5", "--inputs", str(tmp_path / "in.npz"), "--json", str(tmp_path / "b.json"))
+    run = _cli(
+        "bench",
+        RESNET,
+        str(pruned),
+        "--runs",
+        "5",
+        "--inputs",
+        str(tmp_path / "in.npz"),
+        "--json",
+        str(tmp_path / "b.json"),
+    )
     assert run.returncode == 0, run.stderr
     data = json.loads((tmp_path / "b.json").read_text())
     first, second = data["models"]
@@ -76,15 +97,32 @@ def test_bench_cli_reports_every_model_and_ratios(tmp_path):
 
 
 def test_prune_bench_adds_a_latency_row(tmp_path):
-    run = _cli("prune", RESNET, str(tmp_path / "p.onnx"), "--bench", "--json", str(tmp_path / "r.json"))
+    run = _cli(
+        "prune", RESNET, str(tmp_path / "p.onnx"), "--bench", "--json", str(tmp_path / "r.json")
+    )
     assert run.returncode == 0, run.stderr
     assert "latency" in run.stdout and "speed-up" in run.stdout
-    assert set(json.loads((tmp_path / "r.json").read_text())["latency_ms"]) == {"before", "after", "threads", "runs", "p10_p90"}
+    assert set(json.loads((tmp_path / "r.json").read_text())["latency_ms"]) == {
+        "before",
+        "after",
+        "threads",
+        "runs",
+        "p10_p90",
+    }
 
 
 def test_sweep_prints_rows_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    run = _cli("sweep", RESNET, "--ratios", "0.3,0.6", "--plot", str(tmp_path / "s.png"), "--json", str(tmp_path / "s.json"))
+    run = _cli(
+        "sweep",
+        RESNET,
+        "--ratios",
+        "0.3,0.6",
+        "--plot",
+        str(tmp_path / "s.png"),
+        "--json",
+        str(tmp_path / "s.json"),
+    )
     assert run.returncode == 0, run.stderr
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.3, 0.6]
@@ -108,13 +146,14 @@ def _ort_optimized_ops(path, folder) -> dict:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(folder / f"{path.stem}.ort.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(f"{n.domain}::{n.op_type}" for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return collections.Counter(
+        f"{n.domain}::{n.op_type}" for n in onnx.load(options.optimized_model_filepath).graph.node
+    )
 
 
 def test_onnxruntime_fusions_survive_pruning(tmp_path):
     """Sliced weights, no inserted Gather/Slice: Conv+BN+activation and Gemm+bias still fuse."""
     import onnx
-
     from graphs import Graph
 
     g = Graph()

@@ -42,7 +42,15 @@ def test_every_architecture_from_both_exporters():
 def test_constants_the_dynamo_exporter_merged_do_not_tie_layers():
     """DeiT as initialized: one all-zero bias tensor read by 15 layers in the dynamo export. Each
     use gets its own copy: the same groups as the legacy export, which keeps them apart."""
-    groups = [sorted(g.width for g in spa.analyze(f"models/transformers/deit_{e}.onnx", input_shapes=SHAPES["deit"]).groups) for e in ("legacy", "dynamo")]
+    groups = [
+        sorted(
+            g.width
+            for g in spa.analyze(
+                f"models/transformers/deit_{e}.onnx", input_shapes=SHAPES["deit"]
+            ).groups
+        )
+        for e in ("legacy", "dynamo")
+    ]
     assert groups[0] == groups[1] and len(groups[0]) == 4
 
 
@@ -59,19 +67,29 @@ def test_a_shared_vector_that_is_also_a_graph_input_stays_shared():
 
     bias = numpy_helper.from_array(np.zeros(4, np.float32), "b")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["h"]), helper.make_node("Mul", ["h", "b"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [bias],
+        [helper.make_node("Add", ["x", "b"], ["h"]), helper.make_node("Mul", ["h", "b"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [bias],
     )
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
     normalize.normalize(model)
     assert [n.inputs[1].name for n in model.graph] == ["b", "b"]
 
 
-@pytest.mark.parametrize("path", [p for p in MODELS if p.stem.split("_")[0] in WITH_HEADS], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in MODELS if p.stem.split("_")[0] in WITH_HEADS], ids=lambda p: p.stem
+)
 def test_zero_heads(path):
     analysis = spa.analyze(path, input_shapes=shapes(path))
-    assert sum(g.heads for g in analysis.groups) == (1 if "mha" in path.stem else 2)  # one attention per layer
+    # one attention per layer
+    assert sum(g.heads for g in analysis.groups) == (1 if "mha" in path.stem else 2)
     error, removed = spa.zero_channel_check(path, input_shapes=shapes(path), select="heads")
     assert removed > 0 and error <= 1e-4
 

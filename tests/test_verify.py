@@ -17,14 +17,21 @@ from spa.cli import main
 
 
 def classifier(head: str = "Gemm") -> onnx.ModelProto:
-    """x[N,16] -> Gemm 16->32 -> Relu -> Gemm 32->10 (-> Softmax, or a LayerNormalization instead)."""
+    """x[N,16] -> Gemm 16->32 -> Relu -> Gemm 32->10 (-> Softmax, or a LayerNormalization
+    instead)."""
     g = Graph()
     h = g.op("Relu", g.gemm("x", 16, 32))
     y = g.gemm(h, 32, 10)
     if head == "Softmax":
         y = g.op("Softmax", y, axis=-1)
     elif head == "LayerNormalization":
-        y = g.op("LayerNormalization", y, g.const(np.ones(10, np.float32)), g.const(np.zeros(10, np.float32)), axis=-1)
+        y = g.op(
+            "LayerNormalization",
+            y,
+            g.const(np.ones(10, np.float32)),
+            g.const(np.zeros(10, np.float32)),
+            axis=-1,
+        )
     return g.model({"x": ["N", 16]}, {y: ["N", 10]})
 
 
@@ -63,7 +70,9 @@ def test_too_few_samples_hold_nothing_out():
     assert _sizes(fit) == [8] and held == []
 
 
-@pytest.mark.parametrize("head, kind", [("Gemm", "logits"), ("Softmax", "probabilities"), ("LayerNormalization", None)])
+@pytest.mark.parametrize(
+    "head, kind", [("Gemm", "logits"), ("Softmax", "probabilities"), ("LayerNormalization", None)]
+)
 def test_class_scores_are_the_outputs_of_a_classifier_head(head, kind):
     model = ir.serde.deserialize_model(classifier(head))
     assert verify.class_scores(model) == ({model.graph.outputs[0].name: kind} if kind else {})
@@ -74,7 +83,14 @@ def test_class_scores_are_compared_by_top1_agreement_and_kl():
     a = rng.standard_normal((40, 10))
     b = a.copy()
     b[:10] = -b[:10]  # a quarter of the rows now rank another class first
-    moved = verify.compare(["y"], [([a[:20]], [b[:20]]), ([a[20:]], [b[20:]])], "test", False, {"y": "logits"}, held_out=True)
+    moved = verify.compare(
+        ["y"],
+        [([a[:20]], [b[:20]]), ([a[20:]], [b[20:]])],
+        "test",
+        False,
+        {"y": "logits"},
+        held_out=True,
+    )
     found = moved.outputs["y"]
     assert found["rows"] == 40 and found["top1_agreement"] == 0.75 and found["kl"] > 0
     assert moved.similarity == 0.75 and not moved.likely_broken
@@ -86,7 +102,9 @@ def test_class_scores_are_compared_by_top1_agreement_and_kl():
 def test_one_random_sample_is_judged_by_cosine_not_by_its_single_top1():
     a = np.array([[1.0, 0.9]])
     moved = verify.compare(["y"], [([a], [a[:, ::-1]])], "one sample", False, {"y": "logits"})
-    assert moved.outputs["y"]["top1_agreement"] == 0.0 and moved.similarity == pytest.approx(moved.outputs["y"]["cosine"])
+    assert moved.outputs["y"]["top1_agreement"] == 0.0 and moved.similarity == pytest.approx(
+        moved.outputs["y"]["cosine"]
+    )
 
 
 def test_a_calibrated_prune_reports_fidelity_on_held_out_samples(tmp_path):
@@ -98,27 +116,70 @@ def test_a_calibrated_prune_reports_fidelity_on_held_out_samples(tmp_path):
     assert fidelity.held_out and fidelity.outputs[next(iter(fidelity.outputs))]["rows"] == 64 // 8
     assert result.verdict.measured is fidelity and 0.0 <= fidelity.similarity <= 1.0
     np.savez(tmp_path / "cal.npz", x=x)
-    assert main(["prune", str(path), str(tmp_path / "out.onnx"), "--calibration", str(tmp_path / "cal.npz"), "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(path),
+                str(tmp_path / "out.onnx"),
+                "--calibration",
+                str(tmp_path / "cal.npz"),
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())["verify"]
-    assert report["fidelity"]["held_out"] and report["likely_broken"] == report["fidelity"]["likely_broken"]
+    assert (
+        report["fidelity"]["held_out"]
+        and report["likely_broken"] == report["fidelity"]["likely_broken"]
+    )
 
 
 def test_a_likely_broken_prune_says_so_on_stderr_and_in_the_json(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(classifier(), path)
-    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(1).standard_normal((256, 16)).astype(np.float32))
-    args = ["prune", str(path), str(tmp_path / "out.onnx"), "--calibration", str(tmp_path / "cal.npz"), "--ratio", "0.95", "--round-to", "1"]
-    assert main([*args, "--importance", "random", "--no-compensate", "--json", str(tmp_path / "r.json")]) == 0
+    np.savez(
+        tmp_path / "cal.npz",
+        x=np.random.default_rng(1).standard_normal((256, 16)).astype(np.float32),
+    )
+    args = [
+        "prune",
+        str(path),
+        str(tmp_path / "out.onnx"),
+        "--calibration",
+        str(tmp_path / "cal.npz"),
+        "--ratio",
+        "0.95",
+        "--round-to",
+        "1",
+    ]
+    assert (
+        main(
+            [*args, "--importance", "random", "--no-compensate", "--json", str(tmp_path / "r.json")]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())["verify"]
     assert report["likely_broken"] and report["fidelity"]["similarity"] < verify.BROKEN_HELD_OUT
     assert "WARNING: the pruned model is likely broken" in capsys.readouterr().err
 
 
-def test_min_fidelity_cuts_less_where_the_held_out_fidelity_would_fall_below_the_bound(tmp_path, capsys):
+def test_min_fidelity_cuts_less_where_the_held_out_fidelity_would_fall_below_the_bound(
+    tmp_path, capsys
+):
     path = tmp_path / "m.onnx"
     onnx.save(classifier(), path)
     x = np.random.default_rng(1).standard_normal((256, 16)).astype(np.float32)
-    options = dict(ratio=0.9, round_to=1, calibration=x, importance="l2", compensate=False, allocation="uniform")
+    options = dict(
+        ratio=0.9,
+        round_to=1,
+        calibration=x,
+        importance="l2",
+        compensate=False,
+        allocation="uniform",
+    )
     deep = spa.prune(path, **options)
     bound = (1.0 + deep.verdict.fidelity.similarity) / 2  # the full cut misses it
     bounded = spa.prune(path, min_fidelity=bound, **options)
@@ -126,8 +187,26 @@ def test_min_fidelity_cuts_less_where_the_held_out_fidelity_would_fall_below_the
     assert 0 < bounded.ratio < 0.9 and record["met"] and record["steps"][0]["ratio"] == 0.9
     assert bounded.verdict.fidelity.similarity >= bound and bounded.after.macs > deep.after.macs
     np.savez(tmp_path / "cal.npz", x=x)
-    args = ["prune", str(path), str(tmp_path / "out.onnx"), "--ratio", "0.9", "--round-to", "1", "--importance", "l2", "--no-compensate", "--allocation", "uniform"]
-    assert main([*args, "--calibration", str(tmp_path / "cal.npz"), "--min-fidelity", str(bound)]) == 0
-    assert f"fidelity bound: held-out fidelity >= {bound:g}, kept at ratio {bounded.ratio:.3g}" in capsys.readouterr().out
+    args = [
+        "prune",
+        str(path),
+        str(tmp_path / "out.onnx"),
+        "--ratio",
+        "0.9",
+        "--round-to",
+        "1",
+        "--importance",
+        "l2",
+        "--no-compensate",
+        "--allocation",
+        "uniform",
+    ]
+    assert (
+        main([*args, "--calibration", str(tmp_path / "cal.npz"), "--min-fidelity", str(bound)]) == 0
+    )
+    assert (
+        f"fidelity bound: held-out fidelity >= {bound:g}, kept at ratio {bounded.ratio:.3g}"
+        in capsys.readouterr().out
+    )
     assert main([*args, "--min-fidelity", "0.9"]) == 1  # no data, nothing to measure it on
     assert "min_fidelity needs calibration data" in capsys.readouterr().err
