@@ -21,6 +21,7 @@ from spa import verify as verification
 from spa.analysis import Analysis
 from spa.analysis import analyze as analyze_model
 from spa.apply import apply, pruned_shapes, weight_keeps
+from spa.calibration import Source
 from spa.compensate import mean_shifts, refit, shift_biases
 from spa.count import Counts, count
 from spa.errors import CalibrationError, SpaError, first_line
@@ -73,8 +74,7 @@ class Method:
     """How the channels were chosen and the layers repaired."""
 
     importance: str
-    # "data", "synthetic", "generated" or "batchnorm" (the last three data-free), or None
-    calibration: str | None
+    calibration: calibration_source.Source | None  # None: no data, no repair from data
     compensated: bool
     note: str | None = None  # why the data-free default was not used
     # layers over statistics.MAX_WIDTH inputs
@@ -85,15 +85,15 @@ class Method:
 
     def describe(self) -> str:
         source = {
-            "data": "calibration data",
-            "synthetic": "synthetic calibration (data-free)",
-            "generated": "calibration on text the model generated itself (data-free)",
-            "batchnorm": "BatchNormalization statistics (data-free)",
+            Source.DATA: "calibration data",
+            Source.SYNTHETIC: "synthetic calibration (data-free)",
+            Source.GENERATED: "calibration on text the model generated itself (data-free)",
+            Source.BATCHNORM: "BatchNormalization statistics (data-free)",
             None: "no data",
         }[self.calibration]
         repair = (
             "biases absorb the removed channels' means"
-            if self.calibration == "batchnorm"
+            if self.calibration is Source.BATCHNORM
             else "layers refit"
         )
         text = f"importance {self.importance}, {source}, " + (
@@ -308,7 +308,7 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         not _remove_and_repair(
             analysis, plan.removed, consumers, data if method.compensated else None, means
         )
-        and method.calibration == "batchnorm"
+        and method.calibration is Source.BATCHNORM
     ):
         method.calibration, method.compensated = None, False  # no removed channel came from a BN
     after = count(work, shapes=planned_shapes)
@@ -402,12 +402,12 @@ def choose_method(
     note, data, source = failed, None, calibration
     if calibration is None and importance == "auto" and failed is None:
         if calibration_source.token_input(work) is not None:
-            source = "generated"  # a causal language model writes its own calibration text
+            source = Source.GENERATED  # a causal language model writes its own calibration text
         else:
             note = calibration_source.why_not_data_free(
                 work, analysis.shapes, consumers, large, input_shapes
             )
-            source = "synthetic" if note is None else None
+            source = Source.SYNTHETIC if note is None else None
             if note is not None:  # said up front, before the steps that take long
                 logger.warning("no data-free refit: %s; channels by magnitude", note)
     if source is not None:
@@ -418,7 +418,7 @@ def choose_method(
                 raise
             note = (
                 f"no generated calibration text ({e})"
-                if source == "generated"
+                if source is Source.GENERATED
                 else f"the model fails on synthetic data ({e})"
             )
     importance = ("obs" if data else "l2") if importance == "auto" else importance
@@ -432,8 +432,10 @@ def choose_method(
         )
     compensating = compensate if compensate is not None else True
     means = statistics.batchnorm_means(work, consumers) if data is None and compensating else {}
-    data_free = isinstance(source, str) and source in DATA_FREE
-    used = (source if data_free else "data") if data is not None else "batchnorm" if means else None
+    if data is not None:
+        used = Source.made_by_spa(source) or Source.DATA
+    else:
+        used = Source.BATCHNORM if means else None
     too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
     return (
         Method(importance, used, compensating and used is not None, note, too_wide, allocation),
@@ -484,12 +486,9 @@ class _Calibrated:
             raise CalibrationError(
                 f"onnxruntime cannot open the model for calibration: {first_line(e)}"
             ) from None
-        self.synthetic = isinstance(source, str) and source == "synthetic"
-        if (
-            isinstance(source, str)
-            and source == "generated"
-            and calibration_source.token_input(model) is None
-        ):
+        made = Source.made_by_spa(source)
+        self.synthetic = made is Source.SYNTHETIC
+        if made is Source.GENERATED and calibration_source.token_input(model) is None:
             raise CalibrationError(
                 "--calibration generated needs a causal language model: token ids [batch, "
                 "sequence] in, logits [batch, sequence, vocabulary] from an LM head out"
@@ -588,7 +587,6 @@ def _fidelity_search(
 
 _FIDELITY_STEPS = 5  # the ratio to within 1/32 of the cut asked for
 _MAX_RATIO = 0.99
-DATA_FREE = ("synthetic", "generated")  # calibration sources spa makes itself
 _SEARCH_STEPS = 14  # ratio to within 1e-4
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from pathlib import Path
@@ -21,6 +22,26 @@ BATCH = 32
 SYNTHETIC_SAMPLES = 256
 
 
+class Source(str, enum.Enum):
+    """Where a prune's calibration came from (`Method.calibration`; the value is the JSON's)."""
+
+    DATA = "data"  # the user's samples
+    SYNTHETIC = "synthetic"  # noise with the spectrum of natural signals (data-free)
+    GENERATED = "generated"  # text a causal language model wrote itself (data-free)
+    BATCHNORM = "batchnorm"  # no samples: BatchNormalization means moved into biases (data-free)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def made_by_spa(cls, option) -> Source | None:
+        """SYNTHETIC or GENERATED where the calibration option names one; None for user data (a
+        path, arrays, a reader) and for no option."""
+        if isinstance(option, str) and option in (cls.SYNTHETIC.value, cls.GENERATED.value):
+            return cls(option)
+        return None
+
+
 def batches(
     source,
     sess: ort.InferenceSession,
@@ -36,9 +57,10 @@ def batches(
     that a causal language model samples itself (`generate`), its data-free mode.
     """
     names = [i.name for i in sess.get_inputs()]
-    if isinstance(source, str) and source == "synthetic":
+    made = Source.made_by_spa(source)
+    if made is Source.SYNTHETIC:
         return _synthetic(sess, input_shapes, seed)
-    if isinstance(source, str) and source == "generated":
+    if made is Source.GENERATED:
         tokens = causal_lm(sess)
         if tokens is None:
             raise CalibrationError(

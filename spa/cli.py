@@ -264,14 +264,16 @@ def _ratios(text: str) -> list[float]:
 def _files(args) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """What the command reads and what it writes, for spa.io.check_targets."""
     from spa import io
+    from spa.calibration import Source
 
     reads = [
         f
         for model in (args.models if args.command == "bench" else [args.input])
         for f in io.model_files(model)
     ]
-    if getattr(args, "calibration", None) not in (None, "synthetic", "generated"):
-        reads.append((Path(args.calibration), "the calibration data"))
+    calibration = getattr(args, "calibration", None)
+    if calibration is not None and Source.made_by_spa(calibration) is None:
+        reads.append((Path(calibration), "the calibration data"))
     if getattr(args, "plan", None) is not None:
         reads.append((Path(args.plan), "the --plan report"))
     if getattr(args, "inputs", None) is not None:
