@@ -128,8 +128,8 @@ class Analysis:
         return {g: list(found) for g, found in names.items()}
 
     def members_named(self, name: str) -> list[Member]:
-        """The member records of the initializer called `name` (the statistics find layers by
-        weight name: they run on a copy of the model)."""
+        """The member records of the initializer called `name`: a layer's identity in every copy
+        of the model (`statistics.Consumer`)."""
         if self._by_name is None:
             self._by_name = {}
             for m in self.members:

@@ -84,7 +84,7 @@ def refit(
     weights = {v.name: v for v in original.graph.initializers.values()}
     readers: dict[str, list[Consumer]] = {}
     for consumer in found:  # in graph order of the first reader, so upstream refits come first
-        if _node_of(pruned, consumer) is not None:
+        if consumer.node_in(pruned) is not None:
             readers.setdefault(consumer.input, []).append(consumer)
     bar = Progress(len(readers), "compensate")
     refit_count = 0
@@ -92,7 +92,7 @@ def refit(
     names = Names(pruned)
     for i, (value, group) in enumerate(readers.items()):
         # A refit MatMul upstream may have gained a bias Add since: read what the layer reads now.
-        now = _node_of(pruned, group[0]).inputs[0].name
+        now = group[0].node_in(pruned).inputs[0].name
         partners = {
             c.weight: _residual_partner(original, pruned, c) if c.kind != Kind.DEPTHWISE else None
             for c in group
@@ -134,12 +134,12 @@ def refit(
             _write(
                 pruned,
                 names,
-                _node_of(pruned, c),
+                c.node_in(pruned),
                 c,
                 _solve(
                     c,
                     moments[key[c.weight]],
-                    _node_of(original, c),
+                    c.node_in(original),
                     weights,
                     keeps.get(c.weight),
                     damping,
@@ -258,14 +258,6 @@ def _solve_depthwise(
     return _ridge(gram[position], cross[position] @ prior, prior, damping)[:, :, 0]
 
 
-def _node_of(model: ir.Model, consumer: Consumer) -> ir.Node | None:
-    value = model.graph.initializers.get(consumer.weight)
-    if value is None:
-        return None
-    uses = [u.node for u in value.uses() if u.idx == 1]
-    return uses[0] if len(uses) == 1 else None
-
-
 def _with_bias(consumer: Consumer, node: ir.Node, weights: dict[str, ir.Value]) -> np.ndarray:
     matrix = consumer.matrix(weights[consumer.weight].const_value.numpy().astype(np.float64))
     alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
@@ -366,7 +358,7 @@ def mean_shifts(
     weights = {v.name: v for v in model.graph.initializers.values()}
     shifts = {}
     for c in found:
-        keep, node = keeps.get(c.weight), _node_of(model, c)
+        keep, node = keeps.get(c.weight), c.node_in(model)
         if (
             c.weight not in means
             or keep is None
@@ -389,7 +381,7 @@ def shift_biases(model: ir.Model, found: list[Consumer], shifts: dict[str, np.nd
     names = Names(model)
     changed = 0
     for c in found:
-        node = _node_of(model, c)
+        node = c.node_in(model)
         if c.weight in shifts and node is not None:
             solved = _with_bias(c, node, weights)
             solved[:, -1] += shifts[c.weight]
@@ -405,7 +397,7 @@ def _residual_partner(
     that activation in the original and the pruned model: the refit then reproduces the sum."""
     names = []
     for model in (original, pruned):
-        node = _node_of(model, consumer)
+        node = consumer.node_in(model)
         if node is None:
             return None
         out = node.outputs[0]

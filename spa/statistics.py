@@ -37,9 +37,14 @@ class Kind(enum.Enum):
 
 @dataclasses.dataclass
 class Consumer:
-    node: str
+    """A layer that reads channels through a weight. Its identity is its weight initializer's name:
+    the same in every copy of the model (the original and the pruned one that the refit compares,
+    the sessions that score and measure) and in the analysis (`Analysis.members_named`), where
+    nodes and values are objects of one copy."""
+
+    node: str  # for messages
     input: str  # the activation it reads
-    weight: str  # its weight initializer: the consumer's identity across model copies
+    weight: str
     kind: Kind
     in_axis: int  # the weight's input-feature axis
     out_axis: int
@@ -109,6 +114,15 @@ class Consumer:
             .reshape(-1, y.shape[1])
             .astype(np.float32)
         )
+
+    def node_in(self, model: ir.Model) -> ir.Node | None:
+        """Its node in `model` (a copy of the model it was found in); None where the weight is
+        gone or has other readers."""
+        value = model.graph.initializers.get(self.weight)
+        if value is None:
+            return None
+        uses = [u.node for u in value.uses() if u.idx == 1]
+        return uses[0] if len(uses) == 1 else None
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         """The weight as (outputs, features), features in the order of `features`."""
