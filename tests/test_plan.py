@@ -16,7 +16,7 @@ import spa
 from spa import io, runtime, verify
 from spa.analysis import analyze
 from spa.normalize import normalize
-from spa.plan import make_plan
+from spa.plan import keep_count, make_plan
 from spa.score import score
 
 MODELS = Path(__file__).parent.parent / "models"
@@ -159,3 +159,59 @@ def test_layer_ratios_set_the_cut_of_the_groups_they_name(tmp_path, capsys):
     )
     assert "'nomatch*' matches no layer" in capsys.readouterr().out
     assert [d.dims[0] for d in onnx.load(out).graph.initializer if len(d.dims) == 4] == [16, 16, 4]
+
+
+RESNET = "models/torch/resnet_legacy.onnx"
+
+
+@pytest.mark.parametrize("kind,goal", [("macs", 0.5), ("macs", 0.3), ("params", 0.4)])
+def test_target_is_met_by_the_smallest_ratio(kind, goal):
+    result = spa.prune(RESNET, round_to=1, **{f"target_{kind}": goal})
+    reached = getattr(result.after, kind) / getattr(result.before, kind)
+    assert result.target["met"] and reached <= goal
+    assert abs(result.target["reached"] - reached) < 1e-9  # the estimate is the real figure
+    less = spa.prune(RESNET, round_to=1, ratio=max(result.ratio - 0.02, 0.0), verify=False)
+    # a smaller ratio would not do
+    assert getattr(less.after, kind) / getattr(less.before, kind) > goal
+
+
+def test_unreachable_target_says_so():
+    result = spa.prune(RESNET, target_macs=0.001)
+    assert not result.target["met"] and result.target["reached"] > 0.001
+
+
+def _analysis(path=RESNET):
+    """The normalized model's analysis."""
+    m = io.load(path)
+    normalize(m)
+    return analyze(m)
+
+
+def test_global_ranking_follows_scores_across_groups_within_the_cap():
+    a = _analysis()
+    # One group is all noise: global ranking should take it first, up to the cap.
+    weak = a.groups[0]
+    scores = {c: 1.0 + i * 1e-3 for i, c in enumerate(int(c) for g in a.groups for c in g.classes)}
+    scores.update({int(c): 0.01 for c in weak.classes})
+    total = sum(g.width for g in a.groups)
+    p = make_plan(a, scores, ratio=0.1, round_to=1, global_ranking=True, max_group_ratio=0.75)
+    assert len(p.by_group[weak.id]) == weak.width - keep_count(weak.width, 0.75, 1)  # capped
+    assert sum(len(v) for v in p.by_group.values()) == int(0.1 * total)
+    capped = {
+        g.id for g in a.groups if len(p.by_group[g.id]) == g.width - keep_count(g.width, 0.75, 1)
+    }
+    removed_scores = [scores[int(c)] for gid, v in p.by_group.items() if gid != weak.id for c in v]
+    kept_scores = [
+        scores[int(c)]
+        for g in a.groups
+        if g.id not in capped
+        for c in g.classes
+        if c not in p.removed
+    ]
+    assert max(removed_scores) <= min(kept_scores)  # below the caps, strictly by score
+
+
+def test_local_ratio_is_per_group():
+    a = _analysis()
+    p = make_plan(a, score(a), 0.5, round_to=1)
+    assert all(len(p.by_group[g.id]) == g.width // 2 for g in a.groups)
