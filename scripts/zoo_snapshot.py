@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import zoo_coverage  # a sibling script
+
 import spa
 from spa.errors import SpaError
 
 ROOT = Path(__file__).parent.parent
-_spec = importlib.util.spec_from_file_location("zoo_coverage", ROOT / "scripts" / "coverage.py")
-coverage = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(coverage)
 
 
 def fingerprint(path: Path, prune: bool) -> dict:
-    shapes = coverage.input_shapes(path)
+    shapes = zoo_coverage.input_shapes(path)
     try:
         analysis = spa.analyze(path, input_shapes=shapes)
     except SpaError as e:

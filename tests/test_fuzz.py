@@ -7,7 +7,6 @@ must leave the input untouched. The full fuzzer: `python scripts/fuzz.py --cases
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ from hypothesis import Phase, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz  # noqa: E402
+from scripts import fuzz  # noqa: E402
 
 SEEDS = [
     REPO / "models" / "torch" / "vgg_legacy.onnx",

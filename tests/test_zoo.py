@@ -6,16 +6,13 @@ zero-channel test is exact. The PyTorch exports are tested in test_models and te
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from scripts import zoo_coverage
+
 ROOT = Path(__file__).parent.parent
-# Loaded by path: the name `coverage` belongs to coverage.py, which pytest-cov may have imported.
-_spec = importlib.util.spec_from_file_location("zoo_coverage", ROOT / "scripts" / "coverage.py")
-coverage = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(coverage)
 
 FOLDERS = ("tensorflow", "jax", "paddle", "sklearn", "packaged")
 MODELS = sorted(p for folder in FOLDERS for p in (ROOT / "models" / folder).glob("*.onnx"))
@@ -28,6 +25,6 @@ def test_every_framework_has_at_least_two_models():
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_zoo_model_prunes_to_a_valid_smaller_model(path):
-    row = coverage.measure(path, [coverage.PASS_RATIO])
+    row = zoo_coverage.measure(path, [zoo_coverage.PASS_RATIO])
     assert row["failures"] == []
     assert row["groups"] >= 1

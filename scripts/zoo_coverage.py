@@ -11,7 +11,8 @@ its outputs when its inputs change by 1e-7: a deep net on random inputs can ampl
 rounding past 1e-4); every other row says why it did not.
 
     pip install -e .
-    python scripts/coverage.py [--models-dir models] [--ratios 0.3 0.5] [--json out/coverage.json]
+    python scripts/zoo_coverage.py [--models-dir models] [--ratios 0.3 0.5] \
+        [--json out/coverage.json]
 
 Symbolic input dims are fixed for the analysis at 2 (first axis) and 8 (others), except where
 SHAPES gives a model's real input size (OCR crops, detector pages).
