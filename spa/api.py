@@ -46,7 +46,9 @@ class PruneResult:
     verdict: verification.Verdict | None
     seconds: float
     ratio: float  # the ratio used: given, or found for a target
-    target: dict | None = None  # {"kind", "target", "reached"} when pruned to a target
+    # {"kind", "target", "reached", "met"} when pruned to a target; with min_fidelity also
+    # "fidelity": {"bound", "reached", "met", "ratio", "steps"}
+    target: dict | None = None
     method: Method | None = None
     # every option, as given and as resolved
     options: dict = dataclasses.field(default_factory=dict)
