@@ -18,6 +18,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "spa", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_bench_cli_reports_every_model_and_ratios(tmp_path):
     pruned = tmp_path / "p.onnx"
     spa.prune(RESNET, pruned, ratio=0.5)
@@ -41,6 +42,7 @@ def test_bench_cli_reports_every_model_and_ratios(tmp_path):
     assert abs(second["ratio"] - second["median_ms"] / first["median_ms"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_prune_bench_adds_a_latency_row(tmp_path):
     run = _cli(
         "prune", RESNET, str(tmp_path / "p.onnx"), "--bench", "--json", str(tmp_path / "r.json")
@@ -56,6 +58,7 @@ def test_prune_bench_adds_a_latency_row(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_sweep_prints_rows_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     run = _cli(
@@ -75,6 +78,7 @@ def test_sweep_prints_rows_and_plots(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_bench_inputs_file_must_match(tmp_path):
     np.savez(tmp_path / "in.npz", wrong=np.ones(3, np.float32))
     run = _cli("bench", RESNET, "--inputs", str(tmp_path / "in.npz"))

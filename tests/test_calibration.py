@@ -47,6 +47,7 @@ def test_generated_text_is_sampled_from_the_model_deterministically(monkeypatch)
     assert (top == ids[:, 1:, None]).any(-1).all()
 
 
+@pytest.mark.slow
 def test_without_data_a_causal_lm_calibrates_on_its_own_text_and_reports_fidelity():
     result = spa.prune(MODELS / "llama_lm_dynamo.onnx", ratio=0.3, round_to=1)
     assert result.method.calibration == "generated" and result.method.importance == "obs"

@@ -20,6 +20,7 @@ def spa(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_prune_prints_table_and_writes_json(tmp_path):
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     run = spa(
@@ -54,6 +55,7 @@ def test_prune_prints_table_and_writes_json(tmp_path):
     assert oct(out.stat().st_mode & 0o777) != "0o600"
 
 
+@pytest.mark.slow
 def test_analyze_lists_groups_and_barriers(tmp_path):
     model = onnx.load(MODELS / "vgg_legacy.onnx")
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
@@ -87,6 +89,7 @@ def test_version():
         ("model", ["in.onnx", "out.onnx", "--input-shapes", "nope:1,2"], "unknown input"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_no_output(tmp_path, setup, args, message):
     if setup == "model":
         (tmp_path / "in.onnx").write_bytes((MODELS / "vgg_legacy.onnx").read_bytes())
@@ -104,6 +107,7 @@ def test_usage_error_exits_2():
     assert spa("prune").returncode == 2
 
 
+@pytest.mark.slow
 def test_missing_external_data_is_one_line(tmp_path):
     (tmp_path / "m.onnx").write_bytes((MODELS / "vgg_dynamo.onnx").read_bytes())
     run = spa("prune", "m.onnx", "out.onnx", cwd=tmp_path)
@@ -111,6 +115,7 @@ def test_missing_external_data_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_external_data_location_that_is_not_utf8_is_one_line(tmp_path):
     data = (MODELS / "vgg_dynamo.onnx").read_bytes()
     assert data.count(b"vgg_dynamo.onnx.data") >= 1
@@ -126,6 +131,7 @@ def test_external_data_location_that_is_not_utf8_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_step(
     tmp_path, capsys, monkeypatch
 ):
@@ -145,6 +151,7 @@ def test_off_a_terminal_a_quiet_step_still_gets_a_progress_line_and_v_logs_each_
         assert f"spa.progress: {step}" in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_the_report_and_the_model_say_what_made_them_and_keep_the_dim_names(tmp_path):
     from spa import api
 
@@ -173,6 +180,7 @@ def test_the_report_and_the_model_say_what_made_them_and_keep_the_dim_names(tmp_
     assert dims == {"batch"}  # as the exporter named it; shape inference alone would invent unk__0
 
 
+@pytest.mark.slow
 def test_dry_run_exclusions_and_the_notes_on_options_that_do_nothing(tmp_path, capsys):
     from spa.cli import main
 
@@ -212,6 +220,7 @@ def test_dry_run_exclusions_and_the_notes_on_options_that_do_nothing(tmp_path, c
     assert all(g["removed"] == 0 for g in data["groups"])  # every layer is a Conv (or reads one)
 
 
+@pytest.mark.slow
 def test_plot_draws_the_layers_before_and_after(tmp_path):
     pytest.importorskip("matplotlib")
     from spa.cli import main
@@ -258,6 +267,7 @@ def test_every_prune_option_is_a_flag_and_an_api_keyword_from_one_declaration(tm
     } <= sweep_flags
 
 
+@pytest.mark.slow
 def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what_does_not_fit(
     tmp_path, capsys
 ):
@@ -310,6 +320,7 @@ def test_a_plan_from_an_earlier_report_prunes_the_same_channels_and_refuses_what
     assert "coupled layers keep the same channels" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_takes_the_method_options_prints_each_step_and_saves_the_models(tmp_path, capsys):
     from spa.cli import main
 

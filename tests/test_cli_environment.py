@@ -68,6 +68,7 @@ sys.exit(main(sys.argv[3:]))
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 @pytest.mark.parametrize("mode", ["inline", "external"])
+@pytest.mark.slow
 def test_an_interrupted_write_leaves_nothing(folder, signum, code, mode):
     run = subprocess.run(
         [
@@ -103,6 +104,7 @@ sys.exit(main(["analyze", "m.onnx"]))
 """
 
 
+@pytest.mark.slow
 def test_an_interrupt_during_start_up_is_one_line(folder):
     run = subprocess.run([sys.executable, "-c", _INTERRUPTED_START], capture_output=True, text=True)
     assert run.returncode == 130 and run.stderr == "spa: interrupted\n", run.stderr

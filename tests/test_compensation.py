@@ -245,6 +245,7 @@ def test_forward_gives_the_values_that_running_prefixes_gives(monkeypatch, kept_
 
 
 @pytest.mark.parametrize("calibration", ["synthetic", "arrays", "arrays, wide layers"])
+@pytest.mark.slow
 def test_zero_channel_test_holds_with_compensation(calibration, monkeypatch):
     if "wide" in calibration:  # the mean-only repair of layers too wide for statistics
         monkeypatch.setattr(statistics, "MAX_WIDTH", 100)
@@ -259,6 +260,7 @@ def test_zero_channel_test_holds_with_compensation(calibration, monkeypatch):
     assert removed > 0 and error <= 1e-4
 
 
+@pytest.mark.slow
 def test_calibration_reader_and_files(tmp_path):
     """An onnxruntime CalibrationDataReader-like object, a .npy and a .npz all work."""
     x = np.random.default_rng(4).standard_normal((40, 3, 32, 32)).astype(np.float32)
@@ -295,6 +297,7 @@ def test_synthetic_samples_have_the_spectrum_of_natural_images():
     assert np.array_equal(_pink(vectors, seed=0), vectors)  # nothing long enough to shape
 
 
+@pytest.mark.slow
 def test_default_without_data_is_the_data_free_refit_where_it_is_cheap(monkeypatch):
     result = spa.prune("models/mnist/vgg.onnx", ratio=0.3, round_to=1)
     assert result.method == spa.api.Method("obs", "synthetic", True, None)

@@ -27,6 +27,7 @@ def _mlp(path) -> None:
 
 
 @pytest.mark.parametrize("calibration", [None, "data"])
+@pytest.mark.slow
 def test_output_bytes_do_not_depend_on_the_blas_thread_count(tmp_path, calibration):
     _mlp(tmp_path / "mlp.onnx")
     options = []

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parent.parent
 from scripts import fuzz  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
+
 SEEDS = [
     REPO / "models" / "torch" / "vgg_legacy.onnx",
     REPO / "models" / "torch" / "resnet_dynamo.onnx",  # weights in external data

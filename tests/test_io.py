@@ -15,6 +15,7 @@ from spa import io
 MODELS = Path(__file__).parent.parent / "models" / "torch"
 
 
+@pytest.mark.slow
 def test_external_data_model_loads_and_output_stands_alone(tmp_path):
     out = tmp_path / "pruned.onnx"
     spa.prune(MODELS / "resnet_dynamo.onnx", out, ratio=0.3)
@@ -37,6 +38,7 @@ def test_save_switches_to_external_data_past_the_limit(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_symbolic_dims_survive(tmp_path):
     out = tmp_path / "p.onnx"
     spa.prune(MODELS / "mobilenetv2_dynamo.onnx", out, ratio=0.5)
@@ -51,6 +53,7 @@ def test_symbolic_dims_survive(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_pruned_model_runs_with_a_larger_batch(tmp_path):
     out = tmp_path / "p.onnx"
     spa.prune(MODELS / "shufflenet_legacy.onnx", out, ratio=0.5)

@@ -14,6 +14,8 @@ import pytest
 import spa
 from spa import io
 
+pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
+
 MODELS = Path(__file__).parent.parent / "models"
 TORCH = sorted((MODELS / "torch").glob("*.onnx"))
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

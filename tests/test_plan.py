@@ -36,6 +36,7 @@ def _outputs(proto, feeds):
 @pytest.mark.parametrize(
     "name", ["torch/mobilenetv2_legacy.onnx", "mnist/mobilenetv2.onnx", "torch/resnet_legacy.onnx"]
 )
+@pytest.mark.slow
 def test_the_defaults_remove_dead_channels_before_any_live_one(name):
     """Half of every group dead, ratio 0.5, every default (data-free OBS, SIMD rounding): exactly
     the dead channels go, so the outputs do not move."""
@@ -165,6 +166,7 @@ RESNET = "models/torch/resnet_legacy.onnx"
 
 
 @pytest.mark.parametrize("kind,goal", [("macs", 0.5), ("macs", 0.3), ("params", 0.4)])
+@pytest.mark.slow
 def test_target_is_met_by_the_smallest_ratio(kind, goal):
     result = spa.prune(RESNET, round_to=1, **{f"target_{kind}": goal})
     reached = getattr(result.after, kind) / getattr(result.before, kind)
@@ -175,6 +177,7 @@ def test_target_is_met_by_the_smallest_ratio(kind, goal):
     assert getattr(less.after, kind) / getattr(less.before, kind) > goal
 
 
+@pytest.mark.slow
 def test_unreachable_target_says_so():
     result = spa.prune(RESNET, target_macs=0.001)
     assert not result.target["met"] and result.target["reached"] > 0.001

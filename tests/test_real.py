@@ -14,6 +14,8 @@ import pytest
 
 import spa
 
+pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
+
 SLICE = Path(__file__).parent.parent / "models" / "real" / "efficientnet_lite0_blocks0-7.onnx"
 
 

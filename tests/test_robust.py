@@ -32,6 +32,7 @@ def _cli(*args, cwd=None):
         (lambda m: m.opset_import[0].__setattr__("version", 5), "opset 5 is too old"),
     ],
 )
+@pytest.mark.slow
 def test_unsupported_versions_are_one_line(tmp_path, edit, message):
     model = onnx.load(MODELS / "vgg_legacy.onnx")
     edit(model)
@@ -41,6 +42,7 @@ def test_unsupported_versions_are_one_line(tmp_path, edit, message):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_truncated_file_is_one_line(tmp_path):
     data = (MODELS / "vgg_legacy.onnx").read_bytes()
     (tmp_path / "m.onnx").write_bytes(data[: len(data) // 3])
@@ -53,6 +55,7 @@ def test_truncated_file_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_native_crash_in_onnxruntime_is_one_line(tmp_path):
     """Found by the fuzzer: without its pads, an AveragePool of Inception V1 makes onnxruntime die
     of SIGFPE when the model runs. spa runs onnxruntime in a forked child: one line, exit 1."""
@@ -79,6 +82,7 @@ def test_a_native_crash_in_onnxruntime_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_grouped_conv_with_weight_and_bias_swapped_is_one_line(tmp_path):
     """Found by the fuzzer (seed 10): a 1-D weight on a grouped conv was an internal error where
     spa looked for the layers calibration reads."""
@@ -97,6 +101,7 @@ def test_a_grouped_conv_with_weight_and_bias_swapped_is_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_dynamic_dim_written_as_minus_one_survives_shape_inference(tmp_path):
     """Found by the fuzzer: magika's batch dim set to -1 made onnx's C++ shape inference abort (a
     Shape folded to [-1, 2048], then a clamp). -1 is dynamic: never folded, unknown to inference."""
@@ -135,6 +140,7 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_same_input_same_bytes(tmp_path):
     for i in range(2):
         spa.prune(MODELS / "shufflenet_dynamo.onnx", tmp_path / f"{i}.onnx", ratio=0.5)

@@ -13,6 +13,8 @@ import pytest
 import spa
 from spa import normalize
 
+pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
+
 MODELS = sorted((Path(__file__).parent.parent / "models" / "transformers").glob("*.onnx"))
 SEQ = 8  # a real sequence for the analysis and the checks: with 1, attention is degenerate
 SHAPES = {

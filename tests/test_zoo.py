@@ -12,6 +12,8 @@ import pytest
 
 from scripts import zoo_coverage
 
+pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
+
 ROOT = Path(__file__).parent.parent
 
 FOLDERS = ("tensorflow", "jax", "paddle", "sklearn", "packaged")
