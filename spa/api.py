@@ -168,29 +168,93 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     are spa.options.PruneOptions' fields, each documented there."""
     start = time.perf_counter()
     o = PruneOptions.of(options)
-    ratio, ignore = o.ratio, o.ignore  # a target replaces the ratio; excluded op types add patterns
     record = o.record(calibration_source.describe)
-    progress.step("reading the model")
-    work, source = _load(model)
-    large = io.is_large(work)  # then verified on shared weights and written with external data
-    if output is not None:
-        io.check_output_path(source, Path(output))
-    if quantized := quantized_ops(work):
-        raise SpaError(
-            f"the model is quantized ({', '.join(quantized)}): spa prunes float models. Prune the "
-            "float model, then quantize"
-            " the pruned one (onnxruntime's quantization keeps the speed-up)"
-        )
+    work, source, large = _read(model, output)
     expected_signature = verification.signature(work)
     progress.step("normalizing")
     normalize(work)
-    ignore = _ignore_patterns(work, ignore, o.exclude_ops)
+    ignore = _ignore_patterns(work, o.ignore, o.exclude_ops)
     progress.step("running the original on the verification inputs")
     reference = verification.reference(work, o.input_shapes, lean=large) if o.verify else None
     progress.step("finding the coupled channels")
     analysis = analyze_model(work, o.input_shapes, o.prune_hidden)
     before = count(work, shapes=analysis.shapes)
     consumers = statistics.consumers(work)
+    method, data, means, scores = _method_and_scores(work, analysis, consumers, large, o)
+    planner = _Planner(analysis, method, data, scores, before, ignore, o)
+    record["resolved"] = {
+        "round_to": planner.step,
+        "importance": method.importance,
+        "allocation": method.allocation,
+        "calibration": method.calibration,
+    }
+    progress.step("planning")
+    ratio, plan, target = _plan(analysis, planner, before, o)
+    if o.min_fidelity is not None:
+        ratio, target = _fidelity_bound(work, planner, method, data, means, ratio, target, o, large)
+        plan = planner(ratio)
+    expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
+    planned_shapes = pruned_shapes(analysis, plan.removed)
+    exact = o.verify and verification.all_zero(analysis, plan.removed)
+    progress.step("removing channels" + (" and refitting" if method.compensated else ""))
+    repair = data if method.compensated else None
+    shifted = _remove_and_repair(analysis, plan.removed, consumers, repair, means)
+    if not shifted and method.calibration is Source.BATCHNORM:
+        method.calibration, method.compensated = None, False  # no removed channel came from a BN
+    after = count(work, shapes=planned_shapes)
+    if target is not None and "kind" in target:  # the fidelity bound may have cut less
+        kind = target["kind"]
+        target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
+        target["met"] = target["reached"] <= target["target"]
+    _record_provenance(work, record, before, after)
+    verdict = None
+    if o.verify:
+        progress.step("verifying the pruned model")
+        verdict = verification.verify(
+            expected_signature, expected_shapes, work, reference, exact, lean=large
+        )
+        if data is not None and data.held_out:
+            progress.step("measuring fidelity on held-out samples")
+            verdict.fidelity = data.fidelity(work, exact, verdict.serialized, large)
+    if source is not None:
+        before.file_bytes = io.file_bytes(source)
+    if output is not None:
+        progress.step("writing the pruned model")
+        after.file_bytes = io.save(
+            work, output, serialized=verdict.serialized if verdict else None, external=large or None
+        )
+    seconds = time.perf_counter() - start
+    return PruneResult(
+        work, analysis, plan, before, after, verdict, seconds, ratio, target, method, record
+    )
+
+
+def _read(model, output) -> tuple[ir.Model, Path | None, bool]:
+    """The model to prune, the file it came from (None for an in-memory model) and whether it is
+    large (then verified on shared weights and written with external data). Quantized models and
+    an output that would overwrite an input are refused here, before any work."""
+    progress.step("reading the model")
+    work, source = _load(model)
+    if output is not None:
+        io.check_output_path(source, Path(output))
+    if quantized := quantized_ops(work):
+        raise SpaError(
+            f"the model is quantized ({', '.join(quantized)}): spa prunes float models. Prune the "
+            "float model, then quantize the pruned one (onnxruntime's quantization keeps the "
+            "speed-up)"
+        )
+    return work, source, io.is_large(work)
+
+
+def _method_and_scores(
+    work: ir.Model,
+    analysis: Analysis,
+    consumers: list[statistics.Consumer],
+    large: bool,
+    o: PruneOptions,
+) -> tuple[Method, _Calibrated | None, dict, dict[int, float]]:
+    """The method (choose_method) and the channels' scores by it. A data-free source spa chose
+    that the model fails on (NaN from a Log of noise, float32 overflow) falls back to none."""
     progress.step("choosing the method (and reading or making calibration data)")
     choice = dict(
         calibration=o.calibration,
@@ -203,155 +267,117 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     method, data, means = choose_method(work, analysis, consumers, large, **choice)
     progress.step(f"scoring channels ({method.importance})")
     try:
-        scores = _scores(analysis, method, data, o.seed)
+        return method, data, means, _scores(analysis, method, data, o.seed)
     except CalibrationError as e:
         if o.calibration is not None:
             raise  # the user's own data: the error is theirs to see
-        # A model that noise breaks (NaN from a Log of it, float32 overflow) prunes without data.
+        failed = f"the model fails on {method.calibration} data ({e})"
         method, data, means = choose_method(
-            work,
-            analysis,
-            consumers,
-            large,
-            **choice,
-            failed=f"the model fails on {method.calibration} data ({e})",
+            work, analysis, consumers, large, **choice, failed=failed
         )
-        scores = _scores(analysis, method, data, o.seed)
-    step = default_round_to() if o.round_to is None else o.round_to
-    record["resolved"] = {
-        "round_to": step,
-        "importance": method.importance,
-        "allocation": method.allocation,
-        "calibration": method.calibration,
-    }
+        return method, data, means, _scores(analysis, method, data, o.seed)
 
-    fixed, unmatched = layer_ratios(analysis, o.layer_ratios)
-    for pattern in unmatched:
-        logger.warning("layer ratio pattern %r matches no layer of a prunable group", pattern)
-    kind, goal = ("macs", o.target_macs) if o.target_params is None else ("params", o.target_params)
-    curves = None
-    if method.allocation == "sensitivity" and o.plan is None:
-        progress.step("measuring each group's sensitivity")
-        measuring = time.perf_counter()
-        curves = sensitivity.measure(
-            analysis,
-            lambda gid, f: make_plan(analysis, scores, 0.0, step, ignore, shares={gid: f}).removed,
-            data.feeds,
-            before,
-            kind,
-            o.max_group_ratio,
-        )
-        method.sensitivity = {
-            "samples": curves.samples,
-            "trials": curves.trials,
-            "seconds": time.perf_counter() - measuring,
-        }
 
-    def plan_for(r: float, on: Analysis = analysis) -> Plan:
-        shares = curves.shares(r) if curves is not None else None
+class _Planner:
+    """The plan for any ratio, as the options ask: the allocation (uniform, global, or the shares
+    that each group's measured sensitivity gives), fixed layer ratios, rounding and the ignore
+    list. With sensitivity allocation, the sensitivity is measured here, once."""
+
+    def __init__(self, analysis, method, data, scores, before, ignore, o: PruneOptions):
+        self.analysis, self.scores, self.ignore, self.o = analysis, scores, ignore, o
+        self.step = default_round_to() if o.round_to is None else o.round_to
+        self.by_score = method.allocation == "global"
+        self.fixed, unmatched = layer_ratios(analysis, o.layer_ratios)
+        for pattern in unmatched:
+            logger.warning("layer ratio pattern %r matches no layer of a prunable group", pattern)
+        self.kind = "macs" if o.target_params is None else "params"
+        self.curves = None
+        if method.allocation == "sensitivity" and o.plan is None:
+            progress.step("measuring each group's sensitivity")
+            measuring = time.perf_counter()
+
+            def alone(gid: int, fraction: float):  # one group cut, the others whole
+                return make_plan(analysis, scores, 0.0, self.step, ignore, shares={gid: fraction})
+
+            self.curves = sensitivity.measure(
+                analysis,
+                lambda gid, fraction: alone(gid, fraction).removed,
+                data.feeds,
+                before,
+                self.kind,
+                o.max_group_ratio,
+            )
+            method.sensitivity = {
+                "samples": self.curves.samples,
+                "trials": self.curves.trials,
+                "seconds": time.perf_counter() - measuring,
+            }
+
+    def __call__(self, ratio: float, on: Analysis | None = None) -> Plan:
+        """The plan at `ratio`, of the analysis it was made with or of `on` (a copy's)."""
+        shares = self.curves.shares(ratio) if self.curves is not None else None
         return make_plan(
-            on,
-            scores,
-            r,
-            step,
-            ignore,
-            method.allocation == "global",
-            o.max_group_ratio,
+            on or self.analysis,
+            self.scores,
+            ratio,
+            self.step,
+            self.ignore,
+            self.by_score,
+            self.o.max_group_ratio,
             shares,
-            fixed,
+            self.fixed,
         )
 
-    progress.step("planning")
-    target = None
+
+def _plan(
+    analysis: Analysis, planner: _Planner, before: Counts, o: PruneOptions
+) -> tuple[float, Plan, dict | None]:
+    """The ratio, the plan and the target record: an earlier report's plan, the smallest ratio
+    that meets a MACs or params target, or the ratio given."""
     if o.plan is not None:
-        plan = plan_from_report(
-            analysis,
-            io.load_json(o.plan, "--plan") if isinstance(o.plan, (str, os.PathLike)) else o.plan,
-        )
+        report = o.plan
+        if isinstance(report, (str, os.PathLike)):
+            report = io.load_json(report, "--plan")
+        plan = plan_from_report(analysis, report)
         # the fraction of units the report removes
-        ratio = len(plan.removed) / max(1, sum(g.width for g in analysis.groups))
-    elif goal is not None:
-        ratio, plan, reached = _search_ratio(analysis, before, plan_for, kind, goal)
-        target = {"kind": kind, "target": goal, "reached": reached, "met": reached <= goal}
-    else:
-        plan = plan_for(ratio)
-    if o.min_fidelity is not None:
-        if data is None or not data.held_out:
-            raise SpaError(
-                "min_fidelity needs calibration data: real samples held out of the fit measure the "
-                "fidelity"
-            )
+        return len(plan.removed) / max(1, sum(g.width for g in analysis.groups)), plan, None
+    goal = o.target_macs if o.target_params is None else o.target_params
+    if goal is None:
+        return o.ratio, planner(o.ratio), None
+    ratio, plan, reached = _search_ratio(analysis, before, planner, planner.kind, goal)
+    target = {"kind": planner.kind, "target": goal, "reached": reached, "met": reached <= goal}
+    return ratio, plan, target
 
-        # a prune of a copy, refit, measured on the held-out samples
-        def fidelity_at(r: float) -> float:
-            trial = io.clone(pristine)
-            on = analyze_model(trial, o.input_shapes, o.prune_hidden)
-            _remove_and_repair(
-                on,
-                plan_for(r, on).removed,
-                statistics.consumers(trial),
-                data if method.compensated else None,
-                means,
-            )
-            pruned = runtime.session(trial, threads=statistics.SESSION_THREADS, lean=large)
-            return verification.fidelity(
-                data.session, pruned, data.held_out, verification.class_scores(trial), False
-            ).similarity
 
-        progress.step(f"searching the cut that keeps fidelity >= {o.min_fidelity:g}")
-        pristine = io.clone(work)
-        ratio, target = _fidelity_search(fidelity_at, ratio, o.min_fidelity, target)
-        plan = plan_for(ratio)
-    expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
-    planned_shapes = pruned_shapes(analysis, plan.removed)
-    exact = o.verify and verification.all_zero(analysis, plan.removed)
-    progress.step("removing channels" + (" and refitting" if method.compensated else ""))
-    if (
-        not _remove_and_repair(
-            analysis, plan.removed, consumers, data if method.compensated else None, means
+def _fidelity_bound(
+    work: ir.Model,
+    planner: _Planner,
+    method: Method,
+    data: _Calibrated | None,
+    means: dict,
+    ratio: float,
+    target: dict | None,
+    o: PruneOptions,
+    large: bool,
+) -> tuple[float, dict]:
+    """The largest ratio up to `ratio` whose pruned and refit model keeps the held-out fidelity
+    at least o.min_fidelity (_fidelity_search), each step a prune of a copy."""
+    if data is None or not data.held_out:
+        raise SpaError(
+            "min_fidelity needs calibration data: real samples held out of the fit measure the "
+            "fidelity"
         )
-        and method.calibration is Source.BATCHNORM
-    ):
-        method.calibration, method.compensated = None, False  # no removed channel came from a BN
-    after = count(work, shapes=planned_shapes)
-    if target is not None and "kind" in target:  # the fidelity bound may have cut less
-        target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
-        target["met"] = target["reached"] <= goal
-    _record_provenance(work, record, before, after)
-    progress.step("verifying the pruned model")
-    verdict = (
-        verification.verify(expected_signature, expected_shapes, work, reference, exact, lean=large)
-        if o.verify
-        else None
-    )
-    if verdict is not None and data is not None and data.held_out:
-        progress.step("measuring fidelity on held-out samples")
-        pruned = runtime.session(
-            work, threads=statistics.SESSION_THREADS, serialized=verdict.serialized, lean=large
-        )
-        verdict.fidelity = verification.fidelity(
-            data.session, pruned, data.held_out, verification.class_scores(work), exact
-        )
-    if source is not None:
-        before.file_bytes = io.file_bytes(source)
-    if output is not None:
-        progress.step("writing the pruned model")
-        after.file_bytes = io.save(
-            work, output, serialized=verdict.serialized if verdict else None, external=large or None
-        )
-    return PruneResult(
-        work,
-        analysis,
-        plan,
-        before,
-        after,
-        verdict,
-        time.perf_counter() - start,
-        ratio,
-        target,
-        method,
-        record,
-    )
+    pristine = io.clone(work)
+
+    def fidelity_at(r: float) -> float:
+        trial = io.clone(pristine)
+        on = analyze_model(trial, o.input_shapes, o.prune_hidden)
+        repair = data if method.compensated else None
+        _remove_and_repair(on, planner(r, on).removed, statistics.consumers(trial), repair, means)
+        return data.fidelity(trial, False, None, large).similarity
+
+    progress.step(f"searching the cut that keeps fidelity >= {o.min_fidelity:g}")
+    return _fidelity_search(fidelity_at, ratio, o.min_fidelity, target)
 
 
 def _ignore_patterns(model: ir.Model, patterns, exclude_ops) -> list[str]:
@@ -518,6 +544,15 @@ class _Calibrated:
         readers = [c for c in self.consumers if c.kind != statistics.Kind.DEPTHWISE]
         moments = statistics.collect(self.original, readers, self.feeds)
         return score_with_statistics(analysis, criterion, moments, readers)
+
+    def fidelity(self, pruned: ir.Model, exact: bool, serialized, large: bool):
+        """How closely `pruned` follows the original on the held-out samples
+        (verify.fidelity); `serialized`: the pruned model's bytes where already made."""
+        session = runtime.session(
+            pruned, threads=statistics.SESSION_THREADS, serialized=serialized, lean=large
+        )
+        scores = verification.class_scores(pruned)
+        return verification.fidelity(self.session, session, self.held_out, scores, exact)
 
     def compensate(self, pruned: ir.Model, keeps) -> None:
         refit(
