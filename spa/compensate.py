@@ -42,16 +42,21 @@ CV_FEATURES = 2048
 
 
 class _Halves:
-    """A consumer's Moments over alternate calibration batches: pooled for the fit, apart to
-    cross-validate the ridge."""
+    """A consumer's Moments over two halves of the calibration rows: pooled for the fit, apart to
+    cross-validate the ridge. Every batch is split (its first and last rows: whole samples, rows
+    being sample-major), so that one batch of calibration data still cross-validates: with whole
+    batches alternating, a single one left a half empty and the ridge at its least, and a refit
+    from 28 sequences of 48 tokens made SmolLM2 worse than no refit (1.66x against 1.52x the
+    original's perplexity at 0.85 of the MACs)."""
 
     def __init__(self) -> None:
         self.halves = (Moments(), Moments())
-        self._next = 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.halves[self._next].add(x, y)
-        self._next ^= 1
+        middle = len(x) // 2
+        if middle:
+            self.halves[0].add(x[:middle], y[:middle])
+        self.halves[1].add(x[middle:], y[middle:])
 
     @property
     def count(self) -> int:

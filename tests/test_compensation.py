@@ -148,11 +148,13 @@ def test_a_graph_output_that_later_layers_read_is_refit_whatever_shape_it_declar
     assert result.method.calibration == "data" and result.method.compensated
 
 
+@pytest.mark.parametrize("batch", [8, 64])
 @pytest.mark.parametrize("removed", ["combinations of kept ones", "independent"])
-def test_the_ridge_is_cross_validated_where_rows_are_few(removed):
-    """64 rows for 40 kept features: where the removed features are combinations of the kept ones
-    the fit holds on unseen rows and the least ridge wins; where they are independent, what the
-    fit learns from 32 rows does not carry over and a stronger ridge wins."""
+def test_the_ridge_is_cross_validated_where_rows_are_few(removed, batch):
+    """64 rows for 40 kept features, in batches of 8 or in one: where the removed features are
+    combinations of the kept ones the fit holds on unseen rows and the least ridge wins; where
+    they are independent, what the fit learns from 32 rows does not carry over and a stronger
+    ridge wins."""
     rng = np.random.default_rng(0)
     kept = rng.standard_normal((64, 40))
     gone = (
@@ -163,11 +165,12 @@ def test_the_ridge_is_cross_validated_where_rows_are_few(removed):
     ones = np.ones((64, 1))
     pruned_features, original_features = np.hstack([kept, ones]), np.hstack([kept, gone, ones])
     halves = compensate._Halves()
-    for i in range(0, 64, 8):
+    for i in range(0, 64, batch):
         halves.add(
-            pruned_features[i : i + 8].astype(np.float32),
-            original_features[i : i + 8].astype(np.float32),
+            pruned_features[i : i + batch].astype(np.float32),
+            original_features[i : i + batch].astype(np.float32),
         )
+    assert [h.count for h in halves.halves] == [32, 32]
     target = rng.standard_normal((5, 49))
     prior = target[:, list(range(40)) + [48]].T
     _, chosen = compensate._cross_validated(
