@@ -17,7 +17,7 @@ r_o - r_p, what the branch lost upstream, so that every block ends where the ori
 error does not pile up through depth (SmolLM2-135M at 0.85 of the MACs: perplexity 1.158x ->
 1.140x the original's). Where a layer
 has few rows of statistics for its features (after a global pooling: one row per sample), lambda is
-chosen by cross-validation between two halves of the calibration batches (real ones, not
+chosen by cross-validation between two halves of the calibration rows (real ones, not
 synthetic). A layer too wide for these matrices (statistics.MAX_WIDTH) keeps W_S, and its bias
 moves so that its mean output matches the original's: b' = b + W m_o - W_S m_p.
 """
