@@ -582,6 +582,8 @@ ReduceLogSumExp ReduceSumSquare""".split()
 def reduce(prop: Propagation, node: ir.Node) -> None:
     rank = len(prop.shape(node.inputs[0]))
     keepdims = node.attributes.get_int("keepdims", 1)
+    if keepdims not in (0, 1):  # ONNX's shape inference keeps only for 1, a kernel may for any
+        raise NotHandled(f"keepdims={keepdims} is neither 0 nor 1")
     if node.op_type in ("ArgMax", "ArgMin"):
         axes = [node.attributes.get_int("axis", 0)]
     elif "axes" in node.attributes:

@@ -52,8 +52,9 @@ signum, mode = int(sys.argv[1]), sys.argv[2]
 def interrupting(write):
     def wrapper(*args, **kwargs):
         result = write(*args, **kwargs)
-        print(sorted(p.name for p in pathlib.Path(".").iterdir() if p.name.startswith(".spa-")),
-        flush=True) os.kill(os.getpid(), signum)
+        temporary = [p.name for p in pathlib.Path(".").iterdir() if p.name.startswith(".spa-")]
+        print(sorted(temporary), flush=True)
+        os.kill(os.getpid(), signum)
         return result
     return wrapper
 

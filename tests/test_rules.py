@@ -366,6 +366,20 @@ def test_a_mean_over_channels_keeps_them_and_says_so(keepdims):
     _zero_check(model)
 
 
+def test_a_keepdims_other_than_0_or_1_is_a_barrier():
+    """keepdims=16 (found by the fuzzer): onnxruntime's kernel keeps the dims, ONNX's shape
+    inference drops them; spa cannot know which the model means, so the channels stay."""
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    g.op("ReduceMean", g.conv(a, 16, 16), axes=[2, 3], keepdims=16)
+    _out(g, None)
+    analysis = spa.analyze(g.model({"x": IMG}, {"y": [1, 16]}))
+    assert [g.width for g in analysis.groups] == [16]  # the first conv still prunes
+    assert [(b.op, b.reason) for b in analysis.barriers if b.blocked] == [
+        ("ReduceMean", "keepdims=16 is neither 0 nor 1")
+    ]
+
+
 def test_a_dim_of_minus_one_is_dynamic():
     """Paddle's converters write -1 for a dynamic dim: spa treats it like a symbolic one and keeps
     it."""
