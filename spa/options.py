@@ -77,7 +77,7 @@ class PruneOptions:
         "lowest-scoring channels wherever "
         "they are), sensitivity (groups share the cut by their measured effect on the outputs per "
         "MAC saved; needs calibration data); "
-        "auto: sensitivity with real calibration data, else uniform",
+        "auto: sensitivity with the user's calibration data, else uniform",
         sweep=True,
         choices=ALLOCATIONS,
     )
