@@ -373,7 +373,7 @@ class Propagation:
                 user = use.node
                 if user.graph is not self.model.graph:
                     found.append((user, value))  # a subgraph reads it
-                elif rules.SHAPE_INPUTS.get(user.op_type) == use.idx and user in self._ruled:
+                elif use.idx in rules.CHECKED_INPUTS.get(user.op_type, ()) and user in self._ruled:
                     continue
                 elif all(self._is_shape_vector(out) for out in user.outputs if out.name):
                     stack.extend(out for out in user.outputs if out.name)

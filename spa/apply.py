@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from spa import rules
-from spa.analysis import Analysis
+from spa.analysis import Analysis, Propagation
 from spa.graph import constant, opset_version
 from spa.labels import axis_keeps, varying_axes
 from spa.names import Names
@@ -196,8 +196,9 @@ def _reshape(s: _Surgery, node: ir.Node) -> None:
     _rewrite_shape_vector(s, node, 1, entry, len(old_out))
 
 
-@rewrite("Expand")
-def _expand(s: _Surgery, node: ir.Node) -> None:
+@rewrite("Expand", "ConstantOfShape")
+def _broadcast(s: _Surgery, node: ir.Node) -> None:
+    """The shape's extents along the pruned axes (an Expand's 1s stay: they broadcast)."""
     out = node.outputs[0]
     if not s.changed(out):
         return
@@ -205,7 +206,7 @@ def _expand(s: _Surgery, node: ir.Node) -> None:
     _rewrite_shape_vector(
         s,
         node,
-        1,
+        rules.SHAPE_INPUTS[node.op_type],
         lambda axis, old: old if old == 1 or new_out[axis] == old_out[axis] else new_out[axis],
         len(old_out),
     )
@@ -221,10 +222,10 @@ def _rewrite_shape_vector(s: _Surgery, node: ir.Node, index: int, entry, rank: i
         s.set_constant(node, index, _rewritten(old, entry, rank - old.shape[0]))
         return
     concat = value.producer()
-    pieces = shape_pieces(value)
+    pieces = shape_pieces(value, s.analysis.shapes)
     if concat is None or concat.op_type != "Concat":
         return  # a run-time vector that follows the pruning by itself
-    length = sum(p.shape[0] for _, p in pieces)
+    length = sum(s.analysis.shapes.get(p, p.shape)[0] for _, p in pieces)
     new_inputs = list(concat.inputs)
     for slot, (offset, piece) in enumerate(pieces):  # by position: one constant may fill two slots
         if piece.const_value is not None:
@@ -272,8 +273,8 @@ def _split(s: _Surgery, node: ir.Node) -> None:
 @rewrite("Slice")
 def _slice(s: _Surgery, node: ir.Node) -> None:
     x = node.inputs[0]
-    if not s.changed(x):
-        return
+    if not s.changed(x) or not all(Propagation.is_constant(v) for v in node.inputs[1:3]):
+        return  # starts and ends computed at run time take whole channel axes (rules.slice_)
     keeps = s.activation_keeps(x)
     rank = len(keeps)
     starts = node.inputs[1].const_value.numpy().copy()

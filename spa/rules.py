@@ -346,10 +346,14 @@ def elementwise(
             else prop.labels(value).reshape(_place(prop.labels(value).shape, axes, rank))
         )
 
-        def as_member(param: np.ndarray, index=index, axes=axes) -> None:
-            prop.member(node, index, param.reshape([param.shape[a] for a in axes]))
+        def follow(result: np.ndarray, value=value, index=index, axes=axes) -> bool:
+            own_labels = result.reshape([result.shape[a] for a in axes])
+            if prop.is_constant(value):
+                prop.member(node, index, own_labels)
+                return True
+            return _adopt_fill(prop, value, own_labels)
 
-        parts.append((labels, _place(own, axes, rank), as_member))
+        parts.append((labels, _place(own, axes, rank), follow))
     result = meet(prop, parts, out_shape)
     for out in node.outputs:
         if out.name:
@@ -360,11 +364,13 @@ def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarr
     """Tensors that meet element by element: the output's labels, with the couplings recorded.
 
     parts: (labels at the output's rank, or None for a constant; real shape at the output's rank;
-    what to do with a constant that follows the channels). Along a channel axis an operand spans,
-    its element belongs to the output's channel there. An operand that spans only some channel axes
-    is shared across the others: a labelled one then carries whole slices (a per-head factor makes
-    heads the unit), while an unlabelled one or a constant must stay whole, so removals may cut only
-    along the axes it does not span (a rotary cos/sin table over head dims keeps whole heads)."""
+    `follow(labels)` or None: makes an operand that carries none of the channels it spans follow
+    them if it can (a constant becomes a parameter of theirs, a fill takes them), False where it
+    cannot, and then they stay). Along a channel axis an operand spans, its element belongs to
+    the output's channel there. An operand that spans only some channel axes is shared across the
+    others: a labelled one then carries whole slices (a per-head factor makes heads the unit),
+    while an unlabelled one or a constant must stay whole, so removals may cut only along the axes
+    it does not span (a rotary cos/sin table over head dims keeps whole heads)."""
     rank = len(out_shape)
     channel_axes = {
         a for lab, _, _ in parts if lab is not None for a in varying_axes(lab) if out_shape[a] > 1
@@ -375,7 +381,7 @@ def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarr
     for (lab, _, _), span in zip(parts, spans):
         if lab is not None and span == channel_axes:
             result = np.where(result == 0, np.broadcast_to(lab, compressed), result)
-    for (lab, _, as_member), span in zip(parts, spans):
+    for (lab, _, follow), span in zip(parts, spans):
         if not span:
             continue  # broadcast over every channel axis: untouched by removals
         if lab is not None and lab.any():
@@ -383,11 +389,40 @@ def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarr
             prop.sets.union(np.broadcast_to(lab, compressed), result)
         elif span != channel_axes:
             prop.sets.union_along(result, sorted(span))
-        elif lab is not None:
+        elif follow is None or not follow(result):
             prop.sets.pin(result)  # an unlabelled tensor with these very channels: they stay
-        else:
-            as_member(result)
     return result
+
+
+def _adopt_fill(prop: Propagation, value: ir.Value, labels: np.ndarray) -> bool:
+    """`value` carries no channels but meets `labels` (at its own rank): where it holds one value
+    along their axes (a ConstantOfShape, or an Expand of data of extent 1 there: torch's
+    `new_zeros((n, 32))`, `count.expand(n, 32)`), is used only here and has extents there that the
+    surgery rewrites (constants), it takes them; False otherwise."""
+    producer = value.producer()
+    if (
+        producer is None
+        or producer.op_type not in ("ConstantOfShape", "Expand")
+        or not producer.inputs
+        or value.is_graph_output()
+        or len(value.uses()) != 1
+    ):
+        return False
+    shape = producer.inputs[SHAPE_INPUTS[producer.op_type]]
+    if shape is None or shape_pieces(shape, prop.shapes) is None:
+        return False
+    rank = labels.ndim
+    entries = _shape_entries(prop, shape)
+    data = prop.shape(producer.inputs[0]) if producer.op_type == "Expand" else ()
+    if not all(
+        rank - a <= len(entries)
+        and entries[a - rank] is Piece.REWRITTEN
+        and (rank - a > len(data) or data[a - rank] == 1)
+        for a in varying_axes(labels)
+    ):
+        return False
+    prop.activations[value] = labels
+    return True
 
 
 def _place(own: tuple[int, ...], axes: list[int], rank: int) -> tuple[int, ...]:
@@ -478,9 +513,15 @@ def axis_local(
     rank = labels.ndim
     axes = {a % rank for a in axes}
     if any(labels.shape[a] > 1 for a in axes):
-        if not (statistics and _statistics_may_change(prop, node, labels, axes)):
-            prop.sets.pin(labels)
-        labels = np.zeros([1 if a in axes else d for a, d in enumerate(labels.shape)], np.int64)
+        if set(varying_axes(labels)) - axes:
+            # The channels along `axes` also vary along others (a head's dims): the op works
+            # within each slice of those, which then goes whole, its statistics untouched.
+            prop.sets.union_along(labels, sorted(axes))
+            labels = labels[tuple(slice(0, 1) if a in axes else slice(None) for a in range(rank))]
+        else:
+            if not (statistics and _statistics_may_change(prop, node, labels, axes)):
+                prop.sets.pin(labels)
+            labels = np.zeros([1 if a in axes else d for a, d in enumerate(labels.shape)], np.int64)
     if dropped:
         labels = labels.reshape(
             [d for a, d in enumerate(labels.shape) if a not in {a % rank for a in dropped}]
@@ -674,7 +715,111 @@ def gather(prop: Propagation, node: ir.Node) -> None:
         move(prop, node)
 
 
-@rule(*(op for op in _MOVES if op != "Gather"))
+@rule("Expand", creates_channels=lambda node, prop: _shape_reads_channels(prop, node))
+def expand(prop: Propagation, node: ir.Node) -> None:
+    """Broadcast: a data axis of size 1 repeats along the output axis, which a run-time shape may
+    size by a dim of a channel tensor (torch's `index.expand_as(src)`): the output then carries
+    those channels there, every position an equal copy."""
+    if prop.labels(node.inputs[0]).any() or not _shape_reads_channels(prop, node):
+        move(prop, node)
+        return
+    _from_shape_entries(prop, node)
+
+
+@rule("ConstantOfShape", creates_channels=lambda node, prop: _shape_reads_channels(prop, node))
+def fill(prop: Propagation, node: ir.Node) -> None:
+    """One value everywhere (torch's `new_zeros`): removing any positions is exact. Axes sized by
+    a dim of a channel tensor read at run time carry its channels; any other axis none, unless
+    what the fill meets adopts it (_adopt_fill)."""
+    _from_shape_entries(prop, node)
+
+
+def _shape_reads_channels(prop: Propagation, node: ir.Node) -> bool:
+    shape = node.inputs[SHAPE_INPUTS[node.op_type]]
+    return (
+        shape is not None
+        and not prop.is_constant(shape)
+        and shape_pieces(shape, prop.shapes) is not None
+        and any(_reads_channels(prop, e) for e in _shape_entries(prop, shape))
+    )
+
+
+def _from_shape_entries(prop: Propagation, node: ir.Node) -> None:
+    """The output of a node whose data carries no channels, with axes sized by run-time dims of one
+    tensor's channel axes: those axes carry its channels (its data, if any, is broadcast along
+    them)."""
+    rank = len(prop.shape(node.outputs[0]))
+    entries = _shape_entries(prop, node.inputs[SHAPE_INPUTS[node.op_type]])
+    read = {
+        axis: entry
+        for axis, entry in zip(range(rank - len(entries), rank), entries)
+        if _reads_channels(prop, entry)
+    }
+    if not all(isinstance(e, RuntimeDim) for e in read.values()):
+        raise NotHandled("the run-time shape spells out a channel count")
+    sources = {e.source for e in read.values()}
+    source = prop.labels(next(iter(sources)))
+    picked = [e.axis for e in read.values()]  # the source's axes, in the output's order
+    if len(sources) > 1 or sorted(picked) != varying_axes(source):
+        raise NotHandled("the run-time shape spells out channel counts of several tensors")
+    data = prop.shape(node.inputs[0]) if node.op_type == "Expand" else ()
+    if any(rank - axis <= len(data) and data[axis - rank] != 1 for axis in read):
+        raise NotHandled("the run-time shape spells out a channel count")
+    channels = np.transpose(source, picked + [a for a in range(source.ndim) if a not in picked])
+    channels = channels.reshape(channels.shape[: len(picked)])
+    labels = np.expand_dims(channels, [a for a in range(rank) if a not in read])
+    if not _runtime_shape_follows(prop, node, labels):
+        raise NotHandled("the run-time shape spells out a channel count")
+    prop.set(node.outputs[0], labels)
+
+
+@rule("Slice")
+def slice_(prop: Propagation, node: ir.Node) -> None:
+    if all(prop.is_constant(v) for v in node.inputs[1:3]):
+        move(prop, node)
+        return
+    # Starts and ends computed at run time (torch's `src[: index.size(0)]`): an axis that channels
+    # vary along must be taken whole, by an end that keeps up with its pruning by itself.
+    x = node.inputs[0]
+    labels = prop.labels(x)
+    rank = labels.ndim
+    count = prop.shape(node.inputs[1])[0]
+    axes = _const(prop, node, 3).reshape(-1) if _given(node, 3) else np.arange(count)
+    steps = _const(prop, node, 4).reshape(-1) if _given(node, 4) else np.ones(count, np.int64)
+    for i, (axis, step) in enumerate(zip(axes % rank, steps)):
+        if labels.shape[axis] == 1:
+            continue
+        start, end = (
+            _vector_element(prop, node.inputs[1], i),
+            _vector_element(prop, node.inputs[2], i),
+        )
+        whole_end = (
+            isinstance(end, RuntimeDim)
+            and _channel_slices(prop.labels(end.source), end.axis) == _channel_slices(labels, axis)
+        ) or (isinstance(end, int) and end >= prop.shape(x)[axis])
+        if step != 1 or start != 0 or not whole_end:
+            raise NotHandled("a slice across channels computed at run time")
+    prop.set(node.outputs[0], labels)
+
+
+def _given(node: ir.Node, index: int) -> bool:
+    return len(node.inputs) > index and node.inputs[index] is not None
+
+
+def _vector_element(prop: Propagation, vector: ir.Value, i: int) -> int | ShapeEntry:
+    """Element `i` of an integer vector: its value where it is a constant, else what it reads."""
+    if prop.is_constant(vector):
+        return int(vector.const_value.numpy().reshape(-1)[i])
+    for offset, piece in shape_pieces(vector, prop.shapes) or []:
+        if offset <= i < offset + prop.shape(piece)[0]:
+            if prop.is_constant(piece):
+                return int(piece.const_value.numpy().reshape(-1)[i - offset])
+            dims = dims_of(prop, piece)
+            return None if dims is None else dims[i - offset]
+    return None
+
+
+@rule(*(op for op in _MOVES if op not in ("Gather", "Expand", "Slice")))
 def move(prop: Propagation, node: ir.Node) -> None:
     data = _MOVES[node.op_type] or list(range(len(node.inputs)))
     arrays: list[np.ndarray | None] = []
@@ -718,19 +863,100 @@ def _runtime_indices(prop: Propagation, node: ir.Node) -> np.ndarray:
     return np.zeros(shape, dtype=np.int64)
 
 
+# ---------------------------------------------------------------------------------------------
+# elements picked or placed by index: the axes the indices address carry no channels, the others
+# pass through position by position
+
+
+@rule("GatherElements", "ScatterElements")
+def by_element(prop: Propagation, node: ir.Node) -> None:
+    """out[i][j] = data[indices[i][j]][j] for `axis` 0 (ScatterElements: the other way round, from
+    updates): along every other axis data, indices, updates and output match position by position,
+    so their channels unite (a graph's messages summed into its nodes)."""
+    out_shape = prop.shape(node.outputs[0])
+    axis = node.attributes.get_int("axis", 0) % len(out_shape)
+    parts = [(v, prop.labels(v), prop.shape(v), True) for v in node.inputs]
+    prop.set(node.outputs[0], _meet_indexed(prop, parts, out_shape, addressed=[axis]))
+
+
+@rule("GatherND")
+def gather_nd(prop: Propagation, node: ir.Node) -> None:
+    """Indices [..., k] pick along data's first k axes; the axes after them pass through."""
+    data, indices = (prop.labels(v) for v in node.inputs[:2])
+    k = prop.shape(node.inputs[1])[-1]
+    if node.attributes.get_int("batch_dims", 0) != 0:
+        raise NotHandled("batch_dims")
+    if indices.any() or any(data.shape[a] > 1 for a in range(k)):
+        raise NotHandled("the indices address a channel axis")
+    rank = len(prop.shape(node.outputs[0]))
+    prop.set(
+        node.outputs[0], data[(0,) * k].reshape((1,) * (rank - data.ndim + k) + data.shape[k:])
+    )
+
+
+@rule("ScatterND")
+def scatter_nd(prop: Propagation, node: ir.Node) -> None:
+    """Updates [q..., data's axes after k] placed at indices [q..., k] along data's first k axes."""
+    data, indices, updates = node.inputs[:3]
+    shape = prop.shape(data)
+    q, k = len(prop.shape(indices)) - 1, prop.shape(indices)[-1]
+    placed = prop.labels(updates)
+    if prop.labels(indices).any() or any(placed.shape[a] > 1 for a in range(q)):
+        raise NotHandled("the indices address a channel axis")
+    parts = [
+        (data, prop.labels(data), shape, True),
+        (updates, placed[(0,) * q][(None,) * k], (1,) * k + prop.shape(updates)[q:], False),
+    ]
+    prop.set(node.outputs[0], _meet_indexed(prop, parts, shape, addressed=range(k)))
+
+
+def _meet_indexed(
+    prop: Propagation, parts: list, out_shape: tuple[int, ...], addressed
+) -> np.ndarray:
+    """parts: (value, labels, real shape, both at the output's rank; whether the value sits there
+    as it is). Channels may not vary along the `addressed` axes; along the others the parts meet
+    element by element (meet: a fill the exporter sized by a constant follows them)."""
+    for _, labels, _, _ in parts:
+        if any(labels.shape[a] > 1 for a in addressed):
+            raise NotHandled("the indices address a channel axis")
+
+    def follow(value: ir.Value, as_is: bool):
+        def adopt(result: np.ndarray) -> bool:
+            if prop.is_constant(value):
+                raise NotHandled("a constant operand spans a channel axis")
+            return as_is and _adopt_fill(prop, value, result)
+
+        return adopt
+
+    return meet(
+        prop,
+        [
+            (None if prop.is_constant(v) else labels, shape, follow(v, as_is))
+            for v, labels, shape, as_is in parts
+        ],
+        out_shape,
+    )
+
+
 def _shape_input(prop: Propagation, node: ir.Node, index: int) -> np.ndarray:
     """A non-data input: a constant, or a shape vector computed at run time (its analysis value is
     the output's concrete shape; whether it follows a removal is checked after the op has run)."""
     value = node.inputs[index]
     if prop.is_constant(value):
         return value.const_value.numpy()
-    if node.op_type in ("Reshape", "Expand") and index == 1 and shape_pieces(value) is not None:
+    if (
+        node.op_type in ("Reshape", "Expand")
+        and index == 1
+        and shape_pieces(value, prop.shapes) is not None
+    ):
         return np.array(prop.shape(node.outputs[0]), dtype=np.int64)
     raise NotHandled(f"input {index} is computed at run time")
 
 
 # The input of these ops that spells out the output's shape, one entry per output axis.
-SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Resize": 3}
+SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Resize": 3, "ConstantOfShape": 0}
+# The integer inputs that a rule checks follow the pruning when computed at run time.
+CHECKED_INPUTS = {**{op: (index,) for op, index in SHAPE_INPUTS.items()}, "Slice": (1, 2)}
 
 
 def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray) -> bool:
@@ -741,7 +967,7 @@ def _runtime_shape_follows(prop: Propagation, node: ir.Node, labels: np.ndarray)
     shape = node.inputs[index] if index is not None and index < len(node.inputs) else None
     if shape is None or prop.is_constant(shape):
         return True
-    if shape_pieces(shape) is None:
+    if shape_pieces(shape, prop.shapes) is None:
         return False
     # sizes of some axes only
     if node.op_type == "Resize" and node.attributes.get("axes") is not None:
@@ -852,8 +1078,8 @@ def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
 def _shape_entries(prop: Propagation, value: ir.Value) -> list[ShapeEntry]:
     """What each element of a shape vector is (ShapeEntry; None where it cannot be traced)."""
     entries = []
-    for _, piece in shape_pieces(value):
-        length = piece.shape[0]
+    for _, piece in shape_pieces(value, prop.shapes):
+        length = prop.shape(piece)[0]
         if prop.is_constant(piece):
             entries += [Piece.REWRITTEN] * length
         else:
@@ -915,25 +1141,24 @@ def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
     return None
 
 
-def shape_pieces(value: ir.Value) -> list[tuple[int, ir.Value]] | None:
+def shape_pieces(
+    value: ir.Value, shapes: dict[ir.Value, tuple[int, ...]] | None = None
+) -> list[tuple[int, ir.Value]] | None:
     """A shape vector as (offset, piece) pieces: the inputs of the Concat that builds it, or the
-    vector itself; None unless every piece has a known length. Constant pieces can be rewritten
-    after pruning; the others are computed at run time."""
+    vector itself; None unless every piece has a known length (in `shapes`, the concrete shapes of
+    the analysis, or its own). Constant pieces can be rewritten after pruning; the others are
+    computed at run time."""
     producer = value.producer()
     pieces = (
         list(producer.inputs) if producer is not None and producer.op_type == "Concat" else [value]
     )
     result, offset = [], 0
     for piece in pieces:
-        if (
-            piece is None
-            or piece.shape is None
-            or len(piece.shape) != 1
-            or not isinstance(piece.shape[0], int)
-        ):
+        shape = None if piece is None else (shapes or {}).get(piece, piece.shape)
+        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
             return None
         result.append((offset, piece))
-        offset += piece.shape[0]
+        offset += shape[0]
     return result
 
 

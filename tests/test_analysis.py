@@ -79,12 +79,19 @@ def test_a_channel_count_read_at_run_time_never_silently_changes(how, batch):
     assert result.verdict.deviation.exact is (True if nothing_removed else None)
 
 
-@pytest.mark.parametrize("how", ["size", "shape_start_end", "reducesum_constantofshape"])
+@pytest.mark.parametrize("how", ["size", "shape_start_end"])
 def test_pinned_channel_counts_say_why(how):
     analysis = spa.analyze(_divided_by_channel_count(how, "N"))
     assert any("channel count" in b.reason for b in analysis.barriers), [
         b.reason for b in analysis.barriers
     ]
+
+
+def test_a_fill_sized_by_the_channels_carries_them_into_its_sum():
+    """ConstantOfShape(Shape(h)) holds h's channels; summing it over them is a statistic of theirs
+    (the channels stay, listed among the normalizations)."""
+    analysis = spa.analyze(_divided_by_channel_count("reducesum_constantofshape", "N"))
+    assert [(n.op, n.channels) for n in analysis.normalizations] == [("ReduceSum", 16)]
 
 
 def test_a_shape_that_only_feeds_a_following_reshape_still_prunes():

@@ -497,6 +497,139 @@ def test_run_time_indices_along_a_channel_axis_pin_it():
     assert not analysis.groups and "addresses a channel axis" in analysis.barriers[0].reason
 
 
+NODES = {"x": [6, 8]}  # the zero-channel check's int64 indices are ones: valid with 6 nodes
+
+
+def _node_graph(g: Graph, y: str, out_shape: list, indices: dict[str, list]) -> onnx.ModelProto:
+    """Node features x [N, 8] (a dynamic count: its Shape is not folded) and int64 indices."""
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        g.nodes,
+        "gnn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])]
+        + [helper.make_tensor_value_info(n, onnx.TensorProto.INT64, s) for n, s in indices.items()],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out_shape)],
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _sized_like(g: Graph, tensor: str, how: str, rows: str | None = None) -> str:
+    """A shape vector for `tensor`'s shape, optionally with its first dim from `rows`: read at
+    run time (torch's legacy export: Shape) or its channel count as a constant (dynamo)."""
+    first = g.op("Shape", rows or tensor, start=0, end=1)
+    if how == "run time":
+        return g.op("Concat", first, g.op("Shape", tensor, start=1, end=2), axis=0)
+    return g.op("Concat", first, g.const(np.array([16], np.int64)), axis=0)
+
+
+@pytest.mark.parametrize("how", ["run time", "constant"])
+def test_messages_summed_into_nodes_by_scatter_elements_move_whole_channels(how):
+    """A graph layer: h's rows gathered along the edges, summed into the nodes (torch_geometric's
+    scatter: ScatterElements into a zero buffer, with the index broadcast over the channels)."""
+    g = Graph()
+    h = g.op("Relu", g.gemm("x", 8, 16))
+    messages = g.op("Gather", h, "src", axis=0)
+    index = g.op(
+        "Expand",
+        g.op("Unsqueeze", "dst", g.const(np.array([1], np.int64))),
+        _sized_like(g, messages, how),
+    )
+    zeros = g.op("ConstantOfShape", _sized_like(g, h, how))
+    summed = g.op("ScatterElements", zeros, index, messages, axis=0, reduction="add")
+    g.gemm(summed, 16, 4)
+    model = _node_graph(g, "y", ["N", 4], {"src": [10], "dst": [10]})
+    analysis = spa.analyze(model, input_shapes=NODES)
+    assert [gr.width for gr in analysis.groups] == [16]
+    assert not [b for b in analysis.barriers if b.blocked]
+    _zero_check_nodes(model)
+
+
+def test_elements_gathered_along_nodes_and_picked_by_nd_indices_move_whole_channels():
+    g = Graph()
+    h = g.op("Relu", g.gemm("x", 8, 16))
+    index = g.op(
+        "Expand",
+        g.op("Unsqueeze", "rows", g.const(np.array([1], np.int64))),
+        g.const(np.array([5, 16], np.int64)),
+    )
+    picked = g.op("GatherElements", h, index, axis=0)
+    nd = g.op("GatherND", h, "pairs")
+    g.op("Add", g.gemm(picked, 16, 4), g.gemm(nd, 16, 4))
+    model = _node_graph(g, "y", [5, 4], {"rows": [5], "pairs": [5, 1]})
+    assert [gr.width for gr in spa.analyze(model, input_shapes=NODES).groups] == [16]
+    _zero_check_nodes(model)
+
+
+def test_updates_placed_by_scatter_nd_move_whole_channels():
+    g = Graph()
+    h = g.op("Relu", g.gemm("x", 8, 16))
+    placed = g.op(
+        "ScatterND",
+        g.op("ConstantOfShape", g.op("Shape", h)),
+        "pairs",
+        g.op("Gather", h, "rows", axis=0),
+        reduction="add",
+    )
+    g.gemm(placed, 16, 4)
+    model = _node_graph(g, "y", ["N", 4], {"rows": [5], "pairs": [5, 1]})
+    assert [gr.width for gr in spa.analyze(model, input_shapes=NODES).groups] == [16]
+    _zero_check_nodes(model)
+
+
+def test_indices_that_address_the_channels_pin_them():
+    g = Graph()
+    h = g.op("Relu", g.gemm("x", 8, 16))
+    g.gemm(g.op("Reshape", g.op("GatherND", h, "pairs"), g.const(np.array([5, 1]))), 1, 4)
+    analysis = spa.analyze(_node_graph(g, "y", [5, 4], {"pairs": [5, 2]}), input_shapes=NODES)
+    assert not analysis.groups
+    assert "address a channel axis" in analysis.barriers[0].reason
+
+
+@pytest.mark.parametrize("end", ["same channels", "other channels"])
+def test_a_slice_to_an_end_read_at_run_time_takes_channels_whole_or_pins_them(end):
+    """torch_geometric's `src[: index.numel()]`, legacy export: Slice(h, 0, Shape(t)); the end
+    follows the pruning when t has h's channels."""
+    g = Graph()
+    h = g.op("Relu", g.gemm("x", 8, 16))
+    t = g.op("Neg", h) if end == "same channels" else g.gemm("x", 8, 16)
+    sliced = g.op("Slice", h, g.const(np.array([0, 0], np.int64)), g.op("Shape", t))
+    g.op("Add", g.gemm(sliced, 16, 4), g.gemm(t, 16, 4))
+    model = _node_graph(g, "y", ["N", 4], {})
+    analysis = spa.analyze(model, input_shapes=NODES)
+    if end == "same channels":
+        assert [gr.width for gr in analysis.groups] == [16] and not analysis.barriers
+        _zero_check_nodes(model)
+    else:
+        assert "slice across channels" in analysis.barriers[0].reason
+
+
+def test_a_reduction_within_heads_makes_each_head_one_unit():
+    """GAT's attention logit: per head, the sum over its channels of h * a (a parameter); removing
+    a whole head leaves the other heads' sums as they were."""
+    g = Graph()
+    heads = g.op("Reshape", g.op("Relu", g.gemm("x", 8, 16)), g.const(np.array([-1, 4, 4])))
+    logits = g.op(
+        "ReduceSum",
+        g.op("Mul", heads, g.weight(1, 4, 4)),
+        g.const(np.array([2], np.int64)),
+        keepdims=0,
+    )
+    g.gemm(logits, 4, 3)
+    model = _node_graph(g, "y", ["N", 3], {})
+    analysis = spa.analyze(model, input_shapes=NODES)
+    assert [(gr.width, gr.channels_per_class) for gr in analysis.groups] == [(4, 4)]
+    assert not analysis.normalizations
+    _zero_check_nodes(model)
+
+
+def _zero_check_nodes(model: onnx.ModelProto) -> None:
+    error, removed = spa.zero_channel_check(model, ratio=0.5, input_shapes=NODES)
+    assert removed >= 2 and error <= 1e-5
+
+
 def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     g = Graph()
     h = g.conv("x", 8, 16)
