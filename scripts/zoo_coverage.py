@@ -1,21 +1,22 @@
 """Coverage of the model zoo: does every exported model in models/ prune to a valid, smaller model?
 
 For every .onnx file under models/ (one folder per exporter: torch, transformers and mnist from
-PyTorch, graph (torch_geometric), tensorflow, jax, paddle, sklearn, and packaged files from PyPI
-wheels), this script analyzes it, prunes it at each ratio with spa's verification on (full
-checker, onnxruntime, same inputs and outputs), runs the zero-channel check, and prints one row per
-model: groups, barriers, MACs and params kept at each ratio, the zero-channel error and the wall
-time. A model passes when it prunes at ratio 0.5 to a valid model that keeps at most 70% of its MACs
-and the zero-channel error is at most 1e-4, or at most 10 times the model's own rounding noise (the
-relative change of its outputs when its inputs change by 1e-7: a deep net on random inputs can
-amplify float32 rounding past 1e-4); every other row says why it did not.
+PyTorch, graph (torch_geometric), diffusers and yolo (ultralytics), tensorflow, jax, paddle,
+sklearn, and packaged files from PyPI wheels), this script analyzes it, prunes it at each ratio with
+spa's verification on (full checker, onnxruntime, same inputs and outputs), runs the zero-channel
+check, and prints one row per model: groups, barriers, MACs and params kept at each ratio, the
+zero-channel error and the wall time. A model passes when it prunes at ratio 0.5 to a valid model
+that keeps at most 70% of its MACs and the zero-channel error is at most 1e-4, or at most 10 times
+the model's own rounding noise (the relative change of its outputs when its inputs change by 1e-7: a
+deep net on random inputs can amplify float32 rounding past 1e-4); every other row says why it did
+not.
 
     pip install -e .
     python scripts/zoo_coverage.py [--models-dir models] [--ratios 0.3 0.5] \
         [--json out/coverage.json]
 
 Symbolic input dims are fixed for the analysis at 2 (first axis) and 8 (others), except where
-SHAPES gives a model's real input size (OCR crops, detector pages).
+SHAPES gives a model's real input size (OCR crops, detector pages, YOLO's multiples of 32).
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ FRAMEWORKS = {
     "sklearn": "scikit-learn",
     "packaged": "PyPI packages",
     "graph": "PyTorch (torch_geometric)",
+    "diffusers": "PyTorch (diffusers)",
+    "yolo": "PyTorch (ultralytics)",
 }
 SHAPES = {
     "ppocr_det": {"x": [1, 3, 320, 320]},
     "ppocr_cls": {"x": [1, 3, 48, 192]},
     "ppocr_rec": {"x": [1, 3, 48, 320]},
+    "yolov8": {"images": [1, 3, 160, 160]},
+    "yolo11": {"images": [1, 3, 160, 160]},
 }
 PASS_RATIO = 0.5
 PASS_MACS = 0.7

@@ -56,6 +56,16 @@ class Normalization:
 
 
 @dataclasses.dataclass
+class Kept:
+    """A node whose rule keeps the channels that reach it, and why (they meet a tensor that does
+    not follow them, the op works across them, their weight is used elsewhere)."""
+
+    node: str
+    op: str
+    reason: str
+
+
+@dataclasses.dataclass
 class Barrier:
     node: str
     op: str
@@ -91,6 +101,7 @@ class Analysis:
     barriers: list[Barrier]
     normalizations: list[Normalization]
     segments: list[np.ndarray]  # label sets of which at least one class must stay
+    kept: list[Kept] = dataclasses.field(default_factory=list)
     scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
     groups: list[Group] = dataclasses.field(default_factory=list)
     _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
@@ -147,6 +158,7 @@ class Propagation:
         self.lossy = lossy  # let statistics over channels change (hidden-size pruning)
         self.lossy_labels: list[np.ndarray] = []
         self.normalizations: list[Normalization] = []
+        self.kept: list[Kept] = []
         self.opset = opset_version(model)
         self.shapes = shapes
         self.sets = LabelSets()
@@ -255,6 +267,17 @@ class Propagation:
                 return
         same.append(Member(value, labels, node.name or ""))
         self.members.append(same[-1])
+
+    def keep(self, labels: np.ndarray, where: ir.Node | Member, reason: str) -> None:
+        """Pin `labels` where a node (or a layer's weight) cannot follow their removal; `spa
+        analyze` lists the reason (once, where channels not already kept reach it)."""
+        live = labels[labels != 0]
+        if live.size and not self.sets.pinned(live).all():
+            if isinstance(where, Member):
+                self.kept.append(Kept(where.node, "weight", reason))
+            else:
+                self.kept.append(Kept(where.name or "", _op_name(where), reason))
+        self.sets.pin(labels)
 
     def normalized(self, node: ir.Node, channels: int) -> None:
         """`node` computes statistics over `channels` channels, which therefore stay."""
@@ -418,7 +441,12 @@ class Propagation:
         for m in self.members:
             uses = {(u.node, u.idx) for u in m.value.uses()}
             if not uses <= self._param_uses.get(m.value, set()) or m.value.is_graph_output():
-                self.sets.pin(m.labels)
+                others = sorted({u.node.name or u.node.op_type for u in m.value.uses()} - {m.node})
+                self.keep(
+                    m.labels,
+                    m,
+                    f"'{m.value.name}' is also read by {', '.join(others) or 'a graph output'}",
+                )
 
     def _pin_subgraph_captures(self) -> None:
         for node in self.model.graph:
@@ -430,7 +458,7 @@ class Propagation:
                     for inner in ir.traversal.RecursiveGraphIterator(sub):
                         for v in inner.inputs:
                             if v in self.activations:
-                                self.sets.pin(self.activations[v])
+                                self.keep(self.activations[v], node, f"a subgraph reads '{v.name}'")
 
 
 _SHAPE_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
@@ -467,6 +495,7 @@ def analyze(
         barriers=prop.barriers,
         normalizations=prop.normalizations,
         segments=prop.segments,
+        kept=prop.kept,
         scaled_dims=prop.scaled_dims,
     )
     analysis.groups = _groups(analysis, prop.heads, prop.lossy_labels)

@@ -143,6 +143,10 @@ def barriers(analysis: Analysis) -> list[dict]:
     ]
 
 
+def kept(analysis: Analysis) -> list[dict]:
+    return [{"node": k.node, "op": k.op, "reason": k.reason} for k in analysis.kept]
+
+
 def normalizations(analysis: Analysis) -> list[dict]:
     return [{"node": n.node, "op": n.op, "channels": n.channels} for n in analysis.normalizations]
 
@@ -197,6 +201,7 @@ def prune_report(result) -> dict:
         "verify": None if result.verdict is None else verify_report(result.verdict),
         "groups": kept_channels(result.analysis, result.plan.removed),
         "barriers": barriers(result.analysis),
+        "kept": kept(result.analysis),
         "normalizations": normalizations(result.analysis),
     }
 
@@ -239,6 +244,9 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
         for b in analysis.barriers:
             blocked = "channels pinned" if b.blocked else "no channels reach it"
             lines.append(f"  {b.node or '(unnamed)'} [{b.op}]: {b.reason}; {blocked}")
+    if analysis.kept:
+        lines += ["", "kept by their ops (the channels that reach them stay):"]
+        lines += [f"  {k.node or '(unnamed)'} [{k.op}]: {k.reason}" for k in analysis.kept]
     if analysis.normalizations:
         lines += ["", "normalizations (their channels stay; --prune-hidden prunes them, lossy):"]
         lines += [
@@ -252,6 +260,7 @@ def analysis_report(analysis: Analysis) -> dict:
     return {
         "groups": kept_channels(analysis, np.zeros(0, np.int64)),
         "barriers": barriers(analysis),
+        "kept": kept(analysis),
         "normalizations": normalizations(analysis),
     }
 

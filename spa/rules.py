@@ -258,7 +258,7 @@ def _contract(prop: Propagation, node: ir.Node, out_shape: tuple[int, ...]) -> N
     la = _consume(prop, la, rank - 1)
     lb = _consume(prop, lb, rank - 2)
     parts = [(la, sa[:-1] + (1,), None), (lb, sb[:-2] + (1, sb[-1]), None)]
-    labels = meet(prop, parts, out_shape)
+    labels = meet(prop, node, parts, out_shape)
     prop.attention_heads(labels)
     prop.set(node.outputs[0], labels)
 
@@ -354,13 +354,13 @@ def elementwise(
             return _adopt_fill(prop, value, own_labels)
 
         parts.append((labels, _place(own, axes, rank), follow))
-    result = meet(prop, parts, out_shape)
+    result = meet(prop, node, parts, out_shape)
     for out in node.outputs:
         if out.name:
             prop.set(out, result)
 
 
-def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarray:
+def meet(prop: Propagation, node: ir.Node, parts: list, out_shape: tuple[int, ...]) -> np.ndarray:
     """Tensors that meet element by element: the output's labels, with the couplings recorded.
 
     parts: (labels at the output's rank, or None for a constant; real shape at the output's rank;
@@ -390,7 +390,7 @@ def meet(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> np.ndarr
         elif span != channel_axes:
             prop.sets.union_along(result, sorted(span))
         elif follow is None or not follow(result):
-            prop.sets.pin(result)  # an unlabelled tensor with these very channels: they stay
+            prop.keep(result, node, "meets a tensor of their extent that does not follow them")
     return result
 
 
@@ -493,13 +493,11 @@ def _statistics_may_change(prop: Propagation, node: ir.Node, labels: np.ndarray,
 # axis-local ops
 
 
-def _pin_along(prop: Propagation, value: ir.Value, axes) -> bool:
-    """Pin the labels of `value` if they vary along any of `axes`; return whether they did."""
+def _pin_along(prop: Propagation, node: ir.Node, value: ir.Value, axes) -> None:
+    """Pin the labels of `value` if they vary along any of `axes`."""
     labels = prop.labels(value)
     if any(labels.shape[a] > 1 for a in axes):
-        prop.sets.pin(labels)
-        return True
-    return False
+        prop.keep(labels, node, f"works across them (axes {sorted(axes)})")
 
 
 def axis_local(
@@ -519,8 +517,10 @@ def axis_local(
             prop.sets.union_along(labels, sorted(axes))
             labels = labels[tuple(slice(0, 1) if a in axes else slice(None) for a in range(rank))]
         else:
-            if not (statistics and _statistics_may_change(prop, node, labels, axes)):
-                prop.sets.pin(labels)
+            if not statistics:
+                prop.keep(labels, node, f"works across them (axes {sorted(axes)})")
+            elif not _statistics_may_change(prop, node, labels, axes):
+                prop.sets.pin(labels)  # listed among the normalizations
             labels = np.zeros([1 if a in axes else d for a, d in enumerate(labels.shape)], np.int64)
     if dropped:
         labels = labels.reshape(
@@ -570,7 +570,7 @@ def group_norm(prop: Propagation, node: ir.Node) -> None:
     (opset 18's per-group form is deprecated: the checker refuses it)."""
     x = node.inputs[0]
     rank = len(prop.shape(x))
-    _pin_along(prop, x, range(2, rank))
+    _pin_along(prop, node, x, range(2, rank))
     channels = _channel_vector(prop, x, 1)
     groups = node.attributes.get_int("num_groups", 1)
     if groups < 1 or len(channels) % groups:
@@ -795,7 +795,8 @@ def slice_(prop: Propagation, node: ir.Node) -> None:
         )
         whole_end = (
             isinstance(end, RuntimeDim)
-            and _channel_slices(prop.labels(end.source), end.axis) == _channel_slices(labels, axis)
+            and _channel_slices(prop, prop.labels(end.source), end.axis)
+            == _channel_slices(prop, labels, axis)
         ) or (isinstance(end, int) and end >= prop.shape(x)[axis])
         if step != 1 or start != 0 or not whole_end:
             raise NotHandled("a slice across channels computed at run time")
@@ -876,7 +877,7 @@ def by_element(prop: Propagation, node: ir.Node) -> None:
     out_shape = prop.shape(node.outputs[0])
     axis = node.attributes.get_int("axis", 0) % len(out_shape)
     parts = [(v, prop.labels(v), prop.shape(v), True) for v in node.inputs]
-    prop.set(node.outputs[0], _meet_indexed(prop, parts, out_shape, addressed=[axis]))
+    prop.set(node.outputs[0], _meet_indexed(prop, node, parts, out_shape, addressed=[axis]))
 
 
 @rule("GatherND")
@@ -907,11 +908,11 @@ def scatter_nd(prop: Propagation, node: ir.Node) -> None:
         (data, prop.labels(data), shape, True),
         (updates, placed[(0,) * q][(None,) * k], (1,) * k + prop.shape(updates)[q:], False),
     ]
-    prop.set(node.outputs[0], _meet_indexed(prop, parts, shape, addressed=range(k)))
+    prop.set(node.outputs[0], _meet_indexed(prop, node, parts, shape, addressed=range(k)))
 
 
 def _meet_indexed(
-    prop: Propagation, parts: list, out_shape: tuple[int, ...], addressed
+    prop: Propagation, node: ir.Node, parts: list, out_shape: tuple[int, ...], addressed
 ) -> np.ndarray:
     """parts: (value, labels, real shape, both at the output's rank; whether the value sits there
     as it is). Channels may not vary along the `addressed` axes; along the others the parts meet
@@ -930,6 +931,7 @@ def _meet_indexed(
 
     return meet(
         prop,
+        node,
         [
             (None if prop.is_constant(v) else labels, shape, follow(v, as_is))
             for v, labels, shape, as_is in parts
@@ -1004,7 +1006,9 @@ def _entries_follow(prop: Propagation, entries: list[ShapeEntry], out: np.ndarra
                 return None
             if how == "rewrite":
                 scaled.append((entry, axis))
-        elif _channel_slices(prop.labels(entry.source), entry.axis) != _channel_slices(out, axis):
+        elif _channel_slices(prop, prop.labels(entry.source), entry.axis) != _channel_slices(
+            prop, out, axis
+        ):
             return None
     return scaled
 
@@ -1059,19 +1063,21 @@ def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: 
         along = np.moveaxis(out, axis, 0)
         blocks = along.reshape(per, along.shape[0] // per, *along.shape[1:])
         return "rewrite" if bool((blocks == blocks[:1]).all()) else None
-    slices = _channel_slices(source, entry.axis)
+    slices = _channel_slices(prop, source, entry.axis)
     return (
         "follows"
-        if [s for s in slices for _ in range(count)] == _channel_slices(out, axis)
+        if [s for s in slices for _ in range(count)] == _channel_slices(prop, out, axis)
         else None
     )
 
 
-def _channel_slices(labels: np.ndarray, axis: int) -> list[frozenset] | None:
+def _channel_slices(prop: Propagation, labels: np.ndarray, axis: int) -> list[frozenset] | None:
+    """The classes at each position along `axis` (roots: channels united before are one class)."""
     if labels.shape[axis] == 1:
         return None
+    roots = prop.sets.find(labels)
     return [
-        frozenset(np.unique(labels.take(k, axis=axis)).tolist()) for k in range(labels.shape[axis])
+        frozenset(np.unique(roots.take(k, axis=axis)).tolist()) for k in range(labels.shape[axis])
     ]
 
 
@@ -1094,6 +1100,8 @@ def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
         return None
     if producer.op_type == "Shape":
         source = producer.inputs[0]
+        if prop.shape(source) is None:
+            return None
         rank = len(prop.shape(source))
         start = producer.attributes.get_int("start", 0) % (rank + 1)
         end = producer.attributes.get_int("end", rank)

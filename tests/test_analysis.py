@@ -238,3 +238,23 @@ def test_a_shape_read_of_a_value_of_unknown_shape_is_analyzed():
     )
     analysis = spa.analyze(model)
     assert any(b.op == "test.custom::Foo" for b in analysis.barriers)
+
+
+@pytest.mark.parametrize("how", ["input", "max"])
+def test_channels_an_op_keeps_are_listed_with_the_reason(how):
+    """Every channel that stays says why: here a residual add with a graph input (it cannot lose
+    channels) or a max taken across the channels."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    kept = g.op("Add", h, "skip") if how == "input" else g.op("ReduceMax", h, axes=[1])
+    g.conv(kept, 16 if how == "input" else 1, 4)
+    g.nodes[-1].output[0] = "y"
+    inputs = (
+        {"x": ["N", 8, 6, 6], "skip": ["N", 16, 6, 6]} if how == "input" else {"x": [1, 8, 6, 6]}
+    )
+    analysis = spa.analyze(g.model(inputs, {"y": [inputs["x"][0], 4, 6, 6]}))
+    assert not analysis.groups  # h's channels stay; y's are the graph's output
+    reason = {"input": "does not follow them", "max": "works across them"}[how]
+    assert [(k.op, reason in k.reason) for k in analysis.kept] == [
+        ("Add" if how == "input" else "ReduceMax", True)
+    ]

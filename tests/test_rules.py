@@ -655,11 +655,14 @@ def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     )
 
 
-def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly():
-    """Reshape (N, C, H, W) -> (N, groups, -1), InstanceNormalization, Reshape back, then the
-    per-channel gamma and beta: torch's legacy exporter's GroupNorm. A group is one unit."""
+@pytest.mark.parametrize("back", ["constant", "run time"])
+def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly(back):
+    """Reshape (N, C, H, W) -> (N, groups, -1), InstanceNormalization, Reshape back (to a constant
+    shape, or to the input's shape read at run time: diffusers' UNet), then the per-channel gamma
+    and beta: torch's exporters' GroupNorm. A group is one unit."""
     g = Graph()
-    h = g.op("Reshape", g.conv("x", 8, 16), g.const(np.array([1, 4, -1], np.int64)))
+    x = g.conv("x", 8, 16)
+    h = g.op("Reshape", x, g.const(np.array([0, 4, -1], np.int64)))
     h = g.op(
         "InstanceNormalization",
         h,
@@ -667,7 +670,8 @@ def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly():
         g.const(np.zeros(4, np.float32)),
         epsilon=1e-5,
     )
-    h = g.op("Reshape", h, g.const(np.array([1, 16, 6, 6], np.int64)))
+    shape = g.const(np.array([1, 16, 6, 6], np.int64)) if back == "constant" else g.op("Shape", x)
+    h = g.op("Reshape", h, shape)
     h = g.op(
         "Add",
         g.op("Mul", h, g.const(g.rng.uniform(0.5, 1.5, (16, 1, 1)).astype(np.float32))),
@@ -675,6 +679,9 @@ def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly():
     )
     g.op("Conv", g.op("Relu", h), g.weight(4, 16, 3, 3), pads=[1, 1, 1, 1])
     g.nodes[-1].output[0] = "y"
-    model = g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]})
-    assert [(gr.width, gr.channels_per_class) for gr in spa.analyze(model).groups] == [(4, 4)]
+    batch = 1 if back == "constant" else "N"
+    model = g.model({"x": [batch, 8, 6, 6]}, {"y": [batch, 4, 6, 6]})
+    analysis = spa.analyze(model)
+    assert [(gr.width, gr.channels_per_class) for gr in analysis.groups] == [(4, 4)]
+    assert not analysis.barriers
     _zero_check(model, removed_at_least=1)

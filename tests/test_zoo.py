@@ -1,9 +1,10 @@
 """Every committed model from the other frameworks' exporters (TensorFlow/Keras via tf2onnx,
-JAX/Flax via jax2onnx, PaddlePaddle via paddle2onnx, scikit-learn via skl2onnx, ONNX files
-shipped in PyPI packages) and the graph neural networks (torch_geometric, both torch exporters)
-passes the coverage benchmark's bar: it prunes at ratio 0.5 to a valid
-model (checker, onnxruntime, same inputs and outputs) that keeps at most 70% of its MACs, and the
-zero-channel test is exact. The PyTorch exports are tested in test_models and test_transformers."""
+JAX/Flax via jax2onnx, PaddlePaddle via paddle2onnx, scikit-learn via skl2onnx, ONNX files shipped
+in PyPI packages), the graph neural networks (torch_geometric), the diffusion UNet (diffusers; both
+torch exporters) and YOLO detectors (ultralytics' exporter) passes the coverage benchmark's bar: it
+prunes at ratio 0.5 to a valid model (checker, onnxruntime, same inputs and outputs) that keeps at
+most 70% of its MACs, and the zero-channel test is exact. The PyTorch exports are tested in
+test_models and test_transformers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
 
 ROOT = Path(__file__).parent.parent
 
-FOLDERS = ("tensorflow", "jax", "paddle", "sklearn", "packaged", "graph")
+FOLDERS = ("tensorflow", "jax", "paddle", "sklearn", "packaged", "graph", "diffusers", "yolo")
 MODELS = sorted(p for folder in FOLDERS for p in (ROOT / "models" / folder).glob("*.onnx"))
 
 

@@ -1,0 +1,79 @@
+"""Export small YOLO detectors with ultralytics' own ONNX exporter.
+
+Writes ``yolov8.onnx`` and ``yolo11.onnx`` into ``--out`` (default ``models/yolo``): ultralytics'
+YOLOv8 and YOLO11 detection architectures (C2f / C3k2 blocks, SPPF, YOLO11's C2PSA attention,
+the decoupled head with its DFL box decoding) at the "n" depth and an eighth of the widths (a
+scale ultralytics' yaml files allow; channels 8 to 128, 10 classes), random weights built from the
+yaml (nothing is downloaded), exported by ``YOLO.export(format="onnx", dynamic=True)`` (torch's
+legacy exporter underneath): input ``images`` (batch, 3, height, width), output ``output0``.
+Each export is checked with the full checker and against the torch model in onnxruntime at 160x160.
+
+    pip install torch==2.13.0 "torchvision<0.29" ultralytics==8.4.190
+    python scripts/export_yolo.py [--out models/yolo]
+
+(ultralytics' dependencies pull a CUDA torch: pin torch and torchvision in the same install.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import yaml
+from ultralytics import YOLO
+from ultralytics.cfg import get_cfg  # noqa: F401  (ultralytics' config machinery, imported first)
+from ultralytics.utils import ROOT as ULTRALYTICS
+
+SCALE = [0.50, 0.125, 1024]  # depth, width, max channels: "n" depth, an eighth of the widths
+CLASSES = 10
+SIZE = 160
+
+
+def build(version: str, folder: Path) -> YOLO:
+    source = {"yolov8": "v8/yolov8.yaml", "yolo11": "11/yolo11.yaml"}[version]
+    config = yaml.safe_load((ULTRALYTICS / "cfg" / "models" / source).read_text())
+    config["scales"] = {"n": SCALE}
+    config["nc"] = CLASSES
+    path = folder / f"{version}n.yaml"  # the "n" in the name picks the scale
+    path.write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    return YOLO(str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("models/yolo"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore")
+    out = args.out.resolve()
+    # ultralytics writes the export beside the model's yaml or in the working directory
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        for version in ("yolov8", "yolo11"):
+            model = build(version, Path(tmp))
+            exported = Path(model.export(format="onnx", imgsz=SIZE, dynamic=True, simplify=False))
+            path = out / f"{version}.onnx"
+            shutil.copy(exported, path)
+            onnx.checker.check_model(str(path), full_check=True)
+            images = torch.rand(2, 3, SIZE, SIZE)
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {"images": images.numpy()})[0]
+            net = model.model.eval()
+            with torch.no_grad():
+                want = net(images)
+                want = (want[0] if isinstance(want, (list, tuple)) else want).numpy()
+            error = float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+            assert error < 1e-4, f"{path.name}: onnxruntime differs from torch by {error}"
+            print(f"{path}: ok (relative difference to torch {error:.1e})")
+
+
+if __name__ == "__main__":
+    main()
