@@ -13,7 +13,11 @@ gamma/beta and every bias are randomized so that folded weights are non-trivial)
                     are joined by Concatenate;
 * ``mlp``        -- Flatten + Dense/ReLU/Dropout stack;
 * ``textcnn``    -- Embedding (int32 token ids) + Conv1D + GlobalMaxPooling1D + Dense;
-* ``lstm``       -- Embedding + LSTM + Dense.
+* ``lstm``       -- Embedding + LSTM + Dense;
+* ``transformer`` -- Embedding + two encoder blocks (MultiHeadAttention of 4 heads of 8, residual
+                    Add, LayerNormalization, Dense/ReLU/Dense FFN of 64, Add, LayerNormalization),
+                    GlobalAveragePooling1D, Dense: Keras' attention (EinsumDense) and tf2onnx's
+                    LayerNorm.
 
 Vision models take ``input`` float32 (batch, 32, 32, 3), NHWC as Keras has it; the text models take
 ``input`` int32 (batch, 64) token ids. All return ``logits`` float32 (batch, 10). The batch
@@ -68,7 +72,7 @@ VOCAB = 1000
 SEED = 0
 TOL = 1e-4
 VISION = ("vgg", "resnet", "mobilenet", "inception", "mlp")
-TEXT = ("textcnn", "lstm")
+TEXT = ("textcnn", "lstm", "transformer")
 NAMES = VISION + TEXT
 
 
@@ -176,6 +180,16 @@ def build(name: str):
         x = L.LSTM(48, name="lstm")(x)
         x = L.Dense(32, activation="relu", name="fc")(x)
         out = L.Dense(NUM_CLASSES, name="logits")(x)
+    elif name == "transformer":
+        x = L.Embedding(VOCAB, 32, name="embed")(inp)
+        for i in range(2):
+            attended = L.MultiHeadAttention(num_heads=4, key_dim=8, name=f"mha{i}")(x, x)
+            x = L.LayerNormalization(name=f"ln{i}a")(L.Add(name=f"add{i}a")([x, attended]))
+            ffn = L.Dense(64, activation="relu", name=f"ffn{i}a")(x)
+            ffn = L.Dense(32, name=f"ffn{i}b")(ffn)
+            x = L.LayerNormalization(name=f"ln{i}b")(L.Add(name=f"add{i}b")([x, ffn]))
+        x = L.GlobalAveragePooling1D(name="gap")(x)
+        out = L.Dense(NUM_CLASSES, name="logits")(x)
     else:
         raise ValueError(name)
     model = keras.Model(inp, out, name=name)
@@ -194,6 +208,10 @@ def randomize(model, rng: np.random.Generator) -> None:
             layer.beta.assign(rng.normal(0.0, 0.1, n).astype("float32"))
             layer.moving_mean.assign(rng.normal(0.0, 0.1, n).astype("float32"))
             layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+        elif isinstance(layer, L.LayerNormalization):
+            n = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0.0, 0.1, n).astype("float32"))
         elif isinstance(layer, L.LSTM):
             bias = layer.cell.bias
             bias.assign(rng.normal(0.0, 0.1, bias.shape).astype("float32"))

@@ -159,6 +159,7 @@ class Propagation:
         self.lossy_labels: list[np.ndarray] = []
         self.normalizations: list[Normalization] = []
         self.kept: list[Kept] = []
+        self._open: set[int] = set()  # open_labels
         self.opset = opset_version(model)
         self.shapes = shapes
         self.sets = LabelSets()
@@ -267,6 +268,20 @@ class Propagation:
                 return
         same.append(Member(value, labels, node.name or ""))
         self.members.append(same[-1])
+
+    def open_labels(self, width: int) -> np.ndarray:
+        """Classes of an axis that constants vary along before any channel reaches it: they
+        join the channels they meet (rules._open_a_constant_axis)."""
+        labels = self.sets.new(width)
+        self._open.update(labels.tolist())
+        return labels
+
+    def is_open(self, labels: np.ndarray | None) -> bool:
+        """Whether `labels` hold open classes only (by label, whatever they were united with
+        since: meet writes a layer's labels where both meet)."""
+        if labels is None or not labels.any():
+            return False
+        return all(int(label) in self._open for label in np.unique(labels[labels != 0]))
 
     def keep(self, labels: np.ndarray, where: ir.Node | Member, reason: str) -> None:
         """Pin `labels` where a node (or a layer's weight) cannot follow their removal; `spa
@@ -417,11 +432,7 @@ class Propagation:
             dims = rules.dims_of(self, value)
             producer = value.producer()
             if dims is not None:
-                found += [
-                    (d.source, d.axis)
-                    for d in dims
-                    if isinstance(d, (rules.RuntimeDim, rules.ScaledDim))
-                ]
+                found += [read for d in dims for read in getattr(d, "reads", ())]
             elif producer is not None and producer.op_type == "Size":
                 source = producer.inputs[0]
                 found += [(source, a) for a in range(len(self.shape(source)))]

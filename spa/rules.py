@@ -372,6 +372,9 @@ def meet(prop: Propagation, node: ir.Node, parts: list, out_shape: tuple[int, ..
     while an unlabelled one or a constant must stay whole, so removals may cut only along the axes
     it does not span (a rotary cos/sin table over head dims keeps whole heads)."""
     rank = len(out_shape)
+    parts = _open_parts_that_fit(prop, parts)
+    if not any(lab is not None and lab.any() for lab, _, _ in parts):
+        parts = _open_a_constant_axis(prop, parts, out_shape)
     channel_axes = {
         a for lab, _, _ in parts if lab is not None for a in varying_axes(lab) if out_shape[a] > 1
     }
@@ -392,6 +395,65 @@ def meet(prop: Propagation, node: ir.Node, parts: list, out_shape: tuple[int, ..
         elif follow is None or not follow(result):
             prop.keep(result, node, "meets a tensor of their extent that does not follow them")
     return result
+
+
+def _open_a_constant_axis(prop: Propagation, parts: list, out_shape: tuple[int, ...]) -> list:
+    """No channels meet here, but constants vary along one axis (tf2onnx's LayerNorm computes
+    `rstd * gamma` before it meets x): that axis gets open classes, which the channels it meets
+    later take over (the constants then become their parameters); anything else pins them."""
+    axis = _constant_axis([(lab is None, shape) for lab, shape, _ in parts], out_shape)
+    if axis is None:
+        return parts
+    opened = _at_axis(prop.open_labels(out_shape[axis]), axis, len(out_shape))
+    return [(opened, tuple(out_shape), lambda _: True), *parts]
+
+
+def _constant_axis(operands: list[tuple[bool, tuple]], out_shape: tuple[int, ...]) -> int | None:
+    """operands: (whether a constant, shape at the output's rank). The one axis that constants
+    span and no other operand does, or None."""
+    axes = {
+        a
+        for constant, shape in operands
+        if constant
+        for a in range(len(out_shape))
+        if shape[a] == out_shape[a] > 1
+    }
+    if len(axes) != 1:
+        return None
+    (axis,) = axes
+    spanned = any(not constant and shape[axis] == out_shape[axis] for constant, shape in operands)
+    return None if spanned else axis
+
+
+def _opens_an_axis(node: ir.Node, prop: Propagation) -> bool:
+    """Whether an elementwise node that no channels reach opens classes (_open_a_constant_axis)."""
+    out = prop.shape(node.outputs[0])
+    shapes = [prop.shape(v) for v in node.inputs if v is not None]
+    if out is None or any(s is None for s in shapes) or len(shapes) < 2:
+        return False
+    operands = [
+        (prop.is_constant(v), (1,) * (len(out) - len(s)) + tuple(s))
+        for v, s in zip([v for v in node.inputs if v is not None], shapes)
+    ]
+    return _constant_axis(operands, out) is not None
+
+
+def _open_parts_that_fit(prop: Propagation, parts: list) -> list:
+    """Open classes (_open_a_constant_axis) join channels that vary along the very same axes; an
+    operand whose open classes vary along other axes than the channels it meets (a rotary table
+    over the dims of every head) is pinned and meets them as an unlabelled operand. A layer's
+    labels come first, so that the output carries them."""
+    labelled = [lab for lab, _, _ in parts if lab is not None and lab.any()]
+    real = {a for lab in labelled if not prop.is_open(lab) for a in varying_axes(lab)}
+    if not real:
+        return parts
+    fitted = []
+    for lab, shape, follow in parts:
+        if prop.is_open(lab) and set(varying_axes(lab)) != real:
+            prop.sets.pin(lab)
+            lab = np.zeros_like(lab)
+        fitted.append((lab, shape, follow))
+    return sorted(fitted, key=lambda part: prop.is_open(part[0]))
 
 
 def _adopt_fill(prop: Propagation, value: ir.Value, labels: np.ndarray) -> bool:
@@ -439,7 +501,7 @@ _NARY = """Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEq
 LessOrEqual Max Mean Min Mod Mul Or Pow PRelu Sub Sum Where Xor Clip CastLike""".split()
 
 
-@rule(*_UNARY, *_NARY)
+@rule(*_UNARY, *_NARY, creates_channels=_opens_an_axis)
 def pointwise(prop: Propagation, node: ir.Node) -> None:
     operands = [(i, None) for i, v in enumerate(node.inputs) if v is not None]
     if node.op_type in ("Dropout", "CastLike"):
@@ -549,7 +611,10 @@ def axis_local(
 def pool(prop: Propagation, node: ir.Node) -> None:
     if len([o for o in node.outputs if o.name and o.uses()]) > 1:
         raise NotHandled("MaxPool indices encode the channel count")
-    axis_local(prop, node, range(2, len(prop.shape(node.inputs[0]))))
+    # a global mean or norm over channels (tf2onnx's ReduceMean of a LayerNorm, transposed) is a
+    # statistic of theirs, like ReduceMean
+    statistics = node.op_type in ("GlobalAveragePool", "GlobalLpPool")
+    axis_local(prop, node, range(2, len(prop.shape(node.inputs[0]))), statistics=statistics)
 
 
 @rule("LRN", "MeanVarianceNormalization")
@@ -1000,7 +1065,10 @@ def _entries_follow(prop: Propagation, entries: list[ShapeEntry], out: np.ndarra
             continue
         if entry is None:
             return None
-        if isinstance(entry, ScaledDim):
+        if isinstance(entry, ProductDim):
+            if not _product_follows(prop, entry, out, axis):
+                return None
+        elif isinstance(entry, ScaledDim):
             how = _scaled_follows(prop, entry, out, axis)
             if how is None:
                 return None
@@ -1014,10 +1082,22 @@ def _entries_follow(prop: Propagation, entries: list[ShapeEntry], out: np.ndarra
 
 
 def _reads_channels(prop: Propagation, entry) -> bool:
-    """Whether a shape entry is a run-time dim of an axis that channels vary along."""
-    return (
-        isinstance(entry, (RuntimeDim, ScaledDim))
-        and prop.labels(entry.source).shape[entry.axis] > 1
+    """Whether a shape entry is computed from a run-time dim of an axis that channels vary along."""
+    return any(prop.labels(source).shape[axis] > 1 for source, axis in getattr(entry, "reads", ()))
+
+
+def _product_follows(prop: Propagation, entry: ProductDim, out: np.ndarray, axis: int) -> bool:
+    """Whether `out`'s axis holds the channels of the product's one channel factor, each repeated
+    as often as the other factors make (outer or inner): its extent then follows by itself."""
+    channel = [f for f in entry.factors if _reads_channels(prop, f)]
+    if len(channel) != 1:
+        return False
+    slices = _channel_slices(prop, prop.labels(channel[0].source), channel[0].axis)
+    found = _channel_slices(prop, out, axis)
+    repeats = len(found) // len(slices)
+    return repeats * len(slices) == len(found) and found in (
+        [s for s in slices for _ in range(repeats)],
+        slices * repeats,
     )
 
 
@@ -1035,6 +1115,11 @@ class RuntimeDim:
     source: ir.Value
     axis: int
 
+    @property
+    def reads(self) -> tuple[tuple[ir.Value, int], ...]:
+        """The (tensor, axis) dims it is computed from."""
+        return ((self.source, self.axis),)
+
 
 @dataclasses.dataclass(frozen=True)
 class ScaledDim:
@@ -1046,9 +1131,26 @@ class ScaledDim:
     mul: ir.Node
     slot: int  # the Mul input that holds the constant
 
+    @property
+    def reads(self) -> tuple[tuple[ir.Value, int], ...]:
+        return ((self.source, self.axis),)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductDim:
+    """A product of run-time dims, as tf2onnx merges batch and heads into one axis for an einsum
+    (`ReduceProd(Gather(Shape(x), [0, 1]))`): it follows a pruning of one factor's channels by
+    itself."""
+
+    factors: tuple[RuntimeDim, ...]
+
+    @property
+    def reads(self) -> tuple[tuple[ir.Value, int], ...]:
+        return tuple(f.reads[0] for f in self.factors)
+
 
 # What an element of a shape vector is; None where it cannot be traced.
-ShapeEntry = Piece | RuntimeDim | ScaledDim | None
+ShapeEntry = Piece | RuntimeDim | ScaledDim | ProductDim | None
 
 
 def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: int) -> str | None:
@@ -1117,6 +1219,17 @@ def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
                 if source is not None and len(source) == 1 and isinstance(source[0], RuntimeDim):
                     return [ScaledDim(source[0].source, source[0].axis, producer, slot)]
         return None
+    if producer.op_type == "ReduceProd" and len(producer.inputs) == 1:
+        factors = dims_of(prop, producer.inputs[0])  # all of them: a vector has one axis
+        if factors is None or not all(isinstance(f, RuntimeDim) for f in factors):
+            return None
+        return [ProductDim(tuple(factors))]
+    if producer.op_type in ("Max", "Min") and len(producer.inputs) == 2:
+        # an einsum's broadcast batch dims: the same dims read from two tensors
+        a, b = (dims_of(prop, v) for v in producer.inputs)
+        if a is None or b is None or len(a) != len(b):
+            return None
+        return a if all(_same_dim(prop, x, y) for x, y in zip(a, b)) else None
     if producer.op_type == "Concat":
         parts = [
             [Piece.FIXED] * int(np.prod(prop.shape(v))) if prop.is_constant(v) else dims_of(prop, v)
@@ -1147,6 +1260,21 @@ def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
         ]
         return [source[int(i)] for i in picked.reshape(-1)]
     return None
+
+
+def _same_dim(prop: Propagation, x: ShapeEntry, y: ShapeEntry) -> bool:
+    """Whether two traced dims stay equal under any pruning: run-time dims of axes without
+    channels (the batch), or of axes with the very same classes; products of such."""
+    if isinstance(x, ProductDim) and isinstance(y, ProductDim):
+        return len(x.factors) == len(y.factors) and all(
+            _same_dim(prop, f, g) for f, g in zip(x.factors, y.factors)
+        )
+    if not isinstance(x, RuntimeDim) or not isinstance(y, RuntimeDim):
+        return False
+    if not _reads_channels(prop, x) and not _reads_channels(prop, y):
+        return True
+    same = _channel_slices(prop, prop.labels(x.source), x.axis)
+    return same is not None and same == _channel_slices(prop, prop.labels(y.source), y.axis)
 
 
 def shape_pieces(

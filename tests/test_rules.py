@@ -685,3 +685,72 @@ def test_group_norm_as_exporters_write_it_prunes_whole_groups_exactly(back):
     assert [(gr.width, gr.channels_per_class) for gr in analysis.groups] == [(4, 4)]
     assert not analysis.barriers
     _zero_check(model, removed_at_least=1)
+
+
+@pytest.mark.parametrize("merged", ["product", "max of products"])
+def test_heads_merged_into_the_batch_by_a_product_of_run_time_dims_prune(merged):
+    """tf2onnx's einsum: Reshape(t, [ReduceProd(Shape(t)[0:2]), ...]) merges batch and heads; the
+    product follows a removal of heads by itself (and Max of two such products, the einsum's
+    broadcast batch, when both read the same heads)."""
+    g = Graph()
+    h = g.op("Relu", g.conv("x", 8, 16))
+    heads = g.op("Reshape", h, g.const(np.array([0, 4, 4, 36], np.int64)))
+
+    def batch_times_heads(t: str) -> str:
+        return g.op("ReduceProd", g.op("Shape", t, start=0, end=2), keepdims=1)
+
+    merged_dim = batch_times_heads(heads)
+    if merged == "max of products":
+        merged_dim = g.op("Max", merged_dim, batch_times_heads(g.op("Neg", heads)))
+    flat = g.op(
+        "Reshape",
+        heads,
+        g.op("Concat", merged_dim, g.const(np.array([4, 36], np.int64)), axis=0),
+    )
+    back = g.op("Reshape", g.op("Sigmoid", flat), g.op("Shape", h))
+    g.conv(back, 16, 4)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["N", 8, 6, 6]}, {"y": ["N", 4, 6, 6]})
+    analysis = spa.analyze(model)
+    assert [gr.width * gr.channels_per_class for gr in analysis.groups] == [16]
+    assert not analysis.barriers
+    _zero_check(model, removed_at_least=1)
+
+
+def _tf2onnx_layer_norm() -> onnx.ModelProto:
+    """tf2onnx's LayerNorm over the last axis: means as GlobalAveragePool, and
+    y = x * (rstd * gamma) + (beta - mean * rstd * gamma), rstd * gamma computed before x meets
+    it."""
+    g = Graph()
+    h = g.op("Add", g.op("MatMul", "x", g.weight(8, 16)), g.const(g.rng.standard_normal(16)))
+    g.inits[-1] = onnx.numpy_helper.from_array(
+        g.rng.standard_normal(16).astype(np.float32), g.inits[-1].name
+    )
+    mean = g.op("GlobalAveragePool", h)
+    centred = g.op("Sub", h, mean)
+    variance = g.op("GlobalAveragePool", g.op("Mul", centred, centred))
+    eps = g.const(np.array(1e-3, np.float32))
+    rstd = g.op("Reciprocal", g.op("Sqrt", g.op("Add", variance, eps)))
+    gamma = g.const(g.rng.uniform(0.5, 1.5, (1, 1, 16)).astype(np.float32))
+    beta = g.const(g.rng.standard_normal((1, 1, 16)).astype(np.float32))
+    scale = g.op("Mul", rstd, gamma)
+    shift = g.op("Sub", beta, g.op("Mul", mean, scale))
+    normed = g.op("Add", g.op("Mul", h, scale), shift)
+    g.op("MatMul", g.op("Relu", normed), g.weight(16, 4))
+    g.nodes[-1].output[0] = "y"
+    return g.model({"x": ["N", 4, 8]}, {"y": ["N", 4, 4]})
+
+
+def test_tf2onnx_layer_norm_keeps_its_channels_as_a_normalization_or_prunes_them_lossily():
+    model = _tf2onnx_layer_norm()
+    analysis = spa.analyze(model)
+    assert not analysis.groups and not analysis.kept
+    assert {n.op for n in analysis.normalizations} == {"GlobalAveragePool"}
+    hidden = spa.analyze(model, prune_hidden=True)
+    assert [gr.width for gr in hidden.groups] == [16]
+    # gamma and beta, met before the channels reach them, are the channels' parameters
+    assert len(hidden.member_names()[hidden.groups[0].id]) == 5
+    pruned = _pruned(model, prune_hidden=True)
+    weights = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    first = next(n for n in pruned.graph.node if n.op_type == "MatMul")
+    assert weights[first.input[1]] == [8, 8]
