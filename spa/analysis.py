@@ -102,6 +102,8 @@ class Analysis:
     normalizations: list[Normalization]
     segments: list[np.ndarray]  # label sets of which at least one class must stay
     kept: list[Kept] = dataclasses.field(default_factory=list)
+    # graph inputs and outputs that may lose channels (a key/value cache, --prune-cache)
+    cache: list[ir.Value] = dataclasses.field(default_factory=list)
     scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
     groups: list[Group] = dataclasses.field(default_factory=list)
     _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
@@ -152,10 +154,16 @@ class Propagation:
     """The state that op rules read and write while labels flow through the graph."""
 
     def __init__(
-        self, model: ir.Model, shapes: dict[ir.Value, tuple[int, ...]], lossy: bool = False
+        self,
+        model: ir.Model,
+        shapes: dict[ir.Value, tuple[int, ...]],
+        lossy: bool = False,
+        cache: bool = False,
     ):
         self.model = model
         self.lossy = lossy  # let statistics over channels change (hidden-size pruning)
+        self.cache = cache  # let key/value cache inputs and outputs lose heads
+        self.cache_values: list[ir.Value] = []  # the graph inputs and outputs that may change
         self.lossy_labels: list[np.ndarray] = []
         self.normalizations: list[Normalization] = []
         self.kept: list[Kept] = []
@@ -227,9 +235,28 @@ class Propagation:
             # One channel spread over the whole tensor: there is no axis to remove it along.
             self.sets.pin(labels)
             labels = np.zeros_like(labels)
-        if value.is_graph_output():
-            self.sets.pin(labels)
+        if value.is_graph_output() and value.producer() is not None:
+            if self._extends_a_cache(value):
+                self.cache_values.append(value)
+            else:
+                self.keep(labels, value.producer(), f"they reach the graph output '{value.name}'")
         self.activations[value] = labels
+
+    def adopt_cache(self, value: ir.Value, labels: np.ndarray) -> None:
+        """A graph input that a layer's keys or values are appended to (a past key/value cache)
+        takes their channels (--prune-cache)."""
+        self.activations[value] = labels
+        self.cache_values.append(value)
+
+    def _extends_a_cache(self, value: ir.Value) -> bool:
+        """Whether a graph output is a cache input with new keys or values appended."""
+        producer = value.producer()
+        return (
+            self.cache
+            and producer is not None
+            and producer.op_type == "Concat"
+            and any(v in self.cache_values for v in producer.inputs)
+        )
 
     def _keep_sub_grids(self) -> None:
         """Removals must leave every tensor a sub-grid.
@@ -239,11 +266,30 @@ class Propagation:
         all couplings are known, keep the axis with the most distinct classes and unite the labels
         along the others: a channel shuffle prunes the same inner channel in every group; attention,
         whose matmuls made each head one class, keeps heads whole."""
-        for labels in self.activations.values():
+        for value, labels in list(self.activations.items()):
             axes = varying_axes(labels)
             if len(axes) >= 2:
                 keep = max(reversed(axes), key=lambda a: self._distinct_slices(labels, a))
-                self.sets.union_along(labels, [a for a in axes if a != keep])
+                self.unite_along(labels, [a for a in axes if a != keep], value.producer())
+
+    def unite_along(self, labels: np.ndarray, axes: list[int], where: ir.Node | None) -> None:
+        """Unite the labels that differ only along `axes`; channels that share a slice with
+        elements of no channel (a graph input, a constant beside them) are kept, and say why."""
+        if not axes:
+            return
+        others = [a for a in range(labels.ndim) if a not in axes]
+        rows = np.transpose(labels, others + list(axes)).reshape(
+            int(np.prod([labels.shape[a] for a in others])), -1
+        )
+        mixed = rows[(rows == 0).any(axis=1) & rows.any(axis=1)]
+        if mixed.size and where is not None:
+            self.keep(
+                mixed,
+                where,
+                "it holds them beside elements of no channel (a graph input, a constant) along "
+                "another axis",
+            )
+        self.sets.union_along(labels, axes)
 
     def _distinct_slices(self, labels: np.ndarray, axis: int) -> int:
         roots = self.sets.find(np.moveaxis(labels, axis, 0).reshape(labels.shape[axis], -1))
@@ -489,12 +535,17 @@ def _op_name(node: ir.Node) -> str:
 
 
 def analyze(
-    model: ir.Model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False
+    model: ir.Model,
+    input_shapes: dict[str, list[int]] | None = None,
+    prune_hidden: bool = False,
+    prune_cache: bool = False,
 ) -> Analysis:
     """Analyze a normalized model (see spa.normalize). prune_hidden: let channels go that
-    normalizations (LayerNorm, RMSNorm) compute statistics over; lossy, so off by default."""
+    normalizations (LayerNorm, RMSNorm) compute statistics over; lossy, so off by default.
+    prune_cache: let a decoder's key/value cache inputs and outputs lose the heads they carry (the
+    model's signature changes)."""
     shapes = concrete_shapes(model, input_shapes or {})
-    prop = Propagation(model, shapes, lossy=prune_hidden)
+    prop = Propagation(model, shapes, lossy=prune_hidden, cache=prune_cache)
     prop.run()
     analysis = Analysis(
         model=model,
@@ -508,6 +559,7 @@ def analyze(
         segments=prop.segments,
         kept=prop.kept,
         scaled_dims=prop.scaled_dims,
+        cache=prop.cache_values,
     )
     analysis.groups = _groups(analysis, prop.heads, prop.lossy_labels)
     return analysis

@@ -20,7 +20,7 @@ from spa import io, progress, runtime, sensitivity, statistics
 from spa import verify as verification
 from spa.analysis import Analysis
 from spa.analysis import analyze as analyze_model
-from spa.apply import apply, pruned_shapes, weight_keeps
+from spa.apply import apply, pruned_shapes, signature_keeps, weight_keeps
 from spa.calibration import Source
 from spa.compensate import mean_shifts, refit, shift_biases
 from spa.count import Counts, count
@@ -52,6 +52,8 @@ class PruneResult:
     method: Method | None = None
     # every option, as given and as resolved
     options: dict = dataclasses.field(default_factory=dict)
+    # the inputs and outputs whose shapes changed (--prune-cache): name -> (before, after)
+    signature_changes: dict = dataclasses.field(default_factory=dict)
 
     def report(self) -> dict:
         from spa.report import prune_report
@@ -152,13 +154,16 @@ def _load(model) -> tuple[ir.Model, Path | None]:
 
 @_corrupt_model_errors
 def analyze(
-    model, input_shapes: dict[str, list[int]] | None = None, prune_hidden: bool = False
+    model,
+    input_shapes: dict[str, list[int]] | None = None,
+    prune_hidden: bool = False,
+    prune_cache: bool = False,
 ) -> Analysis:
     """Groups of coupled channels and the barriers of a model (a path, ModelProto or
     onnx_ir.Model)."""
     work, _ = _load(model)
     normalize(work)
-    return analyze_model(work, input_shapes, prune_hidden)
+    return analyze_model(work, input_shapes, prune_hidden, prune_cache)
 
 
 @_corrupt_model_errors
@@ -168,6 +173,11 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     are spa.options.PruneOptions' fields, each documented there."""
     start = time.perf_counter()
     o = PruneOptions.of(options)
+    if o.prune_cache and o.calibration is not None:
+        raise SpaError(
+            "--prune-cache prunes by magnitude for now: calibration data would need the cache "
+            "inputs sliced in every statistics pass"
+        )
     record = o.record(calibration_source.describe)
     work, source, large = _read(model, output)
     expected_signature = verification.signature(work)
@@ -177,7 +187,7 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     progress.step("running the original on the verification inputs")
     reference = verification.reference(work, o.input_shapes, lean=large) if o.verify else None
     progress.step("finding the coupled channels")
-    analysis = analyze_model(work, o.input_shapes, o.prune_hidden)
+    analysis = analyze_model(work, o.input_shapes, o.prune_hidden, o.prune_cache)
     before = count(work, shapes=analysis.shapes)
     consumers = statistics.consumers(work)
     method, data, means, scores = _method_and_scores(work, analysis, consumers, large, o)
@@ -195,6 +205,7 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
         plan = planner(ratio)
     expected_shapes = [analysis.shapes.get(v) for v in work.graph.outputs]
     planned_shapes = pruned_shapes(analysis, plan.removed)
+    keeps = signature_keeps(analysis, plan.removed)
     exact = o.verify and verification.all_zero(analysis, plan.removed)
     progress.step("removing channels" + (" and refitting" if method.compensated else ""))
     repair = data if method.compensated else None
@@ -211,7 +222,7 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     if o.verify:
         progress.step("verifying the pruned model")
         verdict = verification.verify(
-            expected_signature, expected_shapes, work, reference, exact, lean=large
+            expected_signature, expected_shapes, work, reference, exact, lean=large, keeps=keeps
         )
         if data is not None and data.held_out:
             progress.step("measuring fidelity on held-out samples")
@@ -224,9 +235,34 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
             work, output, serialized=verdict.serialized if verdict else None, external=large or None
         )
     seconds = time.perf_counter() - start
+    changes = _signature_changes(expected_signature, keeps)
     return PruneResult(
-        work, analysis, plan, before, after, verdict, seconds, ratio, target, method, record
+        work,
+        analysis,
+        plan,
+        before,
+        after,
+        verdict,
+        seconds,
+        ratio,
+        target,
+        method,
+        record,
+        changes,
     )
+
+
+def _signature_changes(expected: tuple, keeps: dict) -> dict[str, tuple[list, list]]:
+    """name -> (shape before, shape after) of the inputs and outputs that lost channels."""
+    after = {
+        name: shape for part in verification.resized(expected, keeps) for name, _, shape in part
+    }
+    return {
+        name: (list(shape), list(after[name]))
+        for part in expected
+        for name, _, shape in part
+        if name in keeps
+    }
 
 
 def _read(model, output) -> tuple[ir.Model, Path | None, bool]:
@@ -371,7 +407,7 @@ def _fidelity_bound(
 
     def fidelity_at(r: float) -> float:
         trial = io.clone(pristine)
-        on = analyze_model(trial, o.input_shapes, o.prune_hidden)
+        on = analyze_model(trial, o.input_shapes, o.prune_hidden, o.prune_cache)
         repair = data if method.compensated else None
         _remove_and_repair(on, planner(r, on).removed, statistics.consumers(trial), repair, means)
         return data.fidelity(trial, False, None, large).similarity
@@ -683,16 +719,18 @@ def zero_channel_check(
     input_shapes: dict[str, list[int]] | None = None,
     select: str = "all",
     calibration=None,
+    prune_cache: bool = False,
 ) -> tuple[float, int]:
     """Zero the parameters of randomly chosen coupled channels, prune exactly those, and return the
     relative output error against the zeroed, unpruned model (and how many classes were removed).
     Exact surgery gives float rounding only. select: "all" groups, only "heads", or only "channels".
     calibration: also compensate (which must then change nothing); without it, the biases absorb
     the means that surviving BatchNormalizations give (nothing either: their parameters are
-    zero)."""
+    zero). prune_cache: the key/value cache loses heads too (the pruned model gets the cache inputs
+    sliced and is compared on the outputs' kept heads)."""
     work, _ = _load(model)
     normalize(work)
-    analysis = analyze_model(work, input_shapes)
+    analysis = analyze_model(work, input_shapes, prune_cache=prune_cache)
     chosen = {"all": lambda g: True, "heads": lambda g: g.heads, "channels": lambda g: not g.heads}[
         select
     ]
@@ -709,9 +747,17 @@ def zero_channel_check(
         data,
         statistics.batchnorm_means(work, consumers) if data is None else {},
     )
+    keeps = signature_keeps(analysis, plan.removed)
     pruned = runtime.session(work)
     feeds = runtime.random_inputs(reference, input_shapes, seed)
-    error = verification.relative_error(reference.run(None, feeds), pruned.run(None, feeds))
+    expected = reference.run(None, feeds)
+    names = [o.name for o in reference.get_outputs()]
+    expected = [
+        verification.sliced(e, keeps[n]) if n in keeps else e for n, e in zip(names, expected)
+    ]
+    for name in feeds.keys() & keeps.keys():
+        feeds[name] = verification.sliced(feeds[name], keeps[name])
+    error = verification.relative_error(expected, pruned.run(None, feeds))
     return error, len(plan.removed)
 
 

@@ -33,6 +33,14 @@ def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tup
     return shapes
 
 
+def signature_keeps(analysis: Analysis, removed: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Per-axis keep vectors of the graph inputs and outputs that lose channels (a key/value
+    cache, --prune-cache), by name."""
+    surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
+    keeps = {value.name: surgery.activation_keeps(value) for value in analysis.cache}
+    return {name: k for name, k in keeps.items() if not all(axis.all() for axis in k)}
+
+
 def weight_keeps(analysis: Analysis, removed: np.ndarray) -> dict[str, list[np.ndarray]]:
     """Per initializer name, the per-axis keep vectors the surgery will apply."""
     surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
@@ -54,6 +62,11 @@ def apply(analysis: Analysis, removed: np.ndarray) -> None:
         if entry is not None and entry.rewrite is not None:
             entry.rewrite(surgery, node)
     surgery.rewrite_scaled_dims()
+    for value in analysis.cache:  # --prune-cache: the key/value inputs and outputs lose heads
+        keeps = surgery.activation_keeps(value)
+        value.shape = ir.Shape(
+            [d if k.all() else int(k.sum()) for d, k in zip(value.shape or (), keeps)]
+        )
     common_passes.RemoveUnusedNodesPass()(analysis.model)
     infer_shapes(analysis.model)
 

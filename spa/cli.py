@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="list the groups of coupled channels and the barriers")
     analyze.add_argument("input", type=Path, help="the model to analyze (.onnx)")
     _prune_hidden(analyze)
+    analyze.add_argument(
+        "--prune-cache",
+        action="store_true",
+        help="let a decoder's key/value cache inputs and outputs lose heads (the signature "
+        "changes)",
+    )
     _common(analyze)
     return parser
 
@@ -322,7 +328,12 @@ def _command(args) -> dict:
 
     shapes = parse_input_shapes(" ".join(args.input_shapes))
     if args.command == "analyze":
-        analysis = api.analyze(args.input, input_shapes=shapes, prune_hidden=args.prune_hidden)
+        analysis = api.analyze(
+            args.input,
+            input_shapes=shapes,
+            prune_hidden=args.prune_hidden,
+            prune_cache=args.prune_cache,
+        )
         print(report.analysis_listing(analysis, str(args.input)))
         data = report.analysis_report(analysis)
     elif args.command == "bench":
@@ -460,6 +471,15 @@ def _command(args) -> dict:
         kept = report.normalizations_line(result.analysis)
         if kept and not args.prune_hidden:
             print(kept)
+        if result.signature_changes:
+            changes = "; ".join(
+                f"{name} {before} -> {after}"
+                for name, (before, after) in result.signature_changes.items()
+            )
+            print(
+                f"signature changed (--prune-cache): {changes}. Tell the runtime the new head "
+                "counts (its config's key/value heads)"
+            )
         blocked = [b for b in result.analysis.barriers if b.blocked]
         if blocked:
             print(

@@ -134,6 +134,15 @@ class PruneOptions:
         action="store_const",
         const=True,
     )
+    prune_cache: bool = _option(
+        False,
+        "let a decoder's key/value cache lose the heads pruned: the past_key_values inputs and "
+        "present outputs get fewer heads (the signature changes; the runtime's config must say "
+        "the new head counts)",
+        sweep=True,
+        action="store_const",
+        const=True,
+    )
     calibration: Any = _option(
         None,
         "sample inputs (.npy for one input, .npz keyed by input name; from Python also arrays, a "

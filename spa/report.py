@@ -203,6 +203,10 @@ def prune_report(result) -> dict:
         "barriers": barriers(result.analysis),
         "kept": kept(result.analysis),
         "normalizations": normalizations(result.analysis),
+        "signature_changes": {
+            name: {"before": before, "after": after}
+            for name, (before, after) in result.signature_changes.items()
+        },
     }
 
 

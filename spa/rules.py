@@ -130,12 +130,12 @@ def _constant_table(node: ir.Node, prop: Propagation) -> bool:
 # mixing ops
 
 
-def _channel_vector(prop: Propagation, value: ir.Value, axis: int) -> np.ndarray:
+def _channel_vector(prop: Propagation, node: ir.Node, value: ir.Value, axis: int) -> np.ndarray:
     """Labels of the channels along `axis`, one per position. A layer reads each channel across
     all other axes, so labels that also vary along them are united into one class per position."""
     labels = prop.labels(value)
     axis %= labels.ndim
-    prop.sets.union_along(labels, [a for a in varying_axes(labels) if a != axis])
+    prop.unite_along(labels, [a for a in varying_axes(labels) if a != axis], node)
     vector = labels
     for a in range(labels.ndim):
         if a != axis:
@@ -159,7 +159,7 @@ def conv(prop: Propagation, node: ir.Node) -> None:
     transposed = node.op_type == "ConvTranspose"
     wshape = w.const_value.shape
     rank = len(wshape)
-    inputs = _channel_vector(prop, x, 1)
+    inputs = _channel_vector(prop, node, x, 1)
     # Weight layout: Conv (out, in/groups, k...), ConvTranspose (in, out/groups, k...).
     in_axis, out_axis = (0, 1) if transposed else (1, 0)
     out_channels = wshape[1] * groups if transposed else wshape[0]
@@ -207,7 +207,7 @@ def gemm(prop: Propagation, node: ir.Node) -> None:
         raise NotHandled("only activation x constant weight is supported")
     trans_a = node.attributes.get_int("transA", 0)
     trans_b = node.attributes.get_int("transB", 0)
-    inputs = _channel_vector(prop, a, 0 if trans_a else 1)
+    inputs = _channel_vector(prop, node, a, 0 if trans_a else 1)
     n = b.const_value.shape[0 if trans_b else 1]
     outputs = prop.new_space(node, n)
     k_axis, n_axis = (1, 0) if trans_b else (0, 1)
@@ -228,7 +228,7 @@ def matmul(prop: Propagation, node: ir.Node) -> None:
     out_shape = prop.shape(node.outputs[0])
     out_rank = len(out_shape)
     if prop.is_constant(b) and not prop.is_constant(a) and len(b.const_value.shape) == 2:
-        inputs = _channel_vector(prop, a, len(prop.shape(a)) - 1)
+        inputs = _channel_vector(prop, node, a, len(prop.shape(a)) - 1)
         outputs = prop.new_space(node, b.const_value.shape[1])
         prop.member(node, 1, inputs.reshape(-1, 1))
         prop.member(node, 1, outputs.reshape(1, -1))
@@ -299,7 +299,7 @@ def recurrent(prop: Propagation, node: ir.Node) -> None:
     if tuple(rec.const_value.shape[1:]) != (gates * size, size):
         raise NotHandled("hidden_size does not match the recurrence weight")
     hidden = prop.new_space(node, size)
-    inputs = _channel_vector(prop, x, -1)
+    inputs = _channel_vector(prop, node, x, -1)
     rows = np.tile(hidden, gates).reshape(1, -1, 1)
     prop.member(node, 1, rows)
     prop.member(node, 1, inputs.reshape(1, 1, -1))
@@ -317,7 +317,7 @@ def recurrent(prop: Propagation, node: ir.Node) -> None:
         if prop.is_constant(state):
             prop.member(node, index, hidden.reshape(1, 1, -1))
         else:
-            prop.sets.union(_channel_vector(prop, state, -1), hidden)
+            prop.sets.union(_channel_vector(prop, node, state, -1), hidden)
     for out in node.outputs:
         if out.name:
             rank = len(prop.shape(out))
@@ -517,7 +517,7 @@ def per_channel(prop: Propagation, node: ir.Node) -> None:
         # Statistics per (sample, axis-1 row) over the other axes: channels that vary along those
         # axes (GroupNorm as exporters write it: Reshape to (N, groups, -1), InstanceNormalization,
         # Reshape back) go together, one class per row, so that whole rows (groups) go or stay.
-        _per_row_norm(prop, node, _channel_vector(prop, node.inputs[0], 1))
+        _per_row_norm(prop, node, _channel_vector(prop, node, node.inputs[0], 1))
         return
     elementwise(
         prop,
@@ -636,7 +636,7 @@ def group_norm(prop: Propagation, node: ir.Node) -> None:
     x = node.inputs[0]
     rank = len(prop.shape(x))
     _pin_along(prop, node, x, range(2, rank))
-    channels = _channel_vector(prop, x, 1)
+    channels = _channel_vector(prop, node, x, 1)
     groups = node.attributes.get_int("num_groups", 1)
     if groups < 1 or len(channels) % groups:
         raise NotHandled(f"{len(channels)} channels in {groups} groups")
@@ -888,6 +888,8 @@ def _vector_element(prop: Propagation, vector: ir.Value, i: int) -> int | ShapeE
 @rule(*(op for op in _MOVES if op not in ("Gather", "Expand", "Slice")))
 def move(prop: Propagation, node: ir.Node) -> None:
     data = _MOVES[node.op_type] or list(range(len(node.inputs)))
+    if node.op_type == "Concat" and prop.cache:
+        _adopt_cache_inputs(prop, node)
     arrays: list[np.ndarray | None] = []
     for i, value in enumerate(node.inputs):
         if value is None:
@@ -912,6 +914,18 @@ def move(prop: Propagation, node: ir.Node) -> None:
             prop.set(out, labels)
             if node.op_type in ("Slice", "Split", "Gather") and labels.any():
                 prop.keep_one_of(labels)
+
+
+def _adopt_cache_inputs(prop: Propagation, node: ir.Node) -> None:
+    """A decoder appends new keys or values to a graph input along the sequence axis (the past of
+    a key/value cache): with --prune-cache the input carries the same heads as what is appended."""
+    axis = node.attributes.get_int("axis", 0) % len(prop.shape(node.outputs[0]))
+    labelled = [prop.labels(v) for v in node.inputs if prop.labels(v).any()]
+    if len(labelled) != 1 or labelled[0].shape[axis] != 1:
+        return
+    for value in node.inputs:
+        if value.is_graph_input() and not prop.labels(value).any():
+            prop.adopt_cache(value, labelled[0])
 
 
 def _runtime_indices(prop: Propagation, node: ir.Node) -> np.ndarray:

@@ -351,6 +351,30 @@ def reference(
     return Reference(feeds, outputs, inputs)
 
 
+def sliced(array: np.ndarray, keeps: list[np.ndarray]) -> np.ndarray:
+    """An input or output with the channels a pruned signature lost removed (--prune-cache); a
+    keep vector of another length than the array's axis (a symbolic dim) keeps that axis whole."""
+    for axis, keep in enumerate(keeps):
+        if not keep.all() and len(keep) == array.shape[axis]:
+            array = np.compress(keep, array, axis=axis)
+    return array
+
+
+def resized(expected: tuple, keeps: dict[str, list[np.ndarray]]) -> tuple:
+    """A signature with the dims of the inputs and outputs in `keeps` that lost channels."""
+
+    def entry(name, dtype, shape):
+        if name not in keeps or shape is None:
+            return (name, dtype, shape)
+        return (
+            name,
+            dtype,
+            tuple(d if k.all() else int(k.sum()) for d, k in zip(shape, keeps[name])),
+        )
+
+    return tuple([entry(*e) for e in part] for part in expected)
+
+
 def verify(
     expected_signature: tuple,
     expected_shapes: list,
@@ -358,6 +382,7 @@ def verify(
     expected: Reference,
     exact: bool = False,
     lean: bool | None = None,
+    keeps: dict[str, list[np.ndarray]] | None = None,
 ) -> Verdict:
     """Raise SpaError unless `pruned` keeps the signature, passes the full checker, opens in
     onnxruntime and gives outputs of the expected concrete shapes on the inputs the original ran
@@ -366,7 +391,10 @@ def verify(
 
     lean (default: for large models): check a skeleton of the model and run it on shared weights
     (`spa.runtime.skeleton`) instead of serializing it; the verdict then carries no serialized
-    model."""
+    model. keeps: the inputs and outputs that lose channels (--prune-cache), by name; the pruned
+    model gets those inputs sliced and is compared on those outputs' kept channels."""
+    keeps = keeps or {}
+    expected_signature = resized(expected_signature, keeps)
     if signature(pruned) != expected_signature:
         raise SpaError(
             f"pruned model changed the inputs or outputs: {expected_signature} -> "
@@ -381,9 +409,10 @@ def verify(
             path, shared = skeleton(pruned, Path(folder))
             _check(str(path))
             sess = _opened(lambda: lean_session(path, shared, 1))
+    feeds = {k: sliced(v, keeps[k]) if k in keeps else v for k, v in expected.feeds.items()}
     try:
         outputs = isolated(
-            lambda: sess.run(None, expected.feeds), f"running the pruned model on {expected.inputs}"
+            lambda: sess.run(None, feeds), f"running the pruned model on {expected.inputs}"
         )
     except SpaError:
         raise
@@ -393,13 +422,15 @@ def verify(
             f"original runs: {first_line(e)}"
         ) from None
     names = [arg.name for arg in sess.get_outputs()]
-    for output, name, shape in zip(outputs, names, expected_shapes):
-        if shape is not None and output.shape != tuple(shape):
+    originals = [sliced(o, keeps[n]) if n in keeps else o for n, o in zip(names, expected.outputs)]
+    for output, original, name, shape in zip(outputs, originals, names, expected_shapes):
+        want = original.shape if name in keeps else shape
+        if want is not None and output.shape != tuple(want):
             raise SpaError(
                 f"pruned model's output '{name}' has shape {output.shape}, the original "
-                f"{tuple(shape)}"
+                f"{tuple(want)}"
             )
-    moved = compare(names, [(expected.outputs, outputs)], expected.inputs, exact)
+    moved = compare(names, [(originals, outputs)], expected.inputs, exact)
     if exact and not moved.relative_error <= EXACT_TOLERANCE:
         raise SpaError(
             "spa bug: the removed channels were all zero, yet the outputs moved by "

@@ -243,7 +243,7 @@ def test_a_shape_read_of_a_value_of_unknown_shape_is_analyzed():
 @pytest.mark.parametrize("how", ["input", "max"])
 def test_channels_an_op_keeps_are_listed_with_the_reason(how):
     """Every channel that stays says why: here a residual add with a graph input (it cannot lose
-    channels) or a max taken across the channels."""
+    channels) or a max taken across the channels, and the graph's output."""
     g = Graph()
     h = g.op("Relu", g.conv("x", 8, 16))
     kept = g.op("Add", h, "skip") if how == "input" else g.op("ReduceMax", h, axes=[1])
@@ -256,5 +256,23 @@ def test_channels_an_op_keeps_are_listed_with_the_reason(how):
     assert not analysis.groups  # h's channels stay; y's are the graph's output
     reason = {"input": "does not follow them", "max": "works across them"}[how]
     assert [(k.op, reason in k.reason) for k in analysis.kept] == [
-        ("Add" if how == "input" else "ReduceMax", True)
+        ("Add" if how == "input" else "ReduceMax", True),
+        ("Conv", False),  # y's channels: "they reach the graph output 'y'"
     ]
+
+
+def test_channels_beside_a_graph_input_say_why():
+    """A cache: a layer's heads concatenated after a graph input's along the sequence axis stay, and
+    the Concat says why."""
+    g = Graph()
+    new = g.op(
+        "Transpose",
+        g.op("Reshape", g.op("MatMul", "x", g.weight(8, 16)), g.const(np.array([0, 0, 4, 4]))),
+        perm=[0, 2, 1, 3],
+    )
+    cache = g.op("Transpose", g.op("Concat", "past", new, axis=2), perm=[0, 2, 1, 3])
+    g.op("MatMul", g.op("Reshape", cache, g.const(np.array([0, 0, 16]))), g.weight(16, 2))
+    g.nodes[-1].output[0] = "y"
+    analysis = spa.analyze(g.model({"x": [1, 3, 8], "past": [1, 4, 5, 4]}, {"y": [1, 8, 2]}))
+    assert not analysis.groups
+    assert any("beside elements of no channel" in k.reason for k in analysis.kept)

@@ -1,0 +1,153 @@
+"""Export a small decoder with a key/value cache to ONNX with both torch exporters.
+
+A LLaMA-style decoder in plain torch (2 layers, hidden 64, 4 heads of 16, SwiGLU FFN of 128,
+RMSNorm, rotary positions, vocabulary 256, random weights), written out the way optimum and ONNX
+Runtime GenAI export decoders for generation: inputs ``input_ids`` (batch, sequence),
+``position_ids`` (batch, sequence) and ``past_key_values.{i}.key`` / ``.value`` (batch, 4,
+past, 16) per layer; outputs ``logits`` (batch, sequence, 256) and ``present.{i}.key`` /
+``.value`` (batch, 4, past + sequence, 16), the new keys and values concatenated to the past
+ones. Batch, sequence and past length are dynamic. Writes ``decoder_dynamo.onnx`` (+ ``.data``,
+opset 18) and ``decoder_legacy.onnx`` (opset 17) into ``--out`` (default
+``models/cache_decoder``), each checked with the full checker and against torch in onnxruntime.
+
+The heads reach the graph's inputs and outputs through the cache: runtimes allocate the cache
+from the head count in the model's config, so spa keeps them unless asked.
+
+    pip install torch==2.13.0 onnxscript
+    python scripts/export_cache_decoder.py [--out models/cache_decoder]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+LAYERS, HIDDEN, HEADS, FFN, VOCAB = 2, 64, 4, 128, 256
+DIM = HIDDEN // HEADS
+
+
+class RMSNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(HIDDEN) + 0.5)
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def rotate(x, position_ids):
+    """Rotary position embedding over each head's dims."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (batch, 1, sequence, DIM / 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(), RMSNorm()
+        self.q, self.k, self.v, self.o = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(HIDDEN, FFN, bias=False), nn.Linear(HIDDEN, FFN, bias=False)
+        self.down = nn.Linear(FFN, HIDDEN, bias=False)
+
+    def heads(self, x):
+        return x.view(x.shape[0], x.shape[1], HEADS, DIM).transpose(1, 2)
+
+    def forward(self, x, position_ids, past_key, past_value):
+        h = self.norm1(x)
+        q = rotate(self.heads(self.q(h)), position_ids)
+        key = torch.cat([past_key, rotate(self.heads(self.k(h)), position_ids)], dim=2)
+        value = torch.cat([past_value, self.heads(self.v(h))], dim=2)
+        past, sequence = past_key.shape[2], x.shape[1]
+        # causal over the past and the new positions
+        mask = torch.ones(sequence, past + sequence, dtype=torch.bool).tril(diagonal=past)
+        scores = (q @ key.transpose(-1, -2)) / DIM**0.5
+        scores = scores.masked_fill(~mask, float("-inf"))
+        context = (scores.softmax(-1) @ value).transpose(1, 2).reshape(x.shape)
+        x = x + self.o(context)
+        h = self.norm2(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)), key, value
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.layers = nn.ModuleList(Layer() for _ in range(LAYERS))
+        self.norm = RMSNorm()
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids, position_ids, *past):
+        x, present = self.embed(input_ids), []
+        for i, layer in enumerate(self.layers):
+            x, key, value = layer(x, position_ids, past[2 * i], past[2 * i + 1])
+            present += [key, value]
+        return (self.lm_head(self.norm(x)), *present)
+
+
+def inputs(batch: int, sequence: int, past: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, sequence), generator=g)
+    positions = torch.arange(past, past + sequence).expand(batch, sequence)
+    cache = [torch.randn(batch, HEADS, past, DIM, generator=g) for _ in range(2 * LAYERS)]
+    return (ids, positions, *cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("models/cache_decoder"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    cache_names = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+    names = ["input_ids", "position_ids", *cache_names]
+    for dynamo in (True, False):
+        path = args.out / f"decoder_{'dynamo' if dynamo else 'legacy'}.onnx"
+        if dynamo:
+            batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            past = torch.export.Dim("past")
+            tokens, cache = {0: batch, 1: sequence}, {0: batch, 2: past}
+            # the structure of forward's arguments: the cache is one *args tuple
+            shapes = (tokens, tokens, tuple(cache for _ in cache_names))
+            options = {"dynamic_shapes": shapes, "opset_version": 18}
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in names[:2]}
+            axes |= {n: {0: "batch", 2: "past"} for n in cache_names}
+            axes |= {"logits": {0: "batch", 1: "sequence"}}
+            axes |= {n: {0: "batch", 2: "total"} for n in present_names}
+            options = {"dynamic_axes": axes, "opset_version": 17}
+        torch.onnx.export(
+            model,
+            inputs(2, 3, 5, 0),
+            str(path),
+            input_names=names,
+            output_names=["logits", *present_names],
+            dynamo=dynamo,
+            **options,
+        )
+        onnx.checker.check_model(str(path), full_check=True)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = inputs(3, 2, 7, 1)
+        got = sess.run(None, {n: t.numpy() for n, t in zip(names, feeds)})
+        with torch.no_grad():
+            want = model(*feeds)
+        error = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+        assert error < 1e-4, f"{path.name}: onnxruntime differs from torch by {error}"
+        print(f"{path}: ok (max abs difference to torch {error:.1e})")
+
+
+if __name__ == "__main__":
+    main()
