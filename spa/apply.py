@@ -144,18 +144,23 @@ class _Surgery:
         node.replace_input_with(index, value)
 
     def rewrite_scaled_dims(self) -> None:
-        """`batch * count` shapes: the constant count becomes the pruned extent over the batch."""
+        """`batch * count` shapes: the constant count becomes the pruned extent over the batch;
+        `hidden / heads`: the head count left."""
         counts: dict[tuple[ir.Node, int], int] = {}
         for entry, value, axis in self.analysis.scaled_dims:
-            extent, per = self.dims(value)[axis], self.analysis.shapes[entry.source][entry.axis]
-            count = extent // per
-            if counts.setdefault((entry.mul, entry.slot), count) != count or count * per != extent:
+            extent = self.dims(value)[axis]
+            if isinstance(entry, rules.DividedDim):
+                count, per = extent, 1
+            else:
+                per = self.analysis.shapes[entry.source][entry.axis]
+                count = extent // per
+            if counts.setdefault((entry.node, entry.slot), count) != count or count * per != extent:
                 raise SurgeryError(
-                    f"a shared `dim * count` constant in {entry.mul.name} would need two values"
+                    f"a shared shape constant in {entry.node.name} would need two values"
                 )
-        for (mul, slot), count in counts.items():
-            old = mul.inputs[slot].const_value.numpy()
-            self.set_constant(mul, slot, np.full_like(old, count))
+        for (node, slot), count in counts.items():
+            old = node.inputs[slot].const_value.numpy()
+            self.set_constant(node, slot, np.full_like(old, count))
 
     def changed(self, value: ir.Value) -> bool:
         return (

@@ -1082,6 +1082,11 @@ def _entries_follow(prop: Propagation, entries: list[ShapeEntry], out: np.ndarra
         if isinstance(entry, ProductDim):
             if not _product_follows(prop, entry, out, axis):
                 return None
+        elif isinstance(entry, DividedDim):
+            heads = _divided_follows(prop, entry, out, axis)
+            if heads is None:
+                return None
+            scaled.append((entry, heads))
         elif isinstance(entry, ScaledDim):
             how = _scaled_follows(prop, entry, out, axis)
             if how is None:
@@ -1142,8 +1147,23 @@ class ScaledDim:
 
     source: ir.Value
     axis: int
-    mul: ir.Node
-    slot: int  # the Mul input that holds the constant
+    node: ir.Node  # the Mul
+    slot: int  # its input that holds the constant
+
+    @property
+    def reads(self) -> tuple[tuple[ir.Value, int], ...]:
+        return ((self.source, self.axis),)
+
+
+@dataclasses.dataclass(frozen=True)
+class DividedDim:
+    """A run-time dim divided by a constant, as in `hidden / heads` for a head's size: when whole
+    heads go, the constant is the head count the surgery rewrites."""
+
+    source: ir.Value
+    axis: int
+    node: ir.Node  # the Div
+    slot: int = 1  # its input that holds the constant
 
     @property
     def reads(self) -> tuple[tuple[ir.Value, int], ...]:
@@ -1164,7 +1184,7 @@ class ProductDim:
 
 
 # What an element of a shape vector is; None where it cannot be traced.
-ShapeEntry = Piece | RuntimeDim | ScaledDim | ProductDim | None
+ShapeEntry = Piece | RuntimeDim | ScaledDim | DividedDim | ProductDim | None
 
 
 def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: int) -> str | None:
@@ -1173,7 +1193,7 @@ def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: 
     rewritten); "follows" when the dim carries the channels and each repeats `count` times (kv
     heads * repeats in grouped-query attention); None otherwise."""
     source = prop.labels(entry.source)
-    count = int(entry.mul.inputs[entry.slot].const_value.numpy().reshape(-1)[0])
+    count = int(entry.node.inputs[entry.slot].const_value.numpy().reshape(-1)[0])
     if source.shape[entry.axis] == 1:
         per = prop.shape(entry.source)[entry.axis]
         along = np.moveaxis(out, axis, 0)
@@ -1185,6 +1205,26 @@ def _scaled_follows(prop: Propagation, entry: ScaledDim, out: np.ndarray, axis: 
         if [s for s in slices for _ in range(count)] == _channel_slices(prop, out, axis)
         else None
     )
+
+
+def _divided_follows(
+    prop: Propagation, entry: DividedDim, out: np.ndarray, axis: int
+) -> int | None:
+    """`hidden / heads` sizes `axis` (a head's dims) of a tensor whose other axis splits the same
+    channels into `heads` heads: heads become the unit (their dims united), and the returned axis
+    is where the surgery reads the head count its constant becomes; None if the channels do not
+    split so."""
+    count = int(entry.node.inputs[entry.slot].const_value.numpy().reshape(-1)[0])
+    source = _channel_slices(prop, prop.labels(entry.source), entry.axis)
+    heads = [a for a in varying_axes(out) if a != axis and out.shape[a] == count]
+    if source is None or len(heads) != 1 or count * out.shape[axis] != len(source):
+        return None
+    split = np.moveaxis(out, (heads[0], axis), (0, 1))
+    split = prop.sets.find(split.reshape(count * out.shape[axis], -1))
+    if [frozenset(np.unique(row).tolist()) for row in split] != source:
+        return None
+    prop.sets.union_along(out, [axis])
+    return heads[0]
 
 
 def _channel_slices(prop: Propagation, labels: np.ndarray, axis: int) -> list[frozenset] | None:
@@ -1232,6 +1272,16 @@ def dims_of(prop: Propagation, value: ir.Value) -> list[ShapeEntry] | None:
                 source = dims_of(prop, other)
                 if source is not None and len(source) == 1 and isinstance(source[0], RuntimeDim):
                     return [ScaledDim(source[0].source, source[0].axis, producer, slot)]
+        return None
+    if producer.op_type == "Div" and prop.is_constant(producer.inputs[1]):
+        source = dims_of(prop, producer.inputs[0])
+        if (
+            source is not None
+            and len(source) == 1
+            and isinstance(source[0], RuntimeDim)
+            and producer.inputs[1].const_value.size == 1
+        ):
+            return [DividedDim(source[0].source, source[0].axis, producer)]
         return None
     if producer.op_type == "ReduceProd" and len(producer.inputs) == 1:
         factors = dims_of(prop, producer.inputs[0])  # all of them: a vector has one axis

@@ -755,3 +755,31 @@ def test_tf2onnx_layer_norm_keeps_its_channels_as_a_normalization_or_prunes_them
     weights = {i.name: list(i.dims) for i in pruned.graph.initializer}
     first = next(n for n in pruned.graph.node if n.op_type == "MatMul")
     assert weights[first.input[1]] == [8, 8]
+
+
+def test_a_head_size_computed_as_hidden_over_heads_prunes_whole_heads():
+    """Reshape(h, [N, T, 4, Shape(h)[2] / 4]): whole heads go, and the surgery rewrites the Div's
+    head count with the Reshape's."""
+    g = Graph()
+    h = g.op("Relu", g.op("MatMul", "x", g.weight(8, 16)))
+    heads = g.const(np.array([4], np.int64))
+    per_head = g.op("Div", g.op("Shape", h, start=2, end=3), heads)
+    split = g.op(
+        "Reshape", h, g.op("Concat", g.op("Shape", h, start=0, end=2), heads, per_head, axis=0)
+    )
+    merged = g.op("Reshape", g.op("Softmax", split, axis=-1), g.op("Shape", h))
+    g.op("MatMul", merged, g.weight(16, 8))
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": ["N", 3, 8]}, {"y": ["N", 3, 8]})
+    analysis = spa.analyze(model)
+    assert [(gr.width, gr.channels_per_class) for gr in analysis.groups] == [(4, 4)]
+    assert not analysis.barriers
+    _zero_check(model, removed_at_least=1)
+    pruned = _pruned(model)
+    divisor = next(n for n in pruned.graph.node if n.op_type == "Div").input[1]
+    counts = {
+        i.name: onnx.numpy_helper.to_array(i).tolist()
+        for i in pruned.graph.initializer
+        if i.data_type == onnx.TensorProto.INT64
+    }
+    assert counts[divisor] == [2]
