@@ -232,8 +232,10 @@ class Propagation:
         """Record an activation's labels."""
         labels = compress(np.asarray(labels, dtype=np.int64))
         if not varying_axes(labels) and labels.size and labels.flat[0] != 0:
-            # One channel spread over the whole tensor: there is no axis to remove it along.
-            self.sets.pin(labels)
+            if value.producer() is not None:
+                self.keep(labels, value.producer(), "one channel is the whole tensor")
+            else:
+                self.sets.pin(labels)
             labels = np.zeros_like(labels)
         if value.is_graph_output() and value.producer() is not None:
             if self._extends_a_cache(value):

@@ -8,6 +8,7 @@ import onnx
 import pytest
 from graphs import Graph
 from onnx import TensorProto, helper
+from pins import unexplained
 
 import spa
 
@@ -276,3 +277,12 @@ def test_channels_beside_a_graph_input_say_why():
     analysis = spa.analyze(g.model({"x": [1, 3, 8], "past": [1, 4, 5, 4]}, {"y": [1, 8, 2]}))
     assert not analysis.groups
     assert any("beside elements of no channel" in k.reason for k in analysis.kept)
+
+
+def test_a_layer_of_one_channel_says_why_it_stays():
+    g = Graph()
+    g.gemm(g.op("Relu", g.gemm("x", 8, 1)), 1, 4)
+    g.nodes[-1].output[0] = "y"
+    analysis = spa.analyze(g.model({"x": [2, 8]}, {"y": [2, 4]}))
+    assert "one channel is the whole tensor" in [k.reason for k in analysis.kept]
+    assert unexplained(g.model({"x": [2, 8]}, {"y": [2, 4]})) == []

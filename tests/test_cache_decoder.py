@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from pins import unexplained
 
 import spa
 from spa.errors import SpaError
@@ -65,3 +66,9 @@ def test_the_pruned_signature_is_reported_and_runs(path, tmp_path):
 def test_pruning_the_cache_with_calibration_data_is_refused():
     with pytest.raises(SpaError, match="prune-cache"):
         spa.prune(MODELS[0], prune_cache=True, calibration="synthetic")
+
+
+@pytest.mark.parametrize("prune_cache", [False, True])
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_every_channel_that_stays_says_why(path, prune_cache):
+    assert unexplained(path, prune_cache=prune_cache) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pins import unexplained
 
 from scripts import zoo_coverage
 
@@ -32,3 +33,14 @@ def test_zoo_model_prunes_to_a_valid_smaller_model(path):
     row = zoo_coverage.measure(path, [zoo_coverage.PASS_RATIO])
     assert row["failures"] == []
     assert row["groups"] >= 1
+
+
+EVERY = sorted((ROOT / "models").glob("*/*.onnx"))
+
+
+@pytest.mark.parametrize("path", EVERY, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_channel_that_stays_says_why(path):
+    """Each layer's channels that the analysis keeps are explained by a barrier, an op that keeps
+    them or a normalization, directly or through the channels they are coupled with
+    (tests/pins.py): spa analyze gives a reason for every channel that stays."""
+    assert unexplained(path, input_shapes=zoo_coverage.input_shapes(path)) == []
