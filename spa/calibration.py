@@ -14,7 +14,7 @@ import onnxruntime as ort
 from spa import io
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
-from spa.runtime import isolated, random_inputs
+from spa.runtime import isolated, random_inputs, samples
 from spa.statistics import KEPT_BYTES, Kind, reads
 from spa.verify import class_scores
 
@@ -95,7 +95,10 @@ def batches(
                 f"{where}: the array for input '{name}' is a scalar; give samples along the first "
                 "axis"
             )
-    count = len(source[names[0]])
+    arrays = {n: np.asarray(source[n]) for n in names}
+    if samples(arrays) == 1:  # no sample axis the inputs share: the whole data is one sample
+        return [arrays]
+    count = len(arrays[names[0]])
     step, fixed = batch_size(sess)
     if fixed:  # the model takes whole batches only
         count -= count % step
@@ -129,7 +132,7 @@ def hold_out(
 ) -> tuple[list[dict], list[dict]]:
     """(fit, held out): the last 1/HELD_OUT_SHARE of the samples, a batch split where the model
     takes any batch size. Nothing is held out of too few samples."""
-    sizes = [len(next(iter(f.values()))) if f else 0 for f in feeds]
+    sizes = [samples(f) if f else 0 for f in feeds]
     held = sum(sizes) // HELD_OUT_SHARE
     if held == 0 or sum(sizes) - held < MIN_FIT:
         return feeds, []

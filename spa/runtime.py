@@ -211,6 +211,14 @@ def lean_session(path: Path, shared: dict[str, np.ndarray], threads: int) -> ort
     return sess
 
 
+def samples(feed: dict[str, np.ndarray]) -> int:
+    """Samples in a feed: the length of the first axis all its inputs share; 1 where their first
+    axes differ (a graph's nodes and its edges, an RNN's initial state that leads with its
+    layers): then the feed is one sample and is never cut."""
+    firsts = {len(v) if np.ndim(v) else 1 for v in feed.values()}
+    return firsts.pop() if len(firsts) == 1 else 1
+
+
 def random_inputs(
     sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:

@@ -137,7 +137,7 @@ def measure(
 
 
 def _count(feed: dict) -> int:
-    return len(next(iter(feed.values())))
+    return runtime.samples(feed)
 
 
 def _rows(names: list[str], outputs: list[np.ndarray], scores: dict[str, str]) -> int:
@@ -160,7 +160,7 @@ def _samples(feeds: list[dict], trials: int, rows_per_sample: float, whole: bool
     )
     chosen, left = [], allowed
     for f in feeds:
-        n = len(next(iter(f.values())))
+        n = _count(f)
         if left <= 0:
             break
         chosen.append({k: v[:left] for k, v in f.items()} if n > left and not whole else f)

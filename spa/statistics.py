@@ -24,7 +24,7 @@ from spa.analysis import Analysis
 from spa.errors import CalibrationError, first_line
 from spa.graph import is_default_domain
 from spa.progress import Progress
-from spa.runtime import session
+from spa.runtime import samples, session
 
 
 class Kind(enum.Enum):
@@ -456,7 +456,7 @@ RUN_BYTES = 256 << 20
 def _rows_per_run(model: ir.Model, run, feed: dict) -> int:
     """Samples per statistics run (0: the whole feed), measured on the feed's first sample. A model
     that fixes its batch size runs whole feeds."""
-    if any(
+    if samples(feed) <= 1 or any(
         v.shape is None or not v.shape or isinstance(v.shape[0], int) for v in model.graph.inputs
     ):
         return 0
@@ -467,7 +467,7 @@ def _rows_per_run(model: ir.Model, run, feed: dict) -> int:
 
 def _parts(feed: dict, rows: int) -> list[dict]:
     """The feed cut into runs of `rows` samples (0: whole)."""
-    count = len(next(iter(feed.values()))) if feed else 0
+    count = samples(feed) if feed else 0
     if rows <= 0 or count <= rows:
         return [feed]
     return [{k: v[i : i + rows] for k, v in feed.items()} for i in range(0, count, rows)]

@@ -19,7 +19,15 @@ import onnxruntime as ort
 from spa.errors import SpaError, first_line
 from spa.graph import is_default_domain
 from spa.io import is_large
-from spa.runtime import isolated, lean_session, random_inputs, serialize, session, skeleton
+from spa.runtime import (
+    isolated,
+    lean_session,
+    random_inputs,
+    samples,
+    serialize,
+    session,
+    skeleton,
+)
 
 
 @dataclasses.dataclass
@@ -243,8 +251,8 @@ def fidelity(
     """The pruned model against the original on held-out samples, batch by batch, in a child
     process (a native crash is an error line)."""
     names = [o.name for o in original.get_outputs()]
-    samples = sum(len(next(iter(b.values()))) for b in batches)
-    inputs = f"{samples} held-out calibration sample(s), kept out of the fit"
+    count = sum(samples(b) for b in batches)
+    inputs = f"{count} held-out calibration sample(s), kept out of the fit"
 
     def run() -> Deviation:
         return compare(

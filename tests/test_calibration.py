@@ -73,3 +73,17 @@ def test_generated_calibration_on_a_model_that_is_no_lm_is_one_error_line(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "needs a causal language model" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_inputs_without_a_shared_sample_axis_are_one_sample_never_cut():
+    """A graph's node features [40, 16] and edges [2, 160]: cutting along the first axis would
+    pair 32 nodes with edges into all 40 (onnxruntime: index out of bounds)."""
+    rng = np.random.default_rng(0)
+    graph = {
+        "x": rng.standard_normal((40, 16)).astype(np.float32),
+        "edge_index": rng.integers(0, 40, (2, 160)).astype(np.int64),
+    }
+    model = Path(__file__).parent.parent / "models" / "graph" / "gcn_dynamo.onnx"
+    result = spa.prune(model, ratio=0.5, calibration=graph)
+    assert result.method.calibration == "data" and result.method.compensated
+    assert result.after.macs < result.before.macs
