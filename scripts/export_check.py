@@ -10,6 +10,20 @@ import onnx
 import onnxruntime as ort
 
 
+def difference(
+    path: str | os.PathLike, feeds: dict[str, np.ndarray], expected: list[np.ndarray]
+) -> float:
+    """Max abs difference between onnxruntime's outputs on `feeds` and the framework's `expected`
+    ones (inf if shapes differ), after onnx's full checker (which raises)."""
+    onnx.checker.check_model(str(path), full_check=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds)
+    return max(
+        float(np.max(np.abs(g - e))) if g.shape == e.shape else float("inf")
+        for g, e in zip(got, expected)
+    )
+
+
 def max_difference(path: str | os.PathLike, reference: str | os.PathLike) -> float:
     """Max abs difference between onnxruntime's output and the framework's (inf if shapes differ);
     raises if the file fails onnx's full checker. reference: an .npz with `input` and `logits`."""
