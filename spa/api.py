@@ -688,6 +688,7 @@ def sweep(model, ratios: list[float], threads: int = 1, on_result=None, **option
         names=names,
         threads=threads,
         input_shapes=options.get("input_shapes"),
+        own_inputs=bool(options.get("prune_cache")),
     )
     rows = [
         {

@@ -67,15 +67,15 @@ def _timed_session(model, threads: int) -> ort.InferenceSession:
 def _first_runs(
     sessions: list[ort.InferenceSession],
     names: list[str],
-    feeds: dict[str, np.ndarray],
+    feeds: list[dict[str, np.ndarray]],
     source: str,
 ) -> None:
-    """Each model once on the feeds, before any timing: a model with other inputs than the first
+    """Each model once on its feeds, before any timing: a model with other inputs than the first
     (names, types, shapes), or inputs of the wrong shape, get one line that names them."""
-    shown = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items())
-    for name, sess in zip(names, sessions):
+    for name, sess, feed in zip(names, sessions, feeds):
+        shown = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feed.items())
         try:
-            sess.run(None, feeds)
+            sess.run(None, feed)
         except Exception as e:  # onnxruntime raises untyped errors
             # its lines run on
             message = " ".join(str(e).split()).rstrip(".")[:300] or type(e).__name__
@@ -95,10 +95,13 @@ def benchmark(
     input_shapes: dict[str, list[int]] | None = None,
     inputs: str | os.PathLike | None = None,
     progress: bool = True,
+    own_inputs: bool = False,
 ) -> list[Timing]:
     """Time each model (a path or an onnx_ir.Model) on the same inputs, interleaved.
 
     runs: rounds of the loop; by default as many as fit in about `budget_s` seconds (at least 10).
+    own_inputs: random inputs made for each model's own signature (a decoder whose key/value
+    cache lost heads, --prune-cache), the same values wherever the shapes agree.
     """
     if not models:
         raise SpaError("nothing to benchmark")
@@ -110,20 +113,21 @@ def benchmark(
     names = names or [
         str(m) if not isinstance(m, ir.Model) else f"model {i}" for i, m in enumerate(models)
     ]
-    feeds = load_inputs(inputs, sessions[0]) if inputs else random_inputs(sessions[0], input_shapes)
-    _first_runs(
-        sessions,
-        names,
-        feeds,
-        f"--inputs {inputs}" if inputs else f"random inputs made for {names[0]}",
-    )
-    for sess in sessions:
+    if inputs:
+        feeds = [load_inputs(inputs, sessions[0])] * len(sessions)
+    elif own_inputs:
+        feeds = [random_inputs(sess, input_shapes) for sess in sessions]
+    else:
+        feeds = [random_inputs(sessions[0], input_shapes)] * len(sessions)
+    source = f"--inputs {inputs}" if inputs else f"random inputs made for {names[0]}"
+    _first_runs(sessions, names, feeds, source)
+    for sess, feed in zip(sessions, feeds):
         for _ in range(warmup):
-            sess.run(None, feeds)
+            sess.run(None, feed)
     if runs is None:
         start = time.perf_counter()
-        for sess in sessions:
-            sess.run(None, feeds)
+        for sess, feed in zip(sessions, feeds):
+            sess.run(None, feed)
         one_round = time.perf_counter() - start
         runs = int(min(2000, max(10, budget_s / max(one_round, 1e-6))))
     samples = np.zeros((len(sessions), runs))
@@ -132,7 +136,7 @@ def benchmark(
         order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
             start = time.perf_counter_ns()
-            sessions[i].run(None, feeds)
+            sessions[i].run(None, feeds[i])
             samples[i, r] = (time.perf_counter_ns() - start) / 1e6
         if bar:
             bar.update(r + 1)

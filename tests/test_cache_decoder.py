@@ -72,3 +72,8 @@ def test_pruning_the_cache_with_calibration_data_is_refused():
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_every_channel_that_stays_says_why(path, prune_cache):
     assert unexplained(path, prune_cache=prune_cache) == []
+
+
+def test_a_sweep_times_each_model_on_a_cache_of_its_own_head_count():
+    rows = spa.sweep(MODELS[0], [0.5], prune_cache=True, importance="l2")
+    assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["latency_ms"] > 0
