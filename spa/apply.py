@@ -188,11 +188,13 @@ def _conv(s: _Surgery, node: ir.Node) -> None:
 
 @rewrite("GroupNormalization")
 def _group_norm(s: _Surgery, node: ir.Node) -> None:
-    """Whole groups went (the analysis unites each group's channels): fewer groups, as wide."""
+    """Whole groups went (the analysis unites each group's channels): fewer groups, as wide; or,
+    with --prune-hidden, the same positions of every group: as many groups, narrower."""
     groups = node.attributes.get_int("num_groups", 1)
-    old, new = s.analysis.shapes[node.inputs[0]][1], s.dims(node.inputs[0])[1]
-    if new != old:
-        node.attributes["num_groups"] = ir.AttrInt64("num_groups", new // (old // groups))
+    keep = s.activation_keeps(node.inputs[0])[1].reshape(groups, -1)
+    if keep.all() or not keep.all(axis=1).any() and keep.any(axis=1).all():
+        return  # nothing went, or the same positions from every group
+    node.attributes["num_groups"] = ir.AttrInt64("num_groups", int(keep.all(axis=1).sum()))
 
 
 @rewrite("Reshape")

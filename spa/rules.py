@@ -631,8 +631,10 @@ def across_channels(prop: Propagation, node: ir.Node) -> None:
 @rule("GroupNormalization")
 def group_norm(prop: Propagation, node: ir.Node) -> None:
     """Statistics per group of channels: a whole group goes or stays (the others' statistics do
-    not change; the rewrite lowers num_groups). Scale and bias per channel, as opset 21 has them
-    (opset 18's per-group form is deprecated: the checker refuses it)."""
+    not change; the rewrite lowers num_groups). With --prune-hidden, lossy: the same positions go
+    from every group instead (the groups' statistics change, their count stays; channels within
+    a group are what a UNet's blocks have most of). Scale and bias per channel, as opset 21 has
+    them (opset 18's per-group form is deprecated: the checker refuses it)."""
     x = node.inputs[0]
     rank = len(prop.shape(x))
     _pin_along(prop, node, x, range(2, rank))
@@ -641,7 +643,11 @@ def group_norm(prop: Propagation, node: ir.Node) -> None:
     if groups < 1 or len(channels) % groups:
         raise NotHandled(f"{len(channels)} channels in {groups} groups")
     per_group = channels.reshape(groups, -1)
-    prop.sets.union(per_group, per_group[:, :1])
+    if prop.lossy:
+        prop.sets.union(per_group, per_group[:1, :])
+        prop.mark_lossy(channels)
+    else:
+        prop.sets.union(per_group, per_group[:, :1])
     _per_row_norm(prop, node, channels)
 
 

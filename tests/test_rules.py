@@ -630,7 +630,7 @@ def _zero_check_nodes(model: onnx.ModelProto) -> None:
     assert removed >= 2 and error <= 1e-5
 
 
-def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
+def _group_norm_model() -> onnx.ModelProto:
     g = Graph()
     h = g.conv("x", 8, 16)
     scale, bias = (
@@ -640,19 +640,35 @@ def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     h = g.op("Relu", g.op("GroupNormalization", h, scale, bias, num_groups=4, epsilon=1e-5))
     g.op("Conv", h, g.weight(4, 16, 3, 3), pads=[1, 1, 1, 1])
     g.nodes[-1].output[0] = "y"
-    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]}, opset=21)
+    return g.model({"x": IMG}, {"y": [1, 4, 6, 6]}, opset=21)
+
+
+def _group_count_and_width(pruned: onnx.ModelProto) -> tuple[int, int]:
+    norm = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
+    groups = next(a for a in norm.attribute if a.name == "num_groups")
+    scale = next(i for i in pruned.graph.initializer if i.name == norm.input[1])
+    return helper.get_attribute_value(groups), scale.dims[0]
+
+
+def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
+    model = _group_norm_model()
     analysis = spa.analyze(model)
     group = next(gr for gr in analysis.groups if gr.width * gr.channels_per_class == 16)
     assert group.channels_per_class == 4  # a unit is one group of channels
     _zero_check(model, removed_at_least=1)
-    pruned = _pruned(model)
-    norm = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
-    assert (
-        helper.get_attribute_value(
-            norm.attribute[[a.name for a in norm.attribute].index("num_groups")]
-        )
-        == 2
+    assert _group_count_and_width(_pruned(model)) == (2, 8)
+
+
+def test_group_norm_with_prune_hidden_prunes_the_same_positions_of_every_group():
+    """Lossy (each group's statistics change), opt-in: the groups stay, each narrower."""
+    model = _group_norm_model()
+    group = next(
+        gr
+        for gr in spa.analyze(model, prune_hidden=True).groups
+        if gr.width * gr.channels_per_class == 16
     )
+    assert group.lossy and group.channels_per_class == 4  # a unit: one position of every group
+    assert _group_count_and_width(_pruned(model, prune_hidden=True)) == (4, 8)
 
 
 @pytest.mark.parametrize("back", ["constant", "run time"])
