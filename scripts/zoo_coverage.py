@@ -45,6 +45,7 @@ FRAMEWORKS = {
     "graph": "PyTorch (torch_geometric)",
     "diffusers": "PyTorch (diffusers)",
     "yolo": "PyTorch (ultralytics)",
+    "cache_decoder": "PyTorch",
 }
 SHAPES = {
     "ppocr_det": {"x": [1, 3, 320, 320]},
@@ -52,6 +53,11 @@ SHAPES = {
     "ppocr_rec": {"x": [1, 3, 48, 320]},
     "yolov8": {"images": [1, 3, 160, 160]},
     "yolo11": {"images": [1, 3, 160, 160]},
+}
+# Options a model is pruned with (opt-ins it needs to prune at all): shown in its row.
+OPTIONS = {
+    "decoder_dynamo": {"prune_cache": True},  # its heads reach the key/value cache
+    "decoder_legacy": {"prune_cache": True},
 }
 PASS_RATIO = 0.5
 PASS_MACS = 0.7
@@ -98,15 +104,17 @@ def exporter(path: Path) -> str:
 
 def measure(path: Path, ratios: list[float]) -> dict:
     shapes = input_shapes(path)
+    options = OPTIONS.get(path.stem, {})
+    flags = " ".join(f"--{name.replace('_', '-')}" for name in options)
     row = {
-        "model": f"{path.parent.name}/{path.stem}",
+        "model": f"{path.parent.name}/{path.stem}" + (f" ({flags})" if flags else ""),
         "framework": FRAMEWORKS.get(path.parent.name, path.parent.name),
         "exporter": exporter(path),
         "failures": [],
     }
     start = time.perf_counter()
     try:
-        analysis = spa.analyze(path, input_shapes=shapes)
+        analysis = spa.analyze(path, input_shapes=shapes, **options)
         row.update(
             groups=len(analysis.groups),
             barriers=sum(b.blocked for b in analysis.barriers),
@@ -117,13 +125,13 @@ def measure(path: Path, ratios: list[float]) -> dict:
         return row
     for r in ratios:
         try:
-            result = spa.prune(path, ratio=r, input_shapes=shapes)
+            result = spa.prune(path, ratio=r, input_shapes=shapes, **options)
             row[f"macs@{r}"] = result.after.macs / max(result.before.macs, 1)
             row[f"params@{r}"] = result.after.params / max(result.before.params, 1)
         except spa.SpaError as e:
             row["failures"].append(f"prune {r}: {e}")
     try:
-        row["zero_error"], _ = spa.zero_channel_check(path, input_shapes=shapes)
+        row["zero_error"], _ = spa.zero_channel_check(path, input_shapes=shapes, **options)
     except spa.SpaError as e:
         row["failures"].append(f"zero-channel check: {e}")
     row["seconds"] = time.perf_counter() - start

@@ -1,10 +1,11 @@
 """Every committed model from the other frameworks' exporters (TensorFlow/Keras via tf2onnx,
 JAX/Flax via jax2onnx, PaddlePaddle via paddle2onnx, scikit-learn via skl2onnx, ONNX files shipped
-in PyPI packages), the graph neural networks (torch_geometric), the diffusion UNet (diffusers; both
-torch exporters) and YOLO detectors (ultralytics' exporter) passes the coverage benchmark's bar: it
-prunes at ratio 0.5 to a valid model (checker, onnxruntime, same inputs and outputs) that keeps at
-most 70% of its MACs, and the zero-channel test is exact. The PyTorch exports are tested in
-test_models and test_transformers."""
+in PyPI packages), the graph neural networks (torch_geometric), the diffusion UNet (diffusers), the
+key/value cache decoder (with --prune-cache, zoo_coverage.OPTIONS; these three from both torch
+exporters) and YOLO detectors (ultralytics' exporter) passes the coverage benchmark's bar: it prunes
+at ratio 0.5 to a valid model (checker, onnxruntime, same inputs and outputs) that keeps at most 70%
+of its MACs, and the zero-channel test is exact. The PyTorch exports are tested in test_models and
+test_transformers."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ pytestmark = pytest.mark.slow  # the whole module: real models, each a prune
 
 ROOT = Path(__file__).parent.parent
 
-FOLDERS = ("tensorflow", "jax", "paddle", "sklearn", "packaged", "graph", "diffusers", "yolo")
+FOLDERS = (
+    "tensorflow",
+    "jax",
+    "paddle",
+    "sklearn",
+    "packaged",
+    "graph",
+    "diffusers",
+    "yolo",
+    "cache_decoder",
+)
 MODELS = sorted(p for folder in FOLDERS for p in (ROOT / "models" / folder).glob("*.onnx"))
 
 
