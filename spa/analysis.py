@@ -333,9 +333,10 @@ class Propagation:
 
     def keep(self, labels: np.ndarray, where: ir.Node | Member, reason: str) -> None:
         """Pin `labels` where a node (or a layer's weight) cannot follow their removal; `spa
-        analyze` lists the reason (once, where channels not already kept reach it)."""
+        analyze` lists the reason (once, where channels not already kept reach it; open classes
+        are no layer's channels)."""
         live = labels[labels != 0]
-        if live.size and not self.sets.pinned(live).all():
+        if live.size and not self.sets.pinned(live).all() and not self.is_open(labels):
             if isinstance(where, Member):
                 self.kept.append(Kept(where.node, "weight", reason))
             else:

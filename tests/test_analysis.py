@@ -286,3 +286,13 @@ def test_a_layer_of_one_channel_says_why_it_stays():
     analysis = spa.analyze(g.model({"x": [2, 8]}, {"y": [2, 4]}))
     assert "one channel is the whole tensor" in [k.reason for k in analysis.kept]
     assert unexplained(g.model({"x": [2, 8]}, {"y": [2, 4]})) == []
+
+
+def test_a_constant_scaling_a_graph_input_to_an_output_keeps_no_layer_channels():
+    """y = x * scale, x [N, 1], scale [1, 16]: the axis scale varies along opens classes that no
+    layer has; nothing is said to be kept for them."""
+    g = Graph()
+    g.op("Mul", "x", g.const(np.arange(16, dtype=np.float32).reshape(1, 16)))
+    g.nodes[-1].output[0] = "y"
+    analysis = spa.analyze(g.model({"x": ["N", 1]}, {"y": ["N", 16]}))
+    assert not analysis.groups and not analysis.kept
