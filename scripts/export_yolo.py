@@ -1,12 +1,15 @@
 """Export small YOLO detectors with ultralytics' own ONNX exporter.
 
 Writes ``yolov8.onnx`` and ``yolo11.onnx`` into ``--out`` (default ``models/yolo``): ultralytics'
-YOLOv8 and YOLO11 detection architectures (C2f / C3k2 blocks, SPPF, YOLO11's C2PSA attention,
-the decoupled head with its DFL box decoding) at the "n" depth and an eighth of the widths (a
-scale ultralytics' yaml files allow; channels 8 to 128, 10 classes), random weights built from the
-yaml (nothing is downloaded), exported by ``YOLO.export(format="onnx", dynamic=True)`` (torch's
-legacy exporter underneath): input ``images`` (batch, 3, height, width), output ``output0``.
-Each export is checked with the full checker and against the torch model in onnxruntime at 160x160.
+YOLOv8 and YOLO11 detection architectures (C2f / C3k2 blocks, SPPF, YOLO11's C2PSA attention, the
+decoupled head with its DFL box decoding) at the "n" depth and an eighth of the widths (a scale
+ultralytics' yaml files allow; channels 8 to 128, 10 classes), random weights built from the yaml
+(nothing is downloaded) and re-drawn so that the outputs depend on the image (ultralytics' initial
+weights shrink the activations layer by layer and its head's bias priors then fix every output
+whatever the input, which would make the zero-channel test vacuous), exported by
+``YOLO.export(format="onnx", dynamic=True)`` (torch's legacy exporter underneath): input ``images``
+(batch, 3, height, width), output ``output0``. Each export is checked with the full checker and
+against the torch model in onnxruntime at 160x160.
 
     pip install torch==2.13.0 "torchvision<0.29" ultralytics==8.4.190
     python scripts/export_yolo.py [--out models/yolo]
@@ -44,7 +47,19 @@ def build(version: str, folder: Path) -> YOLO:
     path = folder / f"{version}n.yaml"  # the "n" in the name picks the scale
     path.write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
-    return YOLO(str(path))
+    model = YOLO(str(path))
+    with torch.no_grad():
+        for module in model.model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.5)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
 
 
 def main() -> None:
@@ -68,7 +83,13 @@ def main() -> None:
             scale = max(1.0, float(np.abs(want).max()))  # box coordinates run to the image size
             error = difference(path, {"images": images.numpy()}, [want]) / scale
             assert error < 1e-4, f"{path.name}: onnxruntime differs from torch by {error}"
-            print(f"{path}: ok (relative difference to torch {error:.1e})")
+            with torch.no_grad():  # the outputs follow the image
+                other = model.model(torch.rand(2, 3, SIZE, SIZE))
+                other = (other[0] if isinstance(other, (list, tuple)) else other).numpy()
+            # the class scores (rows 4 on) are probabilities: another image must move them
+            moved = float(np.abs(other[:, 4:] - want[:, 4:]).max())
+            assert moved > 1e-2, f"{path.name}: the scores barely depend on the image ({moved})"
+            print(f"{path}: ok (to torch {error:.1e}; another image moves the scores {moved:.2f})")
 
 
 if __name__ == "__main__":
