@@ -1,15 +1,15 @@
 """Export small YOLO detectors with ultralytics' own ONNX exporter.
 
-Writes ``yolov8.onnx`` and ``yolo11.onnx`` into ``--out`` (default ``models/yolo``): ultralytics'
-YOLOv8 and YOLO11 detection architectures (C2f / C3k2 blocks, SPPF, YOLO11's C2PSA attention, the
-decoupled head with its DFL box decoding) at the "n" depth and an eighth of the widths (a scale
-ultralytics' yaml files allow; channels 8 to 128, 10 classes), random weights built from the yaml
-(nothing is downloaded) and re-drawn so that the outputs depend on the image (ultralytics' initial
-weights shrink the activations layer by layer and its head's bias priors then fix every output
-whatever the input, which would make the zero-channel test vacuous), exported by
-``YOLO.export(format="onnx", dynamic=True)`` (torch's legacy exporter underneath): input ``images``
-(batch, 3, height, width), output ``output0``. Each export is checked with the full checker and
-against the torch model in onnxruntime at 160x160.
+Writes ``yolov8.onnx``, ``yolov8-seg.onnx`` and ``yolo11.onnx`` into ``--out`` (default
+``models/yolo``): ultralytics' YOLOv8 and YOLO11 detection and YOLOv8's segmentation architectures
+(C2f / C3k2 blocks, SPPF, YOLO11's C2PSA attention, the decoupled head with its DFL box decoding) at
+the "n" depth and an eighth of the widths (a scale ultralytics' yaml files allow; channels 8 to 128,
+10 classes), random weights built from the yaml (nothing is downloaded) and re-drawn so that the
+outputs depend on the image (ultralytics' initial weights shrink the activations layer by layer and
+its head's bias priors then fix every output whatever the input, which would make the zero-channel
+test vacuous), exported by ``YOLO.export(format="onnx", dynamic=True)`` (torch's legacy exporter
+underneath): input ``images`` (batch, 3, height, width), output ``output0``. Each export is checked
+with the full checker and against the torch model in onnxruntime at 160x160.
 
     pip install torch==2.13.0 "torchvision<0.29" ultralytics==8.4.190
     python scripts/export_yolo.py [--out models/yolo]
@@ -39,12 +39,20 @@ CLASSES = 10
 SIZE = 160
 
 
+# name -> (ultralytics' yaml, the file name it is built from: "n" picks the scale, "-seg" the task)
+MODELS = {
+    "yolov8": ("v8/yolov8.yaml", "yolov8n.yaml"),
+    "yolov8-seg": ("v8/yolov8-seg.yaml", "yolov8n-seg.yaml"),
+    "yolo11": ("11/yolo11.yaml", "yolo11n.yaml"),
+}
+
+
 def build(version: str, folder: Path) -> YOLO:
-    source = {"yolov8": "v8/yolov8.yaml", "yolo11": "11/yolo11.yaml"}[version]
+    source, name = MODELS[version]
     config = yaml.safe_load((ULTRALYTICS / "cfg" / "models" / source).read_text())
     config["scales"] = {"n": SCALE}
     config["nc"] = CLASSES
-    path = folder / f"{version}n.yaml"  # the "n" in the name picks the scale
+    path = folder / name
     path.write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
     model = YOLO(str(path))
@@ -62,6 +70,14 @@ def build(version: str, folder: Path) -> YOLO:
     return model
 
 
+def _first(outputs) -> np.ndarray:
+    """output0 of what the torch model returns (nested tuples: predictions, then the raw maps and
+    a segmentation head's prototypes)."""
+    while isinstance(outputs, (list, tuple)):
+        outputs = outputs[0]
+    return outputs.numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/yolo"))
@@ -71,7 +87,7 @@ def main() -> None:
     out = args.out.resolve()
     # ultralytics writes the export beside the model's yaml or in the working directory
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
-        for version in ("yolov8", "yolo11"):
+        for version in MODELS:
             model = build(version, Path(tmp))
             exported = Path(model.export(format="onnx", imgsz=SIZE, dynamic=True, simplify=False))
             path = out / f"{version}.onnx"
@@ -79,13 +95,13 @@ def main() -> None:
             images = torch.rand(2, 3, SIZE, SIZE)
             with torch.no_grad():
                 want = model.model.eval()(images)
-                want = (want[0] if isinstance(want, (list, tuple)) else want).numpy()
+                want = _first(want)
             scale = max(1.0, float(np.abs(want).max()))  # box coordinates run to the image size
             error = difference(path, {"images": images.numpy()}, [want]) / scale
             assert error < 1e-4, f"{path.name}: onnxruntime differs from torch by {error}"
             with torch.no_grad():  # the outputs follow the image
                 other = model.model(torch.rand(2, 3, SIZE, SIZE))
-                other = (other[0] if isinstance(other, (list, tuple)) else other).numpy()
+                other = _first(other)
             # the class scores (rows 4 on) are probabilities: another image must move them
             moved = float(np.abs(other[:, 4:] - want[:, 4:]).max())
             assert moved > 1e-2, f"{path.name}: the scores barely depend on the image ({moved})"

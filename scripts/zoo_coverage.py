@@ -53,6 +53,7 @@ SHAPES = {
     "ppocr_rec": {"x": [1, 3, 48, 320]},
     "yolov8": {"images": [1, 3, 160, 160]},
     "yolo11": {"images": [1, 3, 160, 160]},
+    "yolov8-seg": {"images": [1, 3, 160, 160]},
 }
 # Options a model is pruned with (opt-ins it needs to prune at all): shown in its row.
 OPTIONS = {
