@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from spa import io
+from spa import io, synthetic
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
 from spa.runtime import isolated, random_inputs, samples
@@ -26,7 +26,7 @@ class Source(str, enum.Enum):
     """Where a prune's calibration came from (`Method.calibration`; the value is the JSON's)."""
 
     DATA = "data"  # the user's samples
-    SYNTHETIC = "synthetic"  # noise with the spectrum of natural signals (data-free)
+    SYNTHETIC = "synthetic"  # samples with the structure of natural ones (data-free)
     GENERATED = "generated"  # text a causal language model wrote itself (data-free)
     BATCHNORM = "batchnorm"  # no samples: BatchNormalization means moved into biases (data-free)
 
@@ -52,9 +52,10 @@ def batches(
 
     source: a .npy file (one input) or .npz (keyed by input name); an array or a dict of arrays
     (samples along axis 0); an onnxruntime.quantization CalibrationDataReader (anything with
-    get_next()); "synthetic": noise at the model's input shapes with the 1/f spectrum of natural
-    signals, the data-free mode (see the README for why, and what it costs); or "generated": text
-    that a causal language model samples itself (`generate`), its data-free mode.
+    get_next()); "synthetic": samples at the model's input shapes with the structure of natural
+    ones (spa.synthetic), the data-free mode (see the README for why, and what it costs); or
+    "generated": text that a causal language model samples itself (`generate`), its data-free
+    mode.
     """
     names = [i.name for i in sess.get_inputs()]
     made = Source.made_by_spa(source)
@@ -171,17 +172,16 @@ def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict
                 f"synthetic calibration: input '{a.name}' has symbolic dims {a.shape}; give them "
                 "with --input-shapes"
             )
-    feeds = []
     batch, _ = batch_size(sess)
-    for i in range(-(-SYNTHETIC_SAMPLES // batch)):
-        shapes = {a.name: [batch, *a.shape[1:]] for a in sess.get_inputs()}  # all fixed, or given:
-        shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
-        feeds.append(
-            {
-                k: _pink(v, seed + i) if v.dtype.kind == "f" else v
-                for k, v in random_inputs(sess, shapes, seed + i).items()
-            }
-        )
+    count = -(-SYNTHETIC_SAMPLES // batch)
+    shapes = {a.name: [batch, *a.shape[1:]] for a in sess.get_inputs()}  # all fixed, or given:
+    shapes.update({k: [batch, *v[1:]] for k, v in (input_shapes or {}).items()})
+    feeds = [random_inputs(sess, shapes, seed + i) for i in range(count)]
+    for j, (name, v) in enumerate(feeds[0].items()):
+        if v.dtype.kind == "f":  # drawn all at once: images share layouts (spa.synthetic)
+            samples = synthetic.fill((count * batch, *v.shape[1:]), v.dtype, seed + j)
+            for i, feed in enumerate(feeds):
+                feed[name] = samples[i * batch : (i + 1) * batch]
     return feeds
 
 
@@ -281,39 +281,6 @@ def generate(sess: ort.InferenceSession, name: str, seed: int = 0) -> np.ndarray
         bar.update(t)
     bar.close()
     return ids
-
-
-# Spectral slopes of the synthetic samples, drawn per sample: natural images and sounds have
-# amplitude spectra falling as 1/f^a with a around 1 to 2.
-PINK_SLOPES = (1.0, 2.0)
-PINK_MIN_SIZE = 8  # axes shorter than this (batch, colour channels) stay white
-
-
-def _pink(noise: np.ndarray, seed: int) -> np.ndarray:
-    """White noise -> 1/f^a noise along every axis of at least PINK_MIN_SIZE (but the first),
-    standardized per sample. Measured on MNIST CNNs pruned at 0.3 from synthetic statistics: white
-    noise keeps 10-46% top-1, this keeps 87-92%: a layer's response to noise without spatial
-    structure says little about its response to real inputs."""
-    axes = [a for a in range(1, noise.ndim) if noise.shape[a] >= PINK_MIN_SIZE]
-    if not axes:
-        return noise
-    rng = np.random.default_rng(seed)
-    radius = np.zeros([noise.shape[a] if a in axes else 1 for a in range(noise.ndim)])
-    for a in axes:
-        frequency = np.fft.fftfreq(noise.shape[a]).reshape(
-            [-1 if b == a else 1 for b in range(noise.ndim)]
-        )
-        radius = radius + frequency**2
-    radius = np.sqrt(radius)
-    # the mean keeps the lowest frequency's weight
-    radius[radius == 0] = 1.0 / max(noise.shape[a] for a in axes)
-    slope = rng.uniform(*PINK_SLOPES, size=(len(noise),) + (1,) * (noise.ndim - 1))
-    shaped = np.real(np.fft.ifftn(np.fft.fftn(noise, axes=axes) / radius**slope, axes=axes))
-    reduce = tuple(range(1, noise.ndim))
-    shaped = (shaped - shaped.mean(axis=reduce, keepdims=True)) / (
-        shaped.std(axis=reduce, keepdims=True) + 1e-12
-    )
-    return shaped.astype(noise.dtype)
 
 
 # Without calibration data, spa runs the data-free refit by default while it costs at most this

@@ -282,24 +282,6 @@ def test_calibration_reader_and_files(tmp_path):
         assert result.after.macs < result.before.macs
 
 
-def test_synthetic_samples_have_the_spectrum_of_natural_images():
-    """Synthetic images are standardized per sample, and most of their power is at low spatial
-    frequencies (white noise has the same power at every frequency)."""
-    from spa.calibration import _pink
-
-    noise = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
-    images = _pink(noise, seed=0)
-    assert images.dtype == np.float32 and images.shape == noise.shape
-    assert np.allclose(images.std(axis=(1, 2, 3)), 1, atol=1e-3) and np.allclose(
-        images.mean(axis=(1, 2, 3)), 0, atol=1e-3
-    )
-    power = np.abs(np.fft.fft2(images)) ** 2
-    low, high = power[..., 1:4, 1:4].mean(), power[..., 12:20, 12:20].mean()
-    assert low > 100 * high
-    vectors = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
-    assert np.array_equal(_pink(vectors, seed=0), vectors)  # nothing long enough to shape
-
-
 @pytest.mark.slow
 def test_default_without_data_is_the_data_free_refit_where_it_is_cheap(monkeypatch):
     result = spa.prune("models/mnist/vgg.onnx", ratio=0.3, round_to=1)
