@@ -9,9 +9,9 @@ real inputs. Two kinds of structure, by the input's shape:
   Mumford & Huang 2001; Baradad et al. 2021 found them among the best synthetic images to train
   on), colours correlated across channels as in photos (mostly brightness); the other half noise.
   Measured data-free at 0.9 of the MACs on EfficientNet-Lite0 (ImageNet), top-1 agreement with
-  the original on 400 held-out crops: noise 0.51, dead leaves 0.58-0.63, half and half 0.56-0.57;
+  the original on 400 held-out crops: noise 0.51, dead leaves 0.58-0.63, half and half 0.56-0.64;
   but dead leaves alone cost the MNIST CNNs up to 13 points of top-1 at ratio 0.3, half and half
-  none (it gains up to 12 at ratio 0.5).
+  at most 0.2 (and gains 3-17 at ratio 0.5).
 Samples are standardized per sample, mean 0 and standard deviation 1: spa assumes standardized
 inputs (EfficientNet-Lite0's (x - 127) / 128 are about 0.5: its half and half at 0.5 kept 0.59-0.65,
 but cost MobileNetV2 on MNIST 15-20 points at ratio 0.5).
