@@ -223,6 +223,7 @@ def weight_bytes(path: Path) -> int:
 
 
 def measure(names: list[str], methods: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)  # the real models come from out/real: no build needed
     results_path = OUT / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows = []
