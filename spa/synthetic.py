@@ -30,10 +30,11 @@ PINK_MIN_SIZE = 8  # axes shorter than this (batch, colour channels) stay white
 PINK_CHUNK = 32
 
 IMAGE_CHANNELS = 4  # at most this many channels along an axis beside two long ones: an image
-# Leaf radii: from MIN_RADIUS pixels (smaller leaves make noise of single pixels: MNIST CNNs
-# calibrated on those lost up to 37 points of top-1) to this fraction of the image's shorter side.
+# Leaf radii, as fractions of the image's shorter side (the same picture at any resolution, and as
+# many leaves: 1,400 or so), but at least MIN_RADIUS pixels: smaller leaves make noise of single
+# pixels (MNIST CNNs calibrated on those lost up to 37 points of top-1).
+RADII = (1 / 75, 0.8)
 MIN_RADIUS = 3.0
-MAX_RADIUS = 0.8
 # The last bare pixels take most of the leaves to cover (small ones, falling anywhere): that much
 # is left to the background.
 BARE = 0.01
@@ -96,7 +97,7 @@ def leaf_layout(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     only what is still bare, until all but BARE of the image is covered; the last lies behind them
     all."""
     height, width = size
-    low, high = MIN_RADIUS, max(MAX_RADIUS * min(size), MIN_RADIUS + 1)
+    low, high = (max(f * min(size), MIN_RADIUS + i) for i, f in enumerate(RADII))
     layout = np.zeros(size, np.int32)
     bare, left, leaf = np.ones(size, bool), height * width, 0
     while left > BARE * height * width:

@@ -61,3 +61,11 @@ def test_every_pixel_shows_a_leaf():
     layout = synthetic.leaf_layout((50, 70), np.random.default_rng(0))
     assert layout.shape == (50, 70) and layout.max() > 10
     assert (layout == 0).mean() <= synthetic.BARE  # the backmost leaf shows where none fell
+
+
+def test_large_images_cost_no_more_leaves():
+    """Leaf sizes scale with the image (above MIN_RADIUS pixels): a 1024x1024 image has about as
+    many leaves as a 224x224 one (it had 21x as many, seconds per layout)."""
+    small = synthetic.leaf_layout((224, 224), np.random.default_rng(0)).max()
+    large = synthetic.leaf_layout((1024, 1024), np.random.default_rng(0)).max()
+    assert large < 2 * small
