@@ -69,3 +69,17 @@ def test_large_images_cost_no_more_leaves():
     small = synthetic.leaf_layout((224, 224), np.random.default_rng(0)).max()
     large = synthetic.leaf_layout((1024, 1024), np.random.default_rng(0)).max()
     assert large < 2 * small
+
+
+def test_an_image_model_calibrates_on_both_kinds():
+    """`--calibration synthetic` on an MNIST CNN (1 x 28 x 28): SYNTHETIC_SAMPLES standardized
+    samples in batches, dead leaves and noise alternating in every batch."""
+    from spa import calibration, io, runtime
+
+    sess = runtime.session(io.load("models/mnist/vgg.onnx"))
+    feeds = calibration.batches("synthetic", sess)
+    x = np.concatenate([f[sess.get_inputs()[0].name] for f in feeds])
+    assert x.shape == (calibration.SYNTHETIC_SAMPLES, 1, 28, 28)
+    assert np.allclose(x.std(axis=(1, 2, 3)), 1, atol=1e-3)
+    flat = [np.median(d) / np.percentile(d, 99) for d in (np.abs(np.diff(x[i::2])) for i in (0, 1))]
+    assert flat[0] < 0.08 < flat[1]
