@@ -44,6 +44,8 @@ TEXTURE = 0.3  # the amplitude of each leaf's 1/f texture against its colour's (
 
 def fill(shape: tuple[int, ...], dtype: np.dtype, seed: int) -> np.ndarray:
     """Synthetic samples of `shape` (samples first), of a floating dtype."""
+    if math.prod(shape) == 0:  # nothing to shape (and no spread to standardize by)
+        return np.zeros(shape, dtype)
     rng = np.random.default_rng(seed)
     channels = image_channel_axis(shape)
     if channels is None:

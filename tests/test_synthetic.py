@@ -1,5 +1,7 @@
 """Synthetic calibration samples: natural structure for images and for everything else."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,10 @@ def test_an_image_model_calibrates_on_both_kinds():
     assert np.allclose(x.std(axis=(1, 2, 3)), 1, atol=1e-3)
     flat = [np.median(d) / np.percentile(d, 99) for d in (np.abs(np.diff(x[i::2])) for i in (0, 1))]
     assert flat[0] < 0.08 < flat[1]
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 28, 28), (4, 3, 0, 28), (0, 3, 28, 28), (4, 0)])
+def test_empty_samples_are_empty_without_warnings(shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert synthetic.fill(shape, np.float32, seed=0).shape == shape
