@@ -375,7 +375,8 @@ def _products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
         def tile(task: tuple[slice, slice]) -> None:
             r, c = task
-            out[r, c] = x[:, r].T @ y[:, c]
+            with np.errstate(over="ignore", invalid="ignore"):  # per thread: not the caller's
+                out[r, c] = x[:, r].T @ y[:, c]
 
         for _ in _pool().map(tile, tasks):
             pass

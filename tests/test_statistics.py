@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -52,6 +53,15 @@ def test_conv_patches_are_those_of_the_padded_input_at_the_sampled_positions(
     assert np.array_equal(
         statistics.im2col(x, kernel, strides, pads, dilations, positions=5), sampled
     )
+
+
+def test_tiled_products_overflow_without_warnings():
+    """Overflow is checked on the sums (a CalibrationError there): the tiles, computed in worker
+    threads, must not warn on their own (numpy's error state is per thread)."""
+    x = np.full((4, 600), 1e30, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(statistics._products(x, x)).all()
 
 
 def test_tiled_products_do_not_depend_on_the_number_of_workers(monkeypatch):
