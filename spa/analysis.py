@@ -74,6 +74,19 @@ class Barrier:
 
 
 @dataclasses.dataclass
+class EqualCounts:
+    """Blocks of channels that must each lose as many, at positions of their own: a grouped conv's
+    groups (the op takes as many channels from each). `blocks` holds, per block, the removable
+    classes that lie in that block alone, all of `channels` channels there; classes spread evenly
+    over every block are free (each removal takes the same from all)."""
+
+    node: str
+    blocks: list[np.ndarray]  # per block, root labels, sorted
+    channels: int  # channels of each of those classes in its block
+    labels: np.ndarray = dataclasses.field(repr=False)  # blocks x positions, as the rule gave them
+
+
+@dataclasses.dataclass
 class Group:
     """Channels coupled across one or more layers: the unit of scoring and planning."""
 
@@ -105,6 +118,7 @@ class Analysis:
     # graph inputs and outputs that may lose channels (a key/value cache, --prune-cache)
     cache: list[ir.Value] = dataclasses.field(default_factory=list)
     scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
+    equal_counts: list[EqualCounts] = dataclasses.field(default_factory=list)
     groups: list[Group] = dataclasses.field(default_factory=list)
     _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
     _removed: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
@@ -177,6 +191,7 @@ class Propagation:
         self.barriers: list[Barrier] = []
         self.segments: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []  # labels of the batch axes of activation matmuls
+        self.equal_count_blocks: list[tuple[ir.Node, np.ndarray]] = []  # (node, blocks x labels)
         self.scaled_dims: list = []  # (rules.ScaledDim, output value, axis): constants to rewrite
         self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
         self._members_of: dict[ir.Value, list[Member]] = {}
@@ -213,9 +228,55 @@ class Propagation:
         """Channels a normalization computes statistics over, pruned anyway (--prune-hidden)."""
         self.lossy_labels.append(labels)
 
+    def equal_counts(self, node: ir.Node, blocks: np.ndarray) -> None:
+        """Each row of `blocks` (labels) must lose as many channels, at positions of its own
+        (resolved once every coupling is known: EqualCounts, resolve_equal_counts)."""
+        self.equal_count_blocks.append((node, blocks))
+        for row in blocks:  # no block may lose every channel
+            self.keep_one_of(row)
+
+    def resolve_equal_counts(self) -> list[EqualCounts]:
+        """The equal-count constraints the planner can honour, once every coupling is known.
+        Classes that lie in two blocks unevenly stay (a channel shuffle whose unit crosses a group
+        boundary: ShuffleNet V1 with 3 groups of 80); where that would leave a block fewer than two
+        classes of its own, or the classes differ in size, or a class is bound by two constraints
+        that partition it differently, the blocks lose the same positions instead (a union: what
+        every grouped conv did before). Each change is looked at again from the start."""
+        while True:
+            resolved: list[EqualCounts] = []
+            bound: dict[int, int] = {}  # class -> index in resolved of the constraint it is in
+            for node, blocks in self.equal_count_blocks:
+                found, uneven = _local_classes(self.sets, node, blocks)
+                if found is not None and len(uneven) and min(map(len, found.blocks)) >= 2:
+                    self.keep(
+                        uneven,
+                        node,
+                        "they lie across two of its groups, which must keep as many channels",
+                    )
+                    break
+                if found is None or len(uneven):
+                    _same_positions(self.sets, blocks)
+                    break
+                if not any(len(b) for b in found.blocks):
+                    continue
+                local = [int(c) for b in found.blocks for c in b]
+                earlier = {bound[c] for c in local if c in bound}
+                if not earlier:
+                    bound.update(dict.fromkeys(local, len(resolved)))
+                    resolved.append(found)
+                    continue
+                # the same partition met twice (a residual stream through grouped convs): one
+                if len(earlier) == 1 and _same_partition(resolved[earlier.pop()], found):
+                    continue
+                _same_positions(self.sets, blocks)
+                break
+            else:
+                return resolved
+
     def keep_one_of(self, labels: np.ndarray) -> None:
         """At least one of these classes must stay (a slice of channels must not become empty)."""
-        self.segments.append(np.unique(labels[labels != 0]))
+        if labels.any():
+            self.segments.append(np.unique(labels[labels != 0]))
 
     def scaled_dim(self, entry, value: ir.Value, axis: int) -> None:
         """A run-time shape element `entry` (rules.ScaledDim) spells `value`'s channel count along
@@ -564,8 +625,57 @@ def analyze(
         scaled_dims=prop.scaled_dims,
         cache=prop.cache_values,
     )
-    analysis.groups = _groups(analysis, prop.heads, prop.lossy_labels)
-    return analysis
+    while True:  # a fallback union in resolve_equal_counts can merge groups: until none does
+        analysis.equal_counts = prop.resolve_equal_counts()
+        analysis.groups = _groups(analysis, prop.heads, prop.lossy_labels)
+        group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
+        spread = [
+            e
+            for e in analysis.equal_counts
+            if len({group_of[int(c)] for b in e.blocks for c in b}) > 1
+        ]
+        if not spread:
+            return analysis
+        for e in spread:  # blocks in two groups: their plans are not made together
+            _same_positions(prop.sets, e.labels)
+
+
+def _local_classes(
+    sets: LabelSets, node: ir.Node, blocks: np.ndarray
+) -> tuple[EqualCounts | None, np.ndarray]:
+    """The constraint's classes by block (None where their sizes differ), and the classes that lie
+    in two or more blocks unevenly (a channel shuffle's unit across a group boundary)."""
+    roots = sets.find(blocks)
+    classes, inverse = np.unique(roots, return_inverse=True)
+    counts = np.zeros((len(classes), len(blocks)), dtype=np.int64)
+    np.add.at(counts, (inverse.reshape(roots.shape), np.arange(len(blocks))[:, None]), 1)
+    local: list[list[int]] = [[] for _ in blocks]
+    sizes, uneven = set(), []
+    for c, row in zip(classes.tolist(), counts):
+        if c == 0 or (row == row[0]).all():
+            continue  # pinned, or spread evenly: every removal takes the same from each block
+        inside = np.flatnonzero(row)
+        if len(inside) > 1:
+            uneven.append(c)
+            continue
+        local[inside[0]].append(c)
+        sizes.add(int(row[inside[0]]))
+    uneven_classes = np.array(uneven, dtype=np.int64)
+    if len(sizes) > 1:
+        return None, uneven_classes
+    blocks_found = [np.array(b, dtype=np.int64) for b in local]
+    return EqualCounts(node.name or "", blocks_found, max(sizes, default=1), blocks), uneven_classes
+
+
+def _same_partition(a: EqualCounts, b: EqualCounts) -> bool:
+    def blocks(e: EqualCounts) -> set[frozenset[int]]:
+        return {frozenset(x.tolist()) for x in e.blocks}
+
+    return a.channels == b.channels and blocks(a) == blocks(b)
+
+
+def _same_positions(sets: LabelSets, blocks: np.ndarray) -> None:
+    sets.union(blocks, blocks[:1])
 
 
 def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]) -> list[Group]:

@@ -15,7 +15,7 @@ import onnx_ir.passes.common as common_passes
 from spa import rules
 from spa.analysis import Analysis, Propagation
 from spa.graph import constant, opset_version
-from spa.labels import axis_keeps, varying_axes
+from spa.labels import axis_keeps, row_keeps, varying_axes
 from spa.names import Names
 from spa.normalize import infer_shapes
 from spa.rules import rewrite, shape_pieces
@@ -84,7 +84,12 @@ class _Surgery:
 
     def keeps(self, labels: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
         """Per-axis keep vectors of a tensor whose elements carry `labels`."""
-        mask = ~self.analysis.removed_mask(labels, self.removed)
+        return self.keeps_of(~self.analysis.removed_mask(labels, self.removed), shape)
+
+    @staticmethod
+    def keeps_of(mask: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Per-axis keep vectors of a tensor of `shape` whose kept elements `mask` broadcasts
+        to."""
         if mask.all():  # untouched (most tensors, for a plan that prunes one group)
             return [np.ones(size, dtype=bool) for size in shape]
         keeps = axis_keeps(mask)
@@ -107,22 +112,50 @@ class _Surgery:
         return [int(k.sum()) for k in self.activation_keeps(value)]
 
     def initializer_keeps(self) -> dict[ir.Value, list[np.ndarray]]:
-        """Per-axis keep vectors of every member initializer, all its roles combined."""
-        keeps: dict[ir.Value, list[np.ndarray]] = {}
+        """Per-axis keep vectors of every member initializer, all its roles combined (where its
+        rows keep channels of their own, the first kept row's: see _compacted)."""
+        return {value: keep for value, (keep, _) in self._initializers.items()}
+
+    @functools.cached_property
+    def _initializers(self) -> dict[ir.Value, tuple[list[np.ndarray], np.ndarray | None]]:
+        """Per member initializer, its keep vectors and, where its rows keep channels at positions
+        of their own (a grouped conv's weight), the mask that compacts it row by row."""
+        members: dict[ir.Value, list] = {}
         for member in self.analysis.members:
-            shape = tuple(member.value.const_value.shape)
-            keep = keeps.setdefault(member.value, [np.ones(d, dtype=bool) for d in shape])
             if varying_axes(member.labels):
-                for axis, k in enumerate(self.keeps(member.labels, shape)):
-                    keep[axis] &= k
-        return keeps
+                members.setdefault(member.value, []).append(member)
+            else:
+                members.setdefault(member.value, [])
+        found = {}
+        for value, own in members.items():
+            shape = tuple(value.const_value.shape)
+            masks = [~self.analysis.removed_mask(m.labels, self.removed) for m in own]
+            keep = [np.ones(d, dtype=bool) for d in shape]
+            grids = [axis_keeps(mask) for mask in masks]
+            if all(g is not None for g in grids):
+                for mask in masks:
+                    for axis, k in enumerate(self.keeps_of(mask, shape)):
+                        keep[axis] &= k
+                found[value] = (keep, None)
+                continue
+            mask = np.ones(shape, dtype=bool)
+            for m in masks:
+                mask &= m
+            keep = row_keeps(mask)
+            if keep is None:
+                raise SurgeryError(f"removal would leave the rows of '{value.name}' uneven")
+            found[value] = (keep, mask)
+        return found
 
     def slice_members(self) -> None:
-        for value, keep in self.initializer_keeps().items():
+        for value, (keep, mask) in self._initializers.items():
             array = value.const_value.numpy()
-            for axis, k in enumerate(keep):
-                if not k.all():
-                    array = np.compress(k, array, axis=axis)
+            if mask is not None:  # row by row, C order: each row's kept elements in place
+                array = array[mask].reshape([int(k.sum()) for k in keep])
+            else:
+                for axis, k in enumerate(keep):
+                    if not k.all():
+                        array = np.compress(k, array, axis=axis)
             if array.shape != tuple(value.const_value.shape):
                 value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
                 value.shape = ir.Shape(array.shape)
@@ -189,11 +222,11 @@ def _conv(s: _Surgery, node: ir.Node) -> None:
 @rewrite("GroupNormalization")
 def _group_norm(s: _Surgery, node: ir.Node) -> None:
     """Whole groups went (the analysis unites each group's channels): fewer groups, as wide; or,
-    with --prune-hidden, the same positions of every group: as many groups, narrower."""
+    with --prune-hidden, as many channels from every group: as many groups, narrower."""
     groups = node.attributes.get_int("num_groups", 1)
     keep = s.activation_keeps(node.inputs[0])[1].reshape(groups, -1)
     if keep.all() or not keep.all(axis=1).any() and keep.any(axis=1).all():
-        return  # nothing went, or the same positions from every group
+        return  # nothing went, or as many from every group
     node.attributes["num_groups"] = ir.AttrInt64("num_groups", int(keep.all(axis=1).sum()))
 
 

@@ -104,3 +104,16 @@ def axis_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
         shape[axis] = len(keep)
         grid = grid & keep.reshape(shape)
     return keeps if np.array_equal(grid, mask) else None
+
+
+def row_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
+    """Per-axis keep vectors of a mask whose rows (axis 0) each keep a sub-grid of one size, at
+    positions of their own (a grouped conv's weight: each group keeps its own input channels):
+    the kept rows, then the first kept row's vectors. None where the rows differ in size or one
+    keeps no sub-grid; where they agree, mask[mask] row by row is the compacted tensor."""
+    rows = mask.reshape(len(mask), -1).any(axis=1)
+    kept = [axis_keeps(row) for row in mask[rows]]
+    if not kept or any(k is None for k in kept):
+        return None
+    sizes = {tuple(int(axis.sum()) for axis in k) for k in kept}
+    return [rows, *kept[0]] if len(sizes) == 1 else None

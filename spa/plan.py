@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spa.analysis import Analysis
+from spa.analysis import Analysis, EqualCounts
 from spa.errors import SpaError
 
 
@@ -86,10 +86,40 @@ def make_plan(
         step = round_to // math.gcd(round_to, group.channels_per_class)
         keep = keep_count(group.width, ratios[group.id], step)
         count = min(group.width - keep, len(candidates[group.id]))
-        by_group[group.id] = np.array(candidates[group.id][:count], dtype=np.int64)
+        chosen = _choose(candidates[group.id], count, analysis.equal_counts, scores)
+        by_group[group.id] = np.array(chosen, dtype=np.int64)
     removed = np.concatenate(list(by_group.values())) if by_group else np.zeros(0, np.int64)
     removed = _keep_one_per_segment(analysis, scores, removed, by_group)
+    removed = _equal_counts(analysis, scores, removed, by_group)
     return Plan(removed=np.sort(removed), by_group=by_group)
+
+
+def _choose(ranked: list[int], count: int, constraints: list[EqualCounts], scores) -> list[int]:
+    """At most `count` of the `ranked` classes, lowest scores first, such that the blocks of every
+    equal-count constraint lose as many: a block's own classes go in bundles, the r-th lowest of
+    every block together (ranked by their mean score), and each block keeps one."""
+    candidates = set(ranked)
+    rank = {c: i for i, c in enumerate(ranked)}
+    relevant = [
+        (e, [sorted((c for c in b.tolist() if c in candidates), key=rank.get) for b in e.blocks])
+        for e in constraints
+    ]
+    relevant = [(e, own) for e, own in relevant if any(own)]
+    if not relevant:
+        return ranked[:count]
+    bound = {c for _, own in relevant for block in own for c in block}
+    items = [(scores.get(c, 0.0), rank[c], [c]) for c in ranked if c not in bound]
+    for e, own in relevant:
+        rounds = min(min(len(o) for o in own), min(len(b) for b in e.blocks) - 1)
+        for r in range(rounds):
+            bundle = [o[r] for o in own]
+            mean = sum(scores.get(c, 0.0) for c in bundle) / len(bundle)
+            items.append((mean, min(rank[c] for c in bundle), bundle))
+    chosen: list[int] = []
+    for _, _, classes in sorted(items, key=lambda item: item[:2]):
+        if len(chosen) + len(classes) <= count:
+            chosen += classes
+    return sorted(chosen, key=rank.get)
 
 
 def plan_from_report(analysis: Analysis, report: dict) -> Plan:
@@ -131,6 +161,12 @@ def plan_from_report(analysis: Analysis, report: dict) -> Plan:
             raise SpaError(
                 f"the plan keeps channels of {name} that a layer coupled with it drops: coupled "
                 "layers keep the same channels"
+            )
+    for constraint in analysis.equal_counts:
+        if len({len(np.intersect1d(b, plan_removed)) for b in constraint.blocks}) > 1:
+            raise SpaError(
+                f"the plan removes more channels from some groups of {constraint.node} than from "
+                "others: a grouped layer's groups keep as many channels each"
             )
     by_group = {
         g.id: np.array([c for c in plan_removed if removable[int(c)] == g.id], dtype=np.int64)
@@ -211,4 +247,20 @@ def _keep_one_per_segment(
         removed_set.discard(best)
         for gid, chosen in by_group.items():
             by_group[gid] = chosen[chosen != best]
+    return np.array(sorted(removed_set), dtype=np.int64)
+
+
+def _equal_counts(analysis: Analysis, scores, removed: np.ndarray, by_group: dict) -> np.ndarray:
+    """Give back, in blocks of an equal-count constraint that lose more than another, their
+    best-scoring removed classes (a class kept for a segment's sake, a plan made by hand)."""
+    removed_set = set(removed.tolist())
+    for constraint in analysis.equal_counts:
+        gone = [[c for c in b.tolist() if c in removed_set] for b in constraint.blocks]
+        fewest = min(len(g) for g in gone)
+        for g in gone:
+            for c in sorted(g, key=lambda c: (scores.get(c, 0.0), c))[fewest:]:
+                removed_set.discard(c)
+    back = set(removed.tolist()) - removed_set
+    for gid, chosen in by_group.items():
+        by_group[gid] = np.array([c for c in chosen.tolist() if c not in back], dtype=np.int64)
     return np.array(sorted(removed_set), dtype=np.int64)

@@ -165,32 +165,30 @@ def conv(prop: Propagation, node: ir.Node) -> None:
     out_channels = wshape[1] * groups if transposed else wshape[0]
     outputs = prop.new_space(node, out_channels)
     in_per_group, out_per_group = len(inputs) // groups, out_channels // groups
-    in_member, out_member = inputs, outputs
+    in_member, out_member = _at_axis(inputs, in_axis, rank), _at_axis(outputs, out_axis, rank)
     if groups > 1:
         g_in, g_out = inputs.reshape(groups, in_per_group), outputs.reshape(groups, out_per_group)
+        # The weight's per-group axis (Conv: its inputs; ConvTranspose: its outputs)
         if min(in_per_group, out_per_group) == 1:
-            # Depthwise-like: a group's inputs and outputs go together; whole groups are removed.
+            # Depthwise-like: a group's inputs and outputs go together; whole groups are removed,
+            # and the per-group axis carries no channels.
             prop.sets.union(g_in[:, :1], g_out)
             prop.sets.union(g_in, g_in[:, :1])
+            per_group = np.zeros((1,) * rank, np.int64)
         else:
-            # Every group must keep the same number of channels: remove the same positions in each.
-            prop.sets.union(g_in, g_in[:1])
-            prop.sets.union(g_out, g_out[:1])
-        # The weight's per-group axis holds one group's positions; the full axis holds all of them.
+            # Every group keeps as many channels, at positions of its own (the planner keeps the
+            # counts equal): row r of the weight reads, on that axis, the channels of r's group.
+            prop.equal_counts(node, g_in)
+            prop.equal_counts(node, g_out)
+            rows = np.arange(wshape[0]) // (in_per_group if transposed else out_per_group)
+            per_group = (g_out if transposed else g_in)[rows]
+            per_group = per_group.reshape(per_group.shape + (1,) * (rank - 2))
         if transposed:
-            out_member = (
-                g_out[0]
-                if out_per_group > 1 and in_per_group > 1
-                else np.zeros(out_per_group, np.int64)
-            )
+            out_member = per_group
         else:
-            in_member = (
-                g_in[0]
-                if out_per_group > 1 and in_per_group > 1
-                else np.zeros(in_per_group, np.int64)
-            )
-    prop.member(node, 1, _at_axis(in_member, in_axis, rank))
-    prop.member(node, 1, _at_axis(out_member, out_axis, rank))
+            in_member = per_group
+    prop.member(node, 1, in_member)
+    prop.member(node, 1, out_member)
     if bias is not None:
         if not prop.is_constant(bias):
             raise NotHandled("bias is not a constant")
@@ -631,10 +629,11 @@ def across_channels(prop: Propagation, node: ir.Node) -> None:
 @rule("GroupNormalization")
 def group_norm(prop: Propagation, node: ir.Node) -> None:
     """Statistics per group of channels: a whole group goes or stays (the others' statistics do
-    not change; the rewrite lowers num_groups). With --prune-hidden, lossy: the same positions go
-    from every group instead (the groups' statistics change, their count stays; channels within
-    a group are what a UNet's blocks have most of). Scale and bias per channel, as opset 21 has
-    them (opset 18's per-group form is deprecated: the checker refuses it)."""
+    not change; the rewrite lowers num_groups). With --prune-hidden, lossy: every group loses as
+    many channels, at positions of its own, instead (the groups' statistics change, their count
+    stays; channels within a group are what a UNet's blocks have most of). Scale and bias per
+    channel, as opset 21 has them (opset 18's per-group form is deprecated: the checker refuses
+    it)."""
     x = node.inputs[0]
     rank = len(prop.shape(x))
     _pin_along(prop, node, x, range(2, rank))
@@ -644,7 +643,7 @@ def group_norm(prop: Propagation, node: ir.Node) -> None:
         raise NotHandled(f"{len(channels)} channels in {groups} groups")
     per_group = channels.reshape(groups, -1)
     if prop.lossy:
-        prop.sets.union(per_group, per_group[:1, :])
+        prop.equal_counts(node, per_group)
         prop.mark_lossy(channels)
     else:
         prop.sets.union(per_group, per_group[:, :1])

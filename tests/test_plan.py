@@ -218,3 +218,21 @@ def test_local_ratio_is_per_group():
     a = _analysis()
     p = make_plan(a, score(a), 0.5, round_to=1)
     assert all(len(p.by_group[g.id]) == g.width // 2 for g in a.groups)
+
+
+def test_a_plan_that_takes_more_from_one_group_of_a_grouped_conv_is_refused():
+    from spa.errors import SpaError
+    from spa.plan import plan_from_report
+
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    g.conv(a, 16, 4, group=2)
+    g.nodes[-1].output[0] = "y"
+    model = g.model({"x": [1, 8, 6, 6]}, {"y": [1, 4, 6, 6]})
+    report = spa.prune(model, ratio=0.25, round_to=1, importance="l2").report()
+    (layer,) = [layer for group in report["groups"] for layer in group["layers"]]
+    assert len(layer["kept"]) == 12  # two from each group of 8
+    layer["kept"] = list(range(1, 8)) + list(range(8, 16))  # one from the first only
+    analysis = analyze(normalize(ir.serde.deserialize_model(model)))
+    with pytest.raises(SpaError, match="keep as many channels each"):
+        plan_from_report(analysis, report)

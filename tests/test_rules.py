@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from graphs import Graph
 from onnx import helper
@@ -97,17 +99,57 @@ def test_depthwise_couples_input_and_output(multiplier):
     )
 
 
-def test_grouped_conv_prunes_the_same_positions_in_every_group():
+def test_grouped_conv_keeps_as_many_channels_in_every_group_at_positions_of_its_own():
     g = Graph()
-    a = g.op("Relu", g.conv("x", 8, 16))
-    b = g.op("Relu", g.conv(a, 16, 24, group=2))
+    w = g.rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    w[[0, 1, 14, 15]] = 0  # two dead channels at each end: group 0's first, group 1's last
+    a = g.op("Relu", g.op("Conv", "x", g.const(w), pads=[1] * 4))
+    w = g.rng.standard_normal((24, 8, 3, 3)).astype(np.float32)
+    w[[0, 1, 2, 21, 22, 23]] = 0  # and the grouped conv's: three at each end
+    b = g.op("Relu", g.op("Conv", a, g.const(w), pads=[1] * 4, group=2))
     g.conv(b, 24, 4)
     _out(g, None)
     model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
-    assert _widths(model) == [8, 12]  # 16 inputs and 24 outputs, each in 2 groups
+    assert _widths(model) == [16, 24]  # every channel its own class; counts equal per group
     _zero_check(model)
-    conv = [n for n in _pruned(model).graph.node if n.op_type == "Conv"][1]
+    result = spa.prune(model, ratio=0.25, round_to=1, importance="l2")
+    assert sorted(result.plan.removed.tolist())[:4] == [1, 2, 15, 16]  # labels count from 1
+    pruned = ir.serde.serialize_model(result.model)
+    conv = [n for n in pruned.graph.node if n.op_type == "Conv"][1]
     assert [a.i for a in conv.attribute if a.name == "group"] == [2]
+    weights = {t.name: t for t in pruned.graph.initializer}
+    assert list(weights[conv.input[1]].dims) == [18, 6, 3, 3]
+    feed = {"x": g.rng.standard_normal(IMG).astype(np.float32)}
+    before, after = (
+        ort.InferenceSession(m.SerializeToString()).run(None, feed)[0] for m in (model, pruned)
+    )
+    # the dead channels went: the same up to the order of float sums
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6 * np.abs(before).max())
+
+
+def _channel_shuffle(g: Graph, x: str, groups: int, channels: int, side: int) -> str:
+    x = g.op("Reshape", x, g.const(np.array([1, groups, channels // groups, side, side])))
+    x = g.op("Transpose", x, perm=[0, 2, 1, 3, 4])
+    return g.op("Reshape", x, g.const(np.array([1, channels, side, side])))
+
+
+def test_shufflenet_v1_unit_prunes_classes_of_the_shuffle_and_keeps_those_across_groups():
+    """3 groups of 8: the shuffle's classes are 3 channels; two of them lie across two groups of
+    the grouped conv after it and stay, the others go 3 channels at a time, as many per group."""
+    g = Graph()
+    x = g.op("Relu", g.conv("x", 8, 24))
+    x = g.op("Relu", g.conv(x, 24, 24, k=1, group=3))
+    x = _channel_shuffle(g, x, 3, 24, 6)
+    x = g.conv(x, 24, 24, group=24)
+    x = g.op("Relu", g.conv(x, 24, 24, k=1, group=3))
+    g.conv(x, 24, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 6, 6]})
+    analysis = spa.analyze(model)
+    shuffled = [g for g in analysis.groups if g.channels_per_class == 3]
+    assert [(len(g.classes), g.pinned) for g in shuffled] == [(6, 2)]
+    assert any("across two of its groups" in k.reason for k in analysis.kept)
+    _zero_check(model, removed_at_least=4)
 
 
 def test_conv_transpose():
@@ -120,6 +162,19 @@ def test_conv_transpose():
     model = g.model({"x": IMG}, {"y": [1, 4, 12, 12]})
     assert _widths(model) == [12, 16]
     _zero_check(model)
+
+
+def test_grouped_conv_transpose_keeps_as_many_channels_in_every_group():
+    g = Graph()
+    a = g.op("Relu", g.conv("x", 8, 16))
+    w = g.weight(16, 6, 2, 2)  # 2 groups: 8 inputs -> 6 outputs each
+    t = g.op("ConvTranspose", a, w, strides=[2, 2], group=2)
+    g.conv(g.op("Relu", t), 12, 4)
+    _out(g, None)
+    model = g.model({"x": IMG}, {"y": [1, 4, 12, 12]})
+    assert _widths(model) == [12, 16]
+    assert [len(e.blocks) for e in spa.analyze(model).equal_counts] == [2, 2]
+    _zero_check(model, removed_at_least=8)
 
 
 def test_per_channel_parameters_are_sliced_with_the_channels():
@@ -659,15 +714,14 @@ def test_group_norm_prunes_whole_groups_exactly_and_lowers_the_group_count():
     assert _group_count_and_width(_pruned(model)) == (2, 8)
 
 
-def test_group_norm_with_prune_hidden_prunes_the_same_positions_of_every_group():
-    """Lossy (each group's statistics change), opt-in: the groups stay, each narrower."""
+def test_group_norm_with_prune_hidden_prunes_as_many_channels_from_every_group():
+    """Lossy (each group's statistics change), opt-in: the groups stay, each narrower, each
+    losing its own weakest channels."""
     model = _group_norm_model()
-    group = next(
-        gr
-        for gr in spa.analyze(model, prune_hidden=True).groups
-        if gr.width * gr.channels_per_class == 16
-    )
-    assert group.lossy and group.channels_per_class == 4  # a unit: one position of every group
+    analysis = spa.analyze(model, prune_hidden=True)
+    group = next(gr for gr in analysis.groups if gr.width == 16)
+    assert group.lossy and group.channels_per_class == 1
+    assert [len(b) for e in analysis.equal_counts for b in e.blocks] == [4, 4, 4, 4]
     assert _group_count_and_width(_pruned(model, prune_hidden=True)) == (4, 8)
 
 
