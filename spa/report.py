@@ -136,6 +136,14 @@ def width_text(group) -> str:
     )
 
 
+def equal_counts(analysis: Analysis) -> list[dict]:
+    """The layers whose groups lose as many channels each: per group, how many units of its own."""
+    return [
+        {"node": e.node, "units_per_group": [len(b) for b in e.blocks]}
+        for e in analysis.equal_counts
+    ]
+
+
 def barriers(analysis: Analysis) -> list[dict]:
     return [
         {"node": b.node, "op": b.op, "reason": b.reason, "blocked_channels": b.blocked}
@@ -200,6 +208,7 @@ def prune_report(result) -> dict:
         "method": None if result.method is None else dataclasses.asdict(result.method),
         "verify": None if result.verdict is None else verify_report(result.verdict),
         "groups": kept_channels(result.analysis, result.plan.removed),
+        "equal_counts": equal_counts(result.analysis),
         "barriers": barriers(result.analysis),
         "kept": kept(result.analysis),
         "normalizations": normalizations(result.analysis),
@@ -248,6 +257,13 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
         for b in analysis.barriers:
             blocked = "channels pinned" if b.blocked else "no channels reach it"
             lines.append(f"  {b.node or '(unnamed)'} [{b.op}]: {b.reason}; {blocked}")
+    if analysis.equal_counts:
+        lines += ["", "as many from every group (their units go r-th weakest of each together):"]
+        lines += [
+            f"  {e.node or '(unnamed)'}: {len(e.blocks)} groups of "
+            f"{', '.join(sorted({str(len(b)) for b in e.blocks}))} unit(s) of their own"
+            for e in analysis.equal_counts
+        ]
     if analysis.kept:
         lines += ["", "kept by their ops (the channels that reach them stay):"]
         lines += [f"  {k.node or '(unnamed)'} [{k.op}]: {k.reason}" for k in analysis.kept]
@@ -263,6 +279,7 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
 def analysis_report(analysis: Analysis) -> dict:
     return {
         "groups": kept_channels(analysis, np.zeros(0, np.int64)),
+        "equal_counts": equal_counts(analysis),
         "barriers": barriers(analysis),
         "kept": kept(analysis),
         "normalizations": normalizations(analysis),

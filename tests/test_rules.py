@@ -12,6 +12,7 @@ from graphs import Graph
 from onnx import helper
 
 import spa
+from spa.report import analysis_listing, analysis_report
 
 IMG = [1, 8, 6, 6]
 
@@ -149,6 +150,10 @@ def test_shufflenet_v1_unit_prunes_classes_of_the_shuffle_and_keeps_those_across
     shuffled = [g for g in analysis.groups if g.channels_per_class == 3]
     assert [(len(g.classes), g.pinned) for g in shuffled] == [(6, 2)]
     assert any("across two of its groups" in k.reason for k in analysis.kept)
+    # the first grouped conv's inputs, the second's inputs (the shuffle's) and outputs
+    units = sorted(e["units_per_group"] for e in analysis_report(analysis)["equal_counts"])
+    assert units == [[2, 2, 2], [8, 8, 8], [8, 8, 8]]
+    assert "3 groups of 2 unit(s) of their own" in analysis_listing(analysis, "m")
     _zero_check(model, removed_at_least=4)
 
 
