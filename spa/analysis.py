@@ -84,6 +84,9 @@ class EqualCounts:
     blocks: list[np.ndarray]  # per block, root labels, sorted
     channels: int  # channels of each of those classes in its block
     labels: np.ndarray = dataclasses.field(repr=False)  # blocks x positions, as the rule gave them
+    # per block, classes that go only with all of its own (a key/value head and its copies for
+    # the query heads); empty: none
+    owners: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -119,6 +122,8 @@ class Analysis:
     cache: list[ir.Value] = dataclasses.field(default_factory=list)
     scaled_dims: list = dataclasses.field(default_factory=list)  # run-time `dim * count` shapes
     equal_counts: list[EqualCounts] = dataclasses.field(default_factory=list)
+    # activations whose rows (this axis) keep as many elements each, at positions of their own
+    row_axes: dict[ir.Value, int] = dataclasses.field(default_factory=dict)
     groups: list[Group] = dataclasses.field(default_factory=list)
     _by_name: dict[str, list[Member]] | None = dataclasses.field(default=None, repr=False)
     _removed: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
@@ -191,7 +196,9 @@ class Propagation:
         self.barriers: list[Barrier] = []
         self.segments: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []  # labels of the batch axes of activation matmuls
-        self.equal_count_blocks: list[tuple[ir.Node, np.ndarray]] = []  # (node, blocks x labels)
+        # (node, blocks x labels, owner labels per block or None)
+        self.equal_count_blocks: list[tuple[ir.Node, np.ndarray, np.ndarray | None]] = []
+        self.row_axes: dict[ir.Value, int] = {}  # Analysis.row_axes
         self.scaled_dims: list = []  # (rules.ScaledDim, output value, axis): constants to rewrite
         self._param_uses: dict[ir.Value, set[tuple[ir.Node, int]]] = {}
         self._members_of: dict[ir.Value, list[Member]] = {}
@@ -228,12 +235,17 @@ class Propagation:
         """Channels a normalization computes statistics over, pruned anyway (--prune-hidden)."""
         self.lossy_labels.append(labels)
 
-    def equal_counts(self, node: ir.Node, blocks: np.ndarray) -> None:
+    def equal_counts(
+        self, node: ir.Node, blocks: np.ndarray, owners: np.ndarray | None = None
+    ) -> None:
         """Each row of `blocks` (labels) must lose as many channels, at positions of its own
-        (resolved once every coupling is known: EqualCounts, resolve_equal_counts)."""
-        self.equal_count_blocks.append((node, blocks))
-        for row in blocks:  # no block may lose every channel
-            self.keep_one_of(row)
+        (resolved once every coupling is known: EqualCounts, resolve_equal_counts). owners: per
+        row, a label whose class goes only with the whole row, which may then go (else no row
+        may lose every channel)."""
+        self.equal_count_blocks.append((node, blocks, owners))
+        if owners is None:
+            for row in blocks:
+                self.keep_one_of(row)
 
     def resolve_equal_counts(self) -> list[EqualCounts]:
         """The equal-count constraints the planner can honour, once every coupling is known.
@@ -245,7 +257,7 @@ class Propagation:
         while True:
             resolved: list[EqualCounts] = []
             bound: dict[int, int] = {}  # class -> index in resolved of the constraint it is in
-            for node, blocks in self.equal_count_blocks:
+            for node, blocks, owners in self.equal_count_blocks:
                 found, uneven = _local_classes(self.sets, node, blocks)
                 if found is not None and len(uneven) and min(map(len, found.blocks)) >= 2:
                     self.keep(
@@ -254,8 +266,10 @@ class Propagation:
                         "they lie across two of its groups, which must keep as many channels",
                     )
                     break
-                if found is None or len(uneven):
-                    _same_positions(self.sets, blocks)
+                if found is not None and owners is not None:
+                    found.owners = _owners(self.sets, owners, found)
+                if found is None or len(uneven) or found.owners is None:
+                    _fall_back(self.sets, blocks, owners)
                     break
                 if not any(len(b) for b in found.blocks):
                     continue
@@ -265,10 +279,11 @@ class Propagation:
                     bound.update(dict.fromkeys(local, len(resolved)))
                     resolved.append(found)
                     continue
-                # the same partition met twice (a residual stream through grouped convs): one
-                if len(earlier) == 1 and _same_partition(resolved[earlier.pop()], found):
+                # the same partition met twice (a residual stream through grouped convs; the keys'
+                # and the values' copies of grouped-query attention): one, with both's owners
+                if len(earlier) == 1 and _merged(resolved[earlier.pop()], found):
                     continue
-                _same_positions(self.sets, blocks)
+                _fall_back(self.sets, blocks, owners)
                 break
             else:
                 return resolved
@@ -331,7 +346,7 @@ class Propagation:
         whose matmuls made each head one class, keeps heads whole."""
         for value, labels in list(self.activations.items()):
             axes = varying_axes(labels)
-            if len(axes) >= 2:
+            if len(axes) >= 2 and value not in self.row_axes:
                 keep = max(reversed(axes), key=lambda a: self._distinct_slices(labels, a))
                 self.unite_along(labels, [a for a in axes if a != keep], value.producer())
 
@@ -624,6 +639,7 @@ def analyze(
         kept=prop.kept,
         scaled_dims=prop.scaled_dims,
         cache=prop.cache_values,
+        row_axes=prop.row_axes,
     )
     while True:  # a fallback union in resolve_equal_counts can merge groups: until none does
         analysis.equal_counts = prop.resolve_equal_counts()
@@ -637,7 +653,8 @@ def analyze(
         if not spread:
             return analysis
         for e in spread:  # blocks in two groups: their plans are not made together
-            _same_positions(prop.sets, e.labels)
+            raw = next(r for r in prop.equal_count_blocks if r[1] is e.labels)
+            _fall_back(prop.sets, e.labels, raw[2])
 
 
 def _local_classes(
@@ -667,11 +684,38 @@ def _local_classes(
     return EqualCounts(node.name or "", blocks_found, max(sizes, default=1), blocks), uneven_classes
 
 
-def _same_partition(a: EqualCounts, b: EqualCounts) -> bool:
-    def blocks(e: EqualCounts) -> set[frozenset[int]]:
-        return {frozenset(x.tolist()) for x in e.blocks}
+def _owners(sets: LabelSets, owners: np.ndarray, found: EqualCounts) -> list[np.ndarray] | None:
+    """Per block, the classes of its owner labels; None where blocks share one or an owner is
+    one of the blocks' own classes."""
+    classes = [np.setdiff1d(sets.find(np.atleast_1d(o)), [0]) for o in owners]
+    every = np.concatenate(classes + [np.zeros(0, np.int64)])
+    local = np.concatenate(found.blocks + [np.zeros(0, np.int64)])
+    if len(np.unique(every)) != len(every) or np.isin(every, local).any():
+        return None
+    return classes
 
-    return a.channels == b.channels and blocks(a) == blocks(b)
+
+def _merged(a: EqualCounts, b: EqualCounts) -> bool:
+    """Whether b partitions a's classes the same way; if so a takes b's owners too."""
+    index = {frozenset(x.tolist()): i for i, x in enumerate(a.blocks)}
+    if a.channels != b.channels or set(index) != {frozenset(x.tolist()) for x in b.blocks}:
+        return False
+    if b.owners:
+        owners = a.owners or [np.zeros(0, np.int64) for _ in a.blocks]
+        for block, extra in zip(b.blocks, b.owners):
+            i = index[frozenset(block.tolist())]
+            owners[i] = np.union1d(owners[i], extra)
+        a.owners = owners
+    return True
+
+
+def _fall_back(sets: LabelSets, blocks: np.ndarray, owners: np.ndarray | None) -> None:
+    """Where counts cannot be kept: the blocks lose the same positions, or, with owners, each
+    block goes with its owner whole."""
+    if owners is None:
+        _same_positions(sets, blocks)
+    else:
+        sets.union(blocks, np.asarray(owners).reshape(len(blocks), -1)[:, :1])
 
 
 def _same_positions(sets: LabelSets, blocks: np.ndarray) -> None:
@@ -699,6 +743,14 @@ def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]
                 owner[max(a, b)] = min(a, b)
             else:
                 first_space[root] = s
+    for e in analysis.equal_counts:  # an owner is planned with the classes that go before it
+        for block, owners in zip(e.blocks, e.owners):
+            spaces = [
+                first_space[c] for c in [*block.tolist(), *owners.tolist()] if c in first_space
+            ]
+            for other in spaces[1:]:
+                a, b = top(spaces[0]), top(other)
+                owner[max(a, b)] = min(a, b)
     by_top: dict[int, list[int]] = {}
     for s in range(len(analysis.spaces)):
         by_top.setdefault(top(s), []).append(s)

@@ -104,9 +104,15 @@ class _Surgery:
         if shape is None:
             raise SurgeryError(f"no shape known for '{value.name}'")
         labels = self.analysis.activations.get(value)
-        return (
-            [np.ones(d, dtype=bool) for d in shape] if labels is None else self.keeps(labels, shape)
-        )
+        if labels is None:
+            return [np.ones(d, dtype=bool) for d in shape]
+        if value in self.analysis.row_axes:  # copies of heads: as many from each, own positions
+            mask = ~self.analysis.removed_mask(labels, self.removed)
+            keeps = row_keeps(mask, self.analysis.row_axes[value])
+            if keeps is None:
+                raise SurgeryError(f"removal would leave the rows of '{value.name}' uneven")
+            return [k if len(k) == d else np.full(d, bool(k.all())) for k, d in zip(keeps, shape)]
+        return self.keeps(labels, shape)
 
     def dims(self, value: ir.Value) -> list[int]:
         return [int(k.sum()) for k in self.activation_keeps(value)]

@@ -106,14 +106,19 @@ def axis_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
     return keeps if np.array_equal(grid, mask) else None
 
 
-def row_keeps(mask: np.ndarray) -> list[np.ndarray] | None:
-    """Per-axis keep vectors of a mask whose rows (axis 0) each keep a sub-grid of one size, at
-    positions of their own (a grouped conv's weight: each group keeps its own input channels):
-    the kept rows, then the first kept row's vectors. None where the rows differ in size or one
-    keeps no sub-grid; where they agree, mask[mask] row by row is the compacted tensor."""
-    rows = mask.reshape(len(mask), -1).any(axis=1)
-    kept = [axis_keeps(row) for row in mask[rows]]
+def row_keeps(mask: np.ndarray, axis: int = 0) -> list[np.ndarray] | None:
+    """Per-axis keep vectors of a mask whose rows (along `axis`) each keep a sub-grid of one size,
+    at positions of their own (a grouped conv's weight: each group keeps its own input channels):
+    the kept rows, and the first kept row's vectors on the other axes. None where the rows differ
+    in size or one keeps no sub-grid; where they agree along axis 0, mask[mask] row by row is the
+    compacted tensor."""
+    rows_first = np.moveaxis(mask, axis, 0)
+    rows = rows_first.reshape(len(rows_first), -1).any(axis=1)
+    kept = [axis_keeps(row) for row in rows_first[rows]]
     if not kept or any(k is None for k in kept):
         return None
-    sizes = {tuple(int(axis.sum()) for axis in k) for k in kept}
-    return [rows, *kept[0]] if len(sizes) == 1 else None
+    sizes = {tuple(int(a.sum()) for a in k) for k in kept}
+    if len(sizes) != 1:
+        return None
+    others = list(kept[0])
+    return [*others[:axis], rows, *others[axis:]]

@@ -97,7 +97,8 @@ def make_plan(
 def _choose(ranked: list[int], count: int, constraints: list[EqualCounts], scores) -> list[int]:
     """At most `count` of the `ranked` classes, lowest scores first, such that the blocks of every
     equal-count constraint lose as many: a block's own classes go in bundles, the r-th lowest of
-    every block together (ranked by their mean score), and each block keeps one."""
+    every block together (ranked by their mean score), each block keeping one; a block with owners
+    goes whole with them (all but one block at most)."""
     candidates = set(ranked)
     rank = {c: i for i, c in enumerate(ranked)}
     relevant = [
@@ -107,19 +108,29 @@ def _choose(ranked: list[int], count: int, constraints: list[EqualCounts], score
     relevant = [(e, own) for e, own in relevant if any(own)]
     if not relevant:
         return ranked[:count]
-    bound = {c for _, own in relevant for block in own for c in block}
-    items = [(scores.get(c, 0.0), rank[c], [c]) for c in ranked if c not in bound]
+    bound = {c for e, own in relevant for block in own for c in block}
+    bound |= {c for e, _ in relevant for owners in e.owners for c in owners.tolist()}
+    items = [[c] for c in ranked if c not in bound]
     for e, own in relevant:
         rounds = min(min(len(o) for o in own), min(len(b) for b in e.blocks) - 1)
-        for r in range(rounds):
-            bundle = [o[r] for o in own]
-            mean = sum(scores.get(c, 0.0) for c in bundle) / len(bundle)
-            items.append((mean, min(rank[c] for c in bundle), bundle))
-    chosen: list[int] = []
-    for _, _, classes in sorted(items, key=lambda item: item[:2]):
-        if len(chosen) + len(classes) <= count:
-            chosen += classes
+        items += [[o[r] for o in own] for r in range(rounds)]
+        whole = [
+            [*owners.tolist(), *block.tolist()]
+            for block, owners in zip(e.blocks, e.owners)
+            if len(owners)
+            and candidates.issuperset(owners.tolist())
+            and candidates.issuperset(block.tolist())
+        ]
+        items += sorted(whole, key=lambda classes: _mean(classes, scores))[: len(e.blocks) - 1]
+    chosen: set[int] = set()
+    for classes in sorted(items, key=lambda c: (_mean(c, scores), min(rank[i] for i in c))):
+        if len(chosen | set(classes)) <= count:
+            chosen.update(classes)
     return sorted(chosen, key=rank.get)
+
+
+def _mean(classes: list[int], scores) -> float:
+    return sum(scores.get(c, 0.0) for c in classes) / len(classes)
 
 
 def plan_from_report(analysis: Analysis, report: dict) -> Plan:
@@ -252,11 +263,20 @@ def _keep_one_per_segment(
 
 def _equal_counts(analysis: Analysis, scores, removed: np.ndarray, by_group: dict) -> np.ndarray:
     """Give back, in blocks of an equal-count constraint that lose more than another, their
-    best-scoring removed classes (a class kept for a segment's sake, a plan made by hand)."""
+    best-scoring removed classes (a class kept for a segment's sake, a plan made by hand); a
+    block's owners go only with the whole block (else they are given back)."""
     removed_set = set(removed.tolist())
     for constraint in analysis.equal_counts:
-        gone = [[c for c in b.tolist() if c in removed_set] for b in constraint.blocks]
-        fewest = min(len(g) for g in gone)
+        owners = constraint.owners or [np.zeros(0, np.int64)] * len(constraint.blocks)
+        kept_blocks = []
+        for block, own in zip(constraint.blocks, owners):
+            if removed_set.isdisjoint(own.tolist()):
+                kept_blocks.append(block)
+            elif not removed_set.issuperset([*own.tolist(), *block.tolist()]):
+                removed_set.difference_update(own.tolist())
+                kept_blocks.append(block)
+        gone = [[c for c in b.tolist() if c in removed_set] for b in kept_blocks]
+        fewest = min((len(g) for g in gone), default=0)
         for g in gone:
             for c in sorted(g, key=lambda c: (scores.get(c, 0.0), c))[fewest:]:
                 removed_set.discard(c)

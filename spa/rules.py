@@ -790,10 +790,59 @@ def expand(prop: Propagation, node: ir.Node) -> None:
     """Broadcast: a data axis of size 1 repeats along the output axis, which a run-time shape may
     size by a dim of a channel tensor (torch's `index.expand_as(src)`): the output then carries
     those channels there, every position an equal copy."""
+    if prop.labels(node.inputs[0]).any() and _repeat_heads(prop, node):
+        return
     if prop.labels(node.inputs[0]).any() or not _shape_reads_channels(prop, node):
         move(prop, node)
         return
     _from_shape_entries(prop, node)
+
+
+def _repeat_heads(prop: Propagation, node: ir.Node) -> bool:
+    """Grouped-query attention's repeat_kv: each key/value head broadcast along a new axis into a
+    copy for each of its query heads, the copies then merged into the head axis by a Reshape.
+    Copies are equal, so any may go as long as every head keeps as many (the Expand's repeat
+    count, a constant, rewritten): each copy is a class of its own, which the query head that
+    reads it joins, and its head (whole: the owner) goes only with all of its copies. False,
+    having changed nothing, where the pattern is not this one."""
+    x, out = node.inputs[0], node.outputs[0]
+    labels, in_shape, out_shape = prop.labels(x), prop.shape(x), prop.shape(out)
+    rank = len(out_shape)
+    repeated = (
+        [a for a, (i, o) in enumerate(zip(in_shape, out_shape)) if i == 1 and o > 1]
+        if len(in_shape) == rank
+        else []
+    )
+    if len(repeated) != 1 or repeated[0] == 0:
+        return False
+    axis = repeated[0]
+    heads, copies = out_shape[axis - 1], out_shape[axis]
+    uses = list(out.uses())
+    merged = out_shape[: axis - 1] + (heads * copies,) + out_shape[axis + 1 :]
+    vector = node.inputs[1]
+    length = prop.shape(vector)[0] if prop.shape(vector) else 0
+    if (
+        labels.shape[axis - 1] != heads
+        or len(uses) != 1
+        or uses[0].node.op_type != "Reshape"
+        or tuple(prop.shape(uses[0].node.outputs[0]) or ()) != merged
+        or not all(
+            isinstance(_vector_element(prop, vector, a - rank + length), int)
+            for a in (axis - 1, axis)
+        )
+    ):
+        return False
+    copy = prop.sets.new(heads * copies).reshape(heads, copies)
+    shape = [1] * rank
+    shape[axis - 1], shape[axis] = heads, copies
+    if not _runtime_shape_follows(prop, node, copy.reshape(shape)):
+        return False
+    prop.sets.union_along(labels, [a for a in varying_axes(labels) if a != axis - 1])
+    owners = np.moveaxis(labels, axis - 1, 0).reshape(heads, -1)[:, 0]
+    prop.equal_counts(node, copy, owners=owners)
+    prop.row_axes[out] = axis - 1
+    prop.set(out, copy.reshape(shape))
+    return True
 
 
 @rule("ConstantOfShape", creates_channels=lambda node, prop: _shape_reads_channels(prop, node))

@@ -97,21 +97,37 @@ def test_heads_are_pruned_whole(kw):
     assert [1, S, 2, 4] in shapes  # the head count in the reshape constants follows
 
 
-def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads():
+def test_grouped_query_attention_prunes_query_heads_as_many_per_kv_head_or_kv_heads_whole():
     model = attention(heads=4, kv_heads=2)
-    (group,) = spa.analyze(model).groups
-    # a class is one kv head and the two query heads that read it
-    assert group.heads and group.width == 2
+    analysis = spa.analyze(model)
+    (group,) = analysis.groups
+    # 4 query heads (each with its copies of a key and a value head) and the 2 key and 2 value
+    # heads that own them: a query head goes alone, as many per kv head; a kv head only with all
+    (constraint,) = analysis.equal_counts
+    assert group.heads and group.width == 8
+    assert [len(b) for b in constraint.blocks] == [2, 2]
+    assert [len(o) for o in constraint.owners] == [2, 2]  # its key head and its value head
     error, removed = spa.zero_channel_check(model, ratio=0.5)
-    assert removed == 1 and error <= 1e-4
-    result = spa.prune(model, ratio=0.5, round_to=1)
-    weights = sorted(
-        tuple(v.const_value.shape)
-        for v in {m.value for m in result.analysis.members}
-        if len(v.const_value.shape) == 2
-    )
-    # q: 2 of 4 heads; k, v: 1 of 2; o: 2 heads in
-    assert weights == [(8, 16), (16, 4), (16, 4), (16, 8)]
+    assert removed >= 2 and error <= 1e-4
+
+    def shapes(result):
+        matrices = {m.value for m in result.analysis.members}
+        expand = next(n for n in result.model.graph if n.op_type == "Expand")
+        repeat = expand.inputs[1].const_value.numpy().tolist()
+        return sorted(
+            tuple(v.const_value.shape) for v in matrices if len(v.const_value.shape) == 2
+        ), repeat
+
+    # one query head of each kv head: q 2 of 4 heads, k and v whole, o reads 2 heads; the Expand
+    # repeats each kv head once instead of twice
+    weights, repeat = shapes(spa.prune(model, ratio=0.25, round_to=1))
+    assert weights == [(8, 16), (16, 8), (16, 8), (16, 8)] and repeat[2] == 1
+    # a whole kv group (the default method's choice here): q 2 of 4, k and v 1 of 2, o 2 in
+    weights, repeat = shapes(spa.prune(model, ratio=0.5, round_to=1))
+    assert weights == [(8, 16), (16, 4), (16, 4), (16, 8)] and repeat[2] == 2
+    # and one more query head of the group left: q 1 of 4, one copy of the kv head
+    weights, repeat = shapes(spa.prune(model, ratio=0.75, round_to=1))
+    assert weights == [(4, 16), (16, 4), (16, 4), (16, 4)] and repeat[2] == 1
 
 
 def ffn(activation: str) -> onnx.ModelProto:
