@@ -173,8 +173,15 @@ def plan_from_report(analysis: Analysis, report: dict) -> Plan:
                 f"the plan keeps channels of {name} that a layer coupled with it drops: coupled "
                 "layers keep the same channels"
             )
+    removed_set = set(plan_removed.tolist())
     for constraint in analysis.equal_counts:
-        if len({len(np.intersect1d(b, plan_removed)) for b in constraint.blocks}) > 1:
+        left, orphaned = _blocks_left(constraint, removed_set)
+        if orphaned:
+            raise SpaError(
+                f"the plan removes a head that {constraint.node} copies but keeps heads that read "
+                "it: a key/value head goes only with all of its query heads"
+            )
+        if len({len(removed_set.intersection(b.tolist())) for b in left}) > 1:
             raise SpaError(
                 f"the plan removes more channels from some groups of {constraint.node} than from "
                 "others: a grouped layer's groups keep as many channels each"
@@ -267,15 +274,11 @@ def _equal_counts(analysis: Analysis, scores, removed: np.ndarray, by_group: dic
     block's owners go only with the whole block (else they are given back)."""
     removed_set = set(removed.tolist())
     for constraint in analysis.equal_counts:
-        owners = constraint.owners or [np.zeros(0, np.int64)] * len(constraint.blocks)
-        kept_blocks = []
-        for block, own in zip(constraint.blocks, owners):
-            if removed_set.isdisjoint(own.tolist()):
-                kept_blocks.append(block)
-            elif not removed_set.issuperset([*own.tolist(), *block.tolist()]):
-                removed_set.difference_update(own.tolist())
-                kept_blocks.append(block)
-        gone = [[c for c in b.tolist() if c in removed_set] for b in kept_blocks]
+        left, orphaned = _blocks_left(constraint, removed_set)
+        for block, owners in orphaned:
+            removed_set.difference_update(owners.tolist())
+            left.append(block)
+        gone = [[c for c in b.tolist() if c in removed_set] for b in left]
         fewest = min((len(g) for g in gone), default=0)
         for g in gone:
             for c in sorted(g, key=lambda c: (scores.get(c, 0.0), c))[fewest:]:
@@ -284,3 +287,16 @@ def _equal_counts(analysis: Analysis, scores, removed: np.ndarray, by_group: dic
     for gid, chosen in by_group.items():
         by_group[gid] = np.array([c for c in chosen.tolist() if c not in back], dtype=np.int64)
     return np.array(sorted(removed_set), dtype=np.int64)
+
+
+def _blocks_left(constraint: EqualCounts, removed: set[int]) -> tuple[list, list]:
+    """The blocks of a constraint that stay (their owners do), and the (block, owners) whose owners
+    go without the whole block (a plan that cannot be carried out as it is)."""
+    owners = constraint.owners or [np.zeros(0, np.int64)] * len(constraint.blocks)
+    left, orphaned = [], []
+    for block, own in zip(constraint.blocks, owners):
+        if removed.isdisjoint(own.tolist()):
+            left.append(block)
+        elif not removed.issuperset([*own.tolist(), *block.tolist()]):
+            orphaned.append((block, own))
+    return left, orphaned

@@ -139,7 +139,11 @@ def width_text(group) -> str:
 def equal_counts(analysis: Analysis) -> list[dict]:
     """The layers whose groups lose as many channels each: per group, how many units of its own."""
     return [
-        {"node": e.node, "units_per_group": [len(b) for b in e.blocks]}
+        {
+            "node": e.node,
+            "units_per_group": [len(b) for b in e.blocks],
+            "owners_per_group": [len(o) for o in e.owners],
+        }
         for e in analysis.equal_counts
     ]
 
@@ -262,6 +266,7 @@ def analysis_listing(analysis: Analysis, name: str) -> str:
         lines += [
             f"  {e.node or '(unnamed)'}: {len(e.blocks)} groups of "
             f"{', '.join(sorted({str(len(b)) for b in e.blocks}))} unit(s) of their own"
+            + (", or a group whole with the head it copies" if e.owners else "")
             for e in analysis.equal_counts
         ]
     if analysis.kept:

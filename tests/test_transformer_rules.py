@@ -10,6 +10,7 @@ from graphs import Graph
 from onnx import helper
 
 import spa
+from spa.report import analysis_report
 
 S = 5
 
@@ -107,6 +108,8 @@ def test_grouped_query_attention_prunes_query_heads_as_many_per_kv_head_or_kv_he
     assert group.heads and group.width == 8
     assert [len(b) for b in constraint.blocks] == [2, 2]
     assert [len(o) for o in constraint.owners] == [2, 2]  # its key head and its value head
+    listed = analysis_report(analysis)["equal_counts"]
+    assert [(e["units_per_group"], e["owners_per_group"]) for e in listed] == [([2, 2], [2, 2])]
     error, removed = spa.zero_channel_check(model, ratio=0.5)
     assert removed >= 2 and error <= 1e-4
 
@@ -280,3 +283,22 @@ def test_lstm_gate_layout():
 
 def _kept_inputs(groups) -> list[int]:
     return next(g for g in groups if g["layers"][0]["op"] == "MatMul")["layers"][0]["kept"]
+
+
+def test_a_plan_that_removes_a_kv_head_but_keeps_a_query_head_reading_it_is_refused():
+    import onnx_ir as ir
+
+    from spa.analysis import analyze
+    from spa.errors import SpaError
+    from spa.normalize import normalize
+    from spa.plan import plan_from_report
+
+    model = attention(heads=4, kv_heads=2)
+    result = spa.prune(model, ratio=0.5, round_to=1)  # a whole kv group (see above)
+    report = result.report()
+    analysis = analyze(normalize(ir.serde.deserialize_model(model)))
+    assert plan_from_report(analysis, report).removed.tolist() == result.plan.removed.tolist()
+    q = next(layer for g in report["groups"] for layer in g["layers"] if layer["width"] == 16)
+    q["kept"] = list(range(16))  # every query head back, its kv head still gone
+    with pytest.raises(SpaError, match="goes only with all of its query heads"):
+        plan_from_report(analysis, report)
