@@ -100,6 +100,9 @@ class Group:
     channels_per_class: int = 1  # head dim for attention heads, groups for a grouped conv
     heads: bool = False  # the classes are attention heads
     lossy: bool = False  # removing them changes a normalization's statistics (hidden size)
+    # classes that go only with all the classes of a block of theirs (EqualCounts.owners: a
+    # key/value head with its query heads); not among `classes`, not counted by the ratio
+    owners: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def width(self) -> int:
@@ -148,10 +151,14 @@ class Analysis:
             cached = self._found[id(labels)] = (labels, self.sets.find(labels))
         return cached[1]
 
+    def group_of(self) -> dict[int, int]:
+        """Group id of every removable class, owners included."""
+        return {int(c): g.id for g in self.groups for c in [*g.classes, *g.owners]}
+
     def member_names(self) -> dict[int, list[str]]:
         """Per group id, the initializers that hold its channels' parameters: one pass over the
         members, however many groups."""
-        group_of = {int(c): g.id for g in self.groups for c in g.classes}
+        group_of = self.group_of()
         names: dict[int, dict[str, None]] = {g.id: {} for g in self.groups}
         for m in self.members:
             for root in np.unique(self.sets.find(m.labels)).tolist():
@@ -764,9 +771,14 @@ def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]
         )
 
     head_roots, lossy_roots = roots_of(heads), roots_of(lossy)
+    owner_roots = np.unique(
+        np.concatenate([o for e in analysis.equal_counts for o in e.owners] + [np.zeros(0, int)])
+    )
     for members in by_top.values():
         roots = np.concatenate([sets.find(analysis.spaces[s].labels) for s in members])
         classes = np.unique(roots[roots != 0])
+        owners = classes[np.isin(classes, owner_roots)]
+        classes = classes[~np.isin(classes, owner_roots)]
         if len(classes) == 0:
             continue
         first = sets.find(analysis.spaces[members[0]].labels)
@@ -785,6 +797,7 @@ def _groups(analysis: Analysis, heads: list[np.ndarray], lossy: list[np.ndarray]
                 per_class,
                 bool(head_roots.intersection(listed)),
                 bool(lossy_roots.intersection(listed)),
+                owners,
             )
         )
     return groups

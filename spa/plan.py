@@ -86,7 +86,7 @@ def make_plan(
         step = round_to // math.gcd(round_to, group.channels_per_class)
         keep = keep_count(group.width, ratios[group.id], step)
         count = min(group.width - keep, len(candidates[group.id]))
-        chosen = _choose(candidates[group.id], count, analysis.equal_counts, scores)
+        chosen = _choose(candidates[group.id], count, analysis.equal_counts, scores, protected)
         by_group[group.id] = np.array(chosen, dtype=np.int64)
     removed = np.concatenate(list(by_group.values())) if by_group else np.zeros(0, np.int64)
     removed = _keep_one_per_segment(analysis, scores, removed, by_group)
@@ -94,11 +94,18 @@ def make_plan(
     return Plan(removed=np.sort(removed), by_group=by_group)
 
 
-def _choose(ranked: list[int], count: int, constraints: list[EqualCounts], scores) -> list[int]:
+def _choose(
+    ranked: list[int],
+    count: int,
+    constraints: list[EqualCounts],
+    scores,
+    protected: set[int] = frozenset(),
+) -> list[int]:
     """At most `count` of the `ranked` classes, lowest scores first, such that the blocks of every
     equal-count constraint lose as many: a block's own classes go in bundles, the r-th lowest of
     every block together (ranked by their mean score), each block keeping one; a block with owners
-    goes whole with them (all but one block at most)."""
+    may go whole instead, its owners with it (they count for nothing: a key/value head is worth
+    its query heads), all but one block at most."""
     candidates = set(ranked)
     rank = {c: i for i, c in enumerate(ranked)}
     relevant = [
@@ -109,24 +116,27 @@ def _choose(ranked: list[int], count: int, constraints: list[EqualCounts], score
     if not relevant:
         return ranked[:count]
     bound = {c for e, own in relevant for block in own for c in block}
-    bound |= {c for e, _ in relevant for owners in e.owners for c in owners.tolist()}
-    items = [[c] for c in ranked if c not in bound]
+    items = [([c], []) for c in ranked if c not in bound]  # (counted classes, owners)
     for e, own in relevant:
         rounds = min(min(len(o) for o in own), min(len(b) for b in e.blocks) - 1)
-        items += [[o[r] for o in own] for r in range(rounds)]
+        items += [([o[r] for o in own], []) for r in range(rounds)]
         whole = [
-            [*owners.tolist(), *block.tolist()]
+            (block.tolist(), owners.tolist())
             for block, owners in zip(e.blocks, e.owners)
             if len(owners)
-            and candidates.issuperset(owners.tolist())
             and candidates.issuperset(block.tolist())
+            and protected.isdisjoint(owners.tolist())
         ]
-        items += sorted(whole, key=lambda classes: _mean(classes, scores))[: len(e.blocks) - 1]
+        items += sorted(whole, key=lambda item: _mean(item[0], scores))[: len(e.blocks) - 1]
     chosen: set[int] = set()
-    for classes in sorted(items, key=lambda c: (_mean(c, scores), min(rank[i] for i in c))):
+    owners_chosen: list[int] = []
+    for classes, owners in sorted(
+        items, key=lambda item: (_mean(item[0], scores), min(rank[c] for c in item[0]))
+    ):
         if len(chosen | set(classes)) <= count:
             chosen.update(classes)
-    return sorted(chosen, key=rank.get)
+            owners_chosen += owners
+    return sorted(chosen, key=rank.get) + owners_chosen
 
 
 def _mean(classes: list[int], scores) -> float:
@@ -159,7 +169,7 @@ def plan_from_report(analysis: Analysis, report: dict) -> Plan:
             )
         dropped = np.setdiff1d(np.arange(len(labels)), np.asarray(layer["kept"], dtype=np.int64))
         removed |= set(analysis.sets.find(labels[dropped]).tolist())
-    removable = {int(c): g.id for g in analysis.groups for c in g.classes}
+    removable = analysis.group_of()
     if removed - set(removable):
         raise SpaError(
             "the plan removes channels this model must keep (they reach an input, an output or a "
@@ -222,7 +232,7 @@ def layer_ratios(
     """Per group id, the ratio of the first pattern that matches the node name of a layer whose
     output channels the group holds, in the order given; and the patterns that match no group.
     (Output channels only: a layer's weight also carries the channels it reads, another group's.)"""
-    group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
+    group_of = analysis.group_of()
     fixed, unmatched = {}, []
     for pattern, ratio in patterns.items():
         labels = [s.labels for s in analysis.spaces if fnmatch.fnmatchcase(s.node, pattern)]
