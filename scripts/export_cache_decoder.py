@@ -13,8 +13,12 @@ opset 18) and ``decoder_legacy.onnx`` (opset 17) into ``--out`` (default
 The heads reach the graph's inputs and outputs through the cache: runtimes allocate the cache
 from the head count in the model's config, so spa keeps them unless asked.
 
+`--kv-heads 2` writes ``gqa_decoder_{dynamo,legacy}.onnx`` instead: grouped-query attention, 2
+key/value heads in the cache, each repeated for 2 of the 4 query heads after the cache is
+extended (transformers' repeat_kv). Its query heads can go without touching the cache.
+
     pip install torch==2.13.0 onnxscript
-    python scripts/export_cache_decoder.py [--out models/cache_decoder]
+    python scripts/export_cache_decoder.py [--out models/cache_decoder] [--kv-heads 2]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB = 2, 64, 4, 128, 256
 DIM = HIDDEN // HEADS
+KV_HEADS = HEADS  # --kv-heads
 
 
 class RMSNorm(nn.Module):
@@ -50,28 +55,39 @@ def rotate(x, position_ids):
     return x * cos + rotated * sin
 
 
+def repeat_kv(x):
+    """Each key/value head once for each of its query heads, as transformers writes it."""
+    batch, kv, length, dim = x.shape
+    if kv == HEADS:
+        return x
+    x = x[:, :, None, :, :].expand(batch, kv, HEADS // kv, length, dim)
+    return x.reshape(batch, HEADS, length, dim)
+
+
 class Layer(nn.Module):
     def __init__(self):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(), RMSNorm()
-        self.q, self.k, self.v, self.o = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(4))
+        self.q, self.o = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(2))
+        self.k, self.v = (nn.Linear(HIDDEN, KV_HEADS * DIM, bias=False) for _ in range(2))
         self.gate, self.up = nn.Linear(HIDDEN, FFN, bias=False), nn.Linear(HIDDEN, FFN, bias=False)
         self.down = nn.Linear(FFN, HIDDEN, bias=False)
 
-    def heads(self, x):
-        return x.view(x.shape[0], x.shape[1], HEADS, DIM).transpose(1, 2)
+    def heads(self, x, count=HEADS):
+        return x.view(x.shape[0], x.shape[1], count, DIM).transpose(1, 2)
 
     def forward(self, x, position_ids, past_key, past_value):
         h = self.norm1(x)
         q = rotate(self.heads(self.q(h)), position_ids)
-        key = torch.cat([past_key, rotate(self.heads(self.k(h)), position_ids)], dim=2)
-        value = torch.cat([past_value, self.heads(self.v(h))], dim=2)
+        new_key = rotate(self.heads(self.k(h), KV_HEADS), position_ids)
+        key = torch.cat([past_key, new_key], dim=2)
+        value = torch.cat([past_value, self.heads(self.v(h), KV_HEADS)], dim=2)
         past, sequence = past_key.shape[2], x.shape[1]
         # causal over the past and the new positions
         mask = torch.ones(sequence, past + sequence, dtype=torch.bool).tril(diagonal=past)
-        scores = (q @ key.transpose(-1, -2)) / DIM**0.5
+        scores = (q @ repeat_kv(key).transpose(-1, -2)) / DIM**0.5
         scores = scores.masked_fill(~mask, float("-inf"))
-        context = (scores.softmax(-1) @ value).transpose(1, 2).reshape(x.shape)
+        context = (scores.softmax(-1) @ repeat_kv(value)).transpose(1, 2).reshape(x.shape)
         x = x + self.o(context)
         h = self.norm2(x)
         return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)), key, value
@@ -97,14 +113,18 @@ def inputs(batch: int, sequence: int, past: int, seed: int) -> tuple[torch.Tenso
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, sequence), generator=g)
     positions = torch.arange(past, past + sequence).expand(batch, sequence)
-    cache = [torch.randn(batch, HEADS, past, DIM, generator=g) for _ in range(2 * LAYERS)]
+    cache = [torch.randn(batch, KV_HEADS, past, DIM, generator=g) for _ in range(2 * LAYERS)]
     return (ids, positions, *cache)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/cache_decoder"))
+    parser.add_argument("--kv-heads", type=int, default=HEADS, help="key/value heads (GQA)")
     args = parser.parse_args()
+    global KV_HEADS
+    KV_HEADS = args.kv_heads
+    prefix = "decoder" if KV_HEADS == HEADS else "gqa_decoder"
     args.out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -113,7 +133,7 @@ def main() -> None:
     present_names = [f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
     names = ["input_ids", "position_ids", *cache_names]
     for dynamo in (True, False):
-        path = args.out / f"decoder_{'dynamo' if dynamo else 'legacy'}.onnx"
+        path = args.out / f"{prefix}_{'dynamo' if dynamo else 'legacy'}.onnx"
         if dynamo:
             batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
             past = torch.export.Dim("past")

@@ -59,6 +59,7 @@ SHAPES = {
 OPTIONS = {
     "decoder_dynamo": {"prune_cache": True},  # its heads reach the key/value cache
     "decoder_legacy": {"prune_cache": True},
+    "gqa_decoder_dynamo": {"prune_cache": True},
 }
 PASS_RATIO = 0.5
 PASS_MACS = 0.7

@@ -17,7 +17,8 @@ from spa.errors import SpaError
 
 pytestmark = pytest.mark.slow  # real exports, each a prune
 
-MODELS = sorted((Path(__file__).parent.parent / "models" / "cache_decoder").glob("*.onnx"))
+FOLDER = Path(__file__).parent.parent / "models" / "cache_decoder"
+MODELS = sorted(FOLDER.glob("decoder_*.onnx"))
 CACHE = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
 SHAPES = {"input_ids": [2, 3], "position_ids": [2, 3]} | {name: [2, 4, 5, 16] for name in CACHE}
 
@@ -77,3 +78,18 @@ def test_every_channel_that_stays_says_why(path, prune_cache):
 def test_a_sweep_times_each_model_on_a_cache_of_its_own_head_count():
     rows = spa.sweep(MODELS[0], [0.5], prune_cache=True, importance="l2")
     assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["latency_ms"] > 0
+
+
+def test_a_gqa_decoder_loses_query_heads_and_keeps_its_cache(tmp_path):
+    """2 key/value heads in the cache, each read by 2 of the 4 query heads (dynamo export): without
+    the opt-in the query heads go, as many per kv head, and the signature stays."""
+    path = FOLDER / "gqa_decoder_dynamo.onnx"
+    shapes = SHAPES | {name: [2, 2, 5, 16] for name in CACHE}
+    error, removed = spa.zero_channel_check(path, ratio=0.5, input_shapes=shapes)
+    assert removed >= 2 and error <= 1e-5
+    result = spa.prune(path, tmp_path / "pruned.onnx", ratio=0.5, importance="l2")
+    assert result.signature_changes == {}
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert [len(np.intersect1d(g.classes, result.plan.removed)) for g in heads] == [2, 2]
+    assert result.after.macs / result.before.macs < 0.7
+    assert unexplained(path) == []
