@@ -830,6 +830,9 @@ def _repeat_heads(prop: Propagation, node: ir.Node) -> bool:
             isinstance(_vector_element(prop, vector, a - rank + length), int)
             for a in (axis - 1, axis)
         )
+        # the merged count too: constants the surgery rewrites (a product read at run time from
+        # the kv heads' dim would not follow the copies)
+        or not isinstance(_vector_element(prop, uses[0].node.inputs[1], axis - 1), int)
     ):
         return False
     copy = prop.sets.new(heads * copies).reshape(heads, copies)
