@@ -133,6 +133,7 @@ class Analysis:
     _found: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
         default_factory=dict, repr=False
     )
+    _carriers: dict[int, list] | None = dataclasses.field(default=None, repr=False)
 
     def removed_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
         """True where a label belongs to a removed class."""
@@ -142,6 +143,18 @@ class Analysis:
             table[0] = False
             self._removed = (removed, table)
         return self._removed[1][self._roots(labels)]
+
+    def carrying(self, removed: np.ndarray) -> set:
+        """The activations and member initializers whose labels hold a class of `removed`: the
+        only tensors a plan changes (a sensitivity trial cuts one group; the other thousands of
+        tensors of a transformer cost a keep vector each, 18 s of SmolLM2's 360 trials)."""
+        if self._carriers is None:
+            self._carriers = {}
+            labelled = [*self.activations.items(), *((m.value, m.labels) for m in self.members)]
+            for value, labels in labelled:
+                for root in np.unique(self._roots(labels)).tolist():
+                    self._carriers.setdefault(root, []).append(value)
+        return {v for c in np.unique(removed).tolist() for v in self._carriers.get(c, ())}
 
     def _roots(self, labels: np.ndarray) -> np.ndarray:
         """sets.find(labels), kept per label array: a plan, a count of a planned prune and every

@@ -29,7 +29,7 @@ from spa.graph import quantized_ops
 from spa.normalize import normalize
 from spa.options import PruneOptions
 from spa.plan import Plan, default_round_to, layer_ratios, make_plan, plan_from_report
-from spa.score import DATA_CRITERIA, dead_first, score, score_with_statistics
+from spa.score import DATA_CRITERIA, dead_first, reading_classes, score, score_with_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -567,9 +567,13 @@ class _Calibrated:
         )
         self.session = sess
         # Once in a child process: a native crash there is an error line, not the end of spa.
+        # One sample where the model takes any batch (SmolLM2: a batch of 32 windows took 5 s).
+        first = self.feeds[0]
+        if not calibration_source.batch_size(sess)[1] and runtime.samples(first) > 1:
+            first = {k: v[:1] for k, v in first.items()}
         try:
             runtime.isolated(
-                lambda: sess.run(None, self.feeds[0]) and None,
+                lambda: sess.run(None, first) and None,
                 "running the model on the calibration data",
             )
         except RuntimeError as e:
@@ -580,7 +584,9 @@ class _Calibrated:
 
     def scores(self, analysis: Analysis, criterion: str) -> dict[int, float]:
         # A depthwise conv loses its outputs with its inputs: no error to weigh, only a refit.
-        readers = [c for c in self.consumers if c.kind != statistics.Kind.DEPTHWISE]
+        readers = reading_classes(
+            analysis, [c for c in self.consumers if c.kind != statistics.Kind.DEPTHWISE]
+        )
         moments = statistics.collect(self.original, readers, self.feeds)
         return score_with_statistics(analysis, criterion, moments, readers)
 

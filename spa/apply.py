@@ -25,7 +25,7 @@ def pruned_shapes(analysis: Analysis, removed: np.ndarray) -> dict[ir.Value, tup
     """The shape every tensor will have once `removed` is applied, without touching the model."""
     surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
     shapes = dict(analysis.shapes)
-    for value in analysis.activations:
+    for value in analysis.carrying(surgery.removed) & analysis.activations.keys():
         if value in shapes:
             shapes[value] = tuple(surgery.dims(value))
     for value, keep in surgery.initializer_keeps().items():
@@ -133,8 +133,12 @@ class _Surgery:
             else:
                 members.setdefault(member.value, [])
         found = {}
+        touched = self.analysis.carrying(self.removed)
         for value, own in members.items():
             shape = tuple(value.const_value.shape)
+            if value not in touched:
+                found[value] = ([np.ones(d, dtype=bool) for d in shape], None)
+                continue
             masks = [~self.analysis.removed_mask(m.labels, self.removed) for m in own]
             keep = [np.ones(d, dtype=bool) for d in shape]
             grids = [axis_keeps(mask) for mask in masks]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spa.analysis import Analysis, EqualCounts
+from spa.analysis import Analysis, EqualCounts, Group
 from spa.errors import SpaError
 
 
@@ -68,14 +68,20 @@ def make_plan(
     not name lose `ratio`. fixed: groups that lose the fraction given, whatever the allocation
     (--layer-ratio, spa.plan.layer_ratios)."""
     protected = _protected(analysis, ignore)
-    candidates = {
-        g.id: _ranked([c for c in g.classes.tolist() if c not in protected], scores)
-        for g in analysis.groups
-    }
+
+    ranked: dict[int, list[int]] = {}
+
+    def candidates(group: Group) -> list[int]:
+        if group.id not in ranked:
+            classes = [c for c in group.classes.tolist() if c not in protected]
+            ranked[group.id] = _ranked(classes, scores)
+        return ranked[group.id]
+
     if shares is not None:
         ratios = {g.id: shares.get(g.id, ratio) for g in analysis.groups}
     elif global_ranking:
-        counts = _global_counts(analysis, scores, candidates, ratio, max_group_ratio)
+        everyone = {g.id: candidates(g) for g in analysis.groups}
+        counts = _global_counts(analysis, scores, everyone, ratio, max_group_ratio)
         ratios = {g.id: counts[g.id] / g.width for g in analysis.groups}
     else:
         ratios = {g.id: ratio for g in analysis.groups}
@@ -85,8 +91,13 @@ def make_plan(
         # round_to counts channels; a class holds channels_per_class of them (a head's dims).
         step = round_to // math.gcd(round_to, group.channels_per_class)
         keep = keep_count(group.width, ratios[group.id], step)
-        count = min(group.width - keep, len(candidates[group.id]))
-        chosen = _choose(candidates[group.id], count, analysis.equal_counts, scores, protected)
+        if keep == group.width:  # ranked only where something goes (a sensitivity trial: one)
+            by_group[group.id] = np.zeros(0, dtype=np.int64)
+            continue
+        order = candidates(group)
+        chosen = _choose(
+            order, min(group.width - keep, len(order)), analysis.equal_counts, scores, protected
+        )
         by_group[group.id] = np.array(chosen, dtype=np.int64)
     removed = np.concatenate(list(by_group.values())) if by_group else np.zeros(0, np.int64)
     removed = _keep_one_per_segment(analysis, scores, removed, by_group)

@@ -76,7 +76,13 @@ def serialize(model: ir.Model, outputs: list[str] | None = None) -> bytes | None
     proto = ir.serde.serialize_model(model)
     if outputs is not None:
         _keep_nodes_for(proto.graph, outputs)
-    return proto.SerializeToString() if proto.ByteSize() < PROTO_LIMIT else None
+    # Serialized at once: a ByteSize() first walked every message again (10 s of SmolLM2's refit,
+    # whose steps serialize a layer each).
+    try:
+        data = proto.SerializeToString()
+    except ValueError:  # protobuf refuses messages past 2 GB
+        return None
+    return data if len(data) < PROTO_LIMIT else None
 
 
 def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:

@@ -71,6 +71,19 @@ def _per_group(analysis: Analysis, totals: np.ndarray) -> dict[int, float]:
     return scores
 
 
+def reading_classes(analysis: Analysis, found: list) -> list:
+    """The consumers whose input features carry removable classes: the only ones data-aware
+    scores read statistics of (a transformer's Q, K, V, gate, up and LM head read the hidden size,
+    which is kept unless --prune-hidden: their statistics were a third of SmolLM2's scoring)."""
+    readers = []
+    for consumer in found:
+        members = analysis.members_named(consumer.weight)
+        shape = tuple(members[0].value.const_value.shape) if members else ()
+        if members and feature_classes(analysis, consumer, shape).any():
+            readers.append(consumer)
+    return readers
+
+
 @one_blas_thread  # the same scores whatever the thread count (spa.statistics.one_blas_thread)
 def score_with_statistics(
     analysis: Analysis, criterion: str, moments: dict, found: list, damping: float = 0.01

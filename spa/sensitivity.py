@@ -110,7 +110,8 @@ def measure(
         sess = session_for(group.id)
         # each session its own reference (its own optimizations): no change reads 0
         if sess is not referred:
-            reference, referred = [sess.run(None, f) for f in feeds], sess
+            reference = [_expected(names, sess.run(None, f), scores) for f in feeds]
+            referred = sess
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
             removed = plan_for_group(group.id, fraction)
@@ -122,8 +123,7 @@ def measure(
                 )
                 zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
                 loss = sum(
-                    _loss(names, o, sess.run(None, {**f, **zeroed}), scores)
-                    for f, o in zip(feeds, reference)
+                    _loss(e, sess.run(None, {**f, **zeroed})) for f, e in zip(feeds, reference)
                 ) / len(feeds)
                 last = (fraction, len(removed), float(saved), float(loss))
                 curve.append(last)
@@ -212,28 +212,36 @@ def _zeroed(analysis: Analysis, member, removed: np.ndarray) -> np.ndarray:
     return np.where(hit, np.zeros((), array.dtype), array)
 
 
-def _loss(
-    names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], scores: dict[str, str]
-) -> float:
-    """KL divergence for class scores (mean over rows), relative squared error otherwise; summed."""
-    total = 0.0
-    for name, a, b in zip(names, expected, actual):
+def _expected(names: list[str], outputs: list[np.ndarray], scores: dict[str, str]) -> list:
+    """What every trial's outputs are compared with, per output, computed once: class scores as
+    distributions (KL divergence, mean over rows), other float outputs as float64 with their
+    squared norm (relative squared error); None for outputs that are not compared."""
+    expected = []
+    for name, a in zip(names, outputs):
         if np.asarray(a).dtype.kind != "f" or not a.size:
+            expected.append(None)
             continue
-        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        a64 = np.asarray(a, np.float64)
         if name in scores and a64.ndim >= 1 and a64.shape[-1] >= 2:
-            rows = a64.shape[-1]
-            total += float(
-                np.mean(
-                    verify._kl(
-                        a64.reshape(-1, rows),
-                        b64.reshape(-1, rows),
-                        scores[name] == "probabilities",
-                    )
-                )
-            )
+            rows = a64.reshape(-1, a64.shape[-1])
+            expected.append(verify.Expected(rows, scores[name] == "probabilities"))
         else:
-            total += float(np.sum((a64 - b64) ** 2) / max(np.sum(a64**2), 1e-30))
+            expected.append((a64, max(np.sum(a64**2), 1e-30)))
+    return expected
+
+
+def _loss(expected: list, actual: list[np.ndarray]) -> float:
+    """The trial's outputs against `_expected`'s, summed over the outputs."""
+    total = 0.0
+    for e, b in zip(expected, actual):
+        if e is None:
+            continue
+        b64 = np.asarray(b, np.float64)
+        if isinstance(e, verify.Expected):
+            total += float(np.mean(e.kl(b64.reshape(-1, b64.shape[-1]))))
+        else:
+            a64, norm = e
+            total += float(np.sum((a64 - b64) ** 2) / norm)
     return total
 
 
