@@ -61,6 +61,28 @@ def test_pruned_shapes_are_the_shapes_after_the_surgery():
     assert predicted[model.graph.initializers["w1"].name] == (5, 3, 3, 3)
 
 
+@pytest.mark.parametrize(
+    "path", ["models/mnist/resnet_bn.onnx", "models/transformers/llama_dynamo.onnx"]
+)
+def test_a_plan_that_cuts_one_group_changes_the_shapes_it_predicts_and_no_others(path):
+    """pruned_shapes recomputes only the tensors that carry a removed class (a sensitivity
+    trial cuts one group): every other shape must come through the surgery unchanged."""
+    model = spa.io.load(path)
+    normalize(model)
+    analysis = analyze(model)
+    group = max(analysis.groups, key=lambda g: g.width)
+    removed = np.sort(group.classes[: len(group.classes) // 2])
+    predicted = {value.name: shape for value, shape in pruned_shapes(analysis, removed).items()}
+    apply(analysis, removed)
+    values = [*model.graph.initializers.values(), *(o for n in model.graph for o in n.outputs)]
+    changed = 0
+    for value in values:
+        if value.name in predicted and value.shape is not None and value.shape.is_static():
+            assert tuple(value.shape.numpy()) == predicted[value.name], value.name
+            changed += predicted[value.name] != tuple(analysis.shapes.get(value, ()))
+    assert changed >= 2
+
+
 def test_removing_nothing_changes_nothing():
     model, analysis = _cnn()
     before = ir.serde.serialize_model(model).SerializeToString()
