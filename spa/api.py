@@ -568,9 +568,7 @@ class _Calibrated:
         self.session = sess
         # Once in a child process: a native crash there is an error line, not the end of spa.
         # One sample where the model takes any batch (SmolLM2: a batch of 32 windows took 5 s).
-        first = self.feeds[0]
-        if not calibration_source.batch_size(sess)[1] and runtime.samples(first) > 1:
-            first = {k: v[:1] for k, v in first.items()}
+        first = runtime.first_sample(sess, self.feeds[0])
         try:
             runtime.isolated(
                 lambda: sess.run(None, first) and None,

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from spa import io, synthetic
 from spa.count import node_macs
 from spa.errors import CalibrationError, SpaError
-from spa.runtime import isolated, random_inputs, samples
+from spa.runtime import fixed_batch, isolated, random_inputs, samples
 from spa.statistics import KEPT_BYTES, Kind, reads
 from spa.verify import class_scores
 
@@ -154,13 +154,9 @@ def hold_out(
 
 
 def batch_size(sess: ort.InferenceSession) -> tuple[int, bool]:
-    """Samples per run: BATCH, or the batch size the model fixes (True): the first dim, when every
-    input has the same fixed one (an RNN's initial state leads with its layers, not the batch)."""
-    firsts = {
-        a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None
-        for a in sess.get_inputs()
-    }
-    return (firsts.pop(), True) if len(firsts) == 1 and None not in firsts else (BATCH, False)
+    """Samples per run: BATCH, or the batch size the model fixes (True)."""
+    fixed = fixed_batch(sess)
+    return (fixed, True) if fixed else (BATCH, False)
 
 
 def _synthetic(sess: ort.InferenceSession, input_shapes, seed: int) -> list[dict[str, np.ndarray]]:

@@ -71,11 +71,10 @@ def isolated(run: Callable[[], T], doing: str) -> T:
     return value
 
 
-def serialize(model: ir.Model, outputs: list[str] | None = None) -> bytes | None:
+def serialize(model: ir.Model) -> bytes | None:
+    """The whole model as bytes, ready to write (None past protobuf's 2 GB)."""
     inline_external_tensors(model)
     proto = ir.serde.serialize_model(model)
-    if outputs is not None:
-        _keep_nodes_for(proto.graph, outputs)
     # Serialized at once: a ByteSize() first walked every message again (10 s of SmolLM2's refit,
     # whose steps serialize a layer each).
     try:
@@ -86,9 +85,10 @@ def serialize(model: ir.Model, outputs: list[str] | None = None) -> bytes | None
 
 
 def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:
-    """Drop the nodes that `outputs` do not depend on: onnxruntime runs every node of a graph,
-    needed or not (an early layer's input costs the whole model otherwise). Graphs with subgraphs
-    stay whole: their nodes read outer values that the node inputs do not list."""
+    """Drop the nodes that `outputs` do not depend on, and the initializers no kept node reads:
+    onnxruntime runs every node of a graph, needed or not (an early layer's input costs the whole
+    model otherwise). Graphs with subgraphs stay whole: their nodes read outer values that the
+    node inputs do not list."""
     if any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
         for n in graph.node
@@ -102,6 +102,10 @@ def _keep_nodes_for(graph: onnx.GraphProto, outputs: list[str]) -> None:
             needed.update(i for i in node.input if i)
     del graph.node[:]
     graph.node.extend(reversed(kept))
+    needed.update(i.name for i in graph.input)  # an initializer listed as an input stays
+    read = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(read)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -122,17 +126,27 @@ def session(
 ) -> ort.InferenceSession:
     """An onnxruntime session of `model`.
 
-    lean: share the weights with onnxruntime instead of serializing them (see `skeleton`); the
+    The weights go to onnxruntime as arrays beside a serialized graph that points to them
+    (SessionOptions.add_external_initializers; onnxruntime puts them in before it optimizes), not
+    through protobuf: serializing SmolLM2-135M's weights cost 2 s of a 3 s session, and the
+    refit opens a session per step. The same session, bit for bit.
+    lean: share the weights with onnxruntime instead of handing them over (see `skeleton`); the
     default is lean for large models (`spa.io.is_large`). A lean session runs without graph
     optimizations and without prepacked weights, so it costs no copy of the weights.
     only_for: output names; the session keeps only the nodes they need (not on the lean path).
     """
+    options = session_options(threads)
     if serialized is None and not (is_large(model) if lean is None else lean):
-        serialized = serialize(model, only_for)
+        proto, shared = _weights_apart(model)
+        if only_for is not None:
+            _keep_nodes_for(proto.graph, only_for)
+        read = {t.name for t in proto.graph.initializer}
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in shared.items() if n in read}
+        if values:
+            options.add_external_initializers(list(values), list(values.values()))
+        serialized = proto.SerializeToString()
     if serialized is not None:
-        return ort.InferenceSession(
-            serialized, session_options(threads), providers=["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="spa-") as folder:
         path, shared = skeleton(model, Path(folder))
         return lean_session(path, shared, threads)
@@ -157,6 +171,42 @@ _SHARE_MIN_BYTES = 1024  # smaller tensors (shape constants and the like) stay i
 _PLACEHOLDER = "weights.data"
 
 
+def _weights_apart(
+    model: ir.Model, folder: Path | None = None
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model`'s proto with every large initializer as external data at its own offset in
+    `folder/weights.data`, and those initializers as arrays; the others in the proto. The model is
+    left as it was; its external tensors stay memory-mapped."""
+    shared: dict[str, np.ndarray] = {}
+    replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    offset = 0
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            replaced.append((value, tensor))
+            if tensor.dtype not in _SHAREABLE or tensor.nbytes <= _SHARE_MIN_BYTES:
+                if isinstance(tensor, ir.ExternalTensor):  # its file is the input's: inline it
+                    value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
+                continue
+            shared[value.name] = np.ascontiguousarray(tensor.numpy())
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER,
+                offset,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=value.name,
+                base_dir=folder or "",
+            )
+            offset += tensor.nbytes
+        return ir.serde.serialize_model(model), shared
+    finally:
+        for value, tensor in replaced:
+            value.const_value = tensor
+
+
 def skeleton(model: ir.Model, folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """Write `model` to `folder/model.onnx` without its weights: every large initializer points
     into `weights.data`, a sparse file of zeros that takes no disk space, and comes back as an
@@ -165,40 +215,12 @@ def skeleton(model: ir.Model, folder: Path) -> tuple[Path, dict[str, np.ndarray]
     The checker only reads the graph and checks that the data file is there; onnxruntime uses the
     shared arrays, memory-mapped external data included, without copying them. Nothing is
     serialized in memory but the graph, so a model over 2 GB costs no second copy of its weights.
-    The model is left as it was; its external tensors stay memory-mapped.
     """
-    shared: dict[str, np.ndarray] = {}
-    replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    offset = 0
-    try:
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if (
-                tensor is None
-                or tensor.dtype not in _SHAREABLE
-                or tensor.nbytes <= _SHARE_MIN_BYTES
-            ):
-                continue
-            shared[value.name] = np.ascontiguousarray(tensor.numpy())
-            replaced.append((value, tensor))
-            value.const_value = ir.ExternalTensor(
-                _PLACEHOLDER,
-                offset,
-                tensor.nbytes,
-                tensor.dtype,
-                shape=tensor.shape,
-                name=value.name,
-                base_dir=folder,
-            )
-            offset += tensor.nbytes
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value, tensor in replaced:
-            value.const_value = tensor
+    proto, shared = _weights_apart(model, folder)
     path = folder / "model.onnx"
     onnx.save(proto, path)
     with open(folder / _PLACEHOLDER, "wb") as f:
-        f.truncate(offset)
+        f.truncate(sum(a.nbytes for a in shared.values()))
     return path, shared
 
 
@@ -223,6 +245,24 @@ def samples(feed: dict[str, np.ndarray]) -> int:
     layers): then the feed is one sample and is never cut."""
     firsts = {len(v) if np.ndim(v) else 1 for v in feed.values()}
     return firsts.pop() if len(firsts) == 1 else 1
+
+
+def fixed_batch(sess: ort.InferenceSession) -> int | None:
+    """The batch size the model fixes: the first dim, when every input has the same fixed one (an
+    RNN's initial state leads with its layers, not the batch); None where any batch goes."""
+    firsts = {
+        a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None
+        for a in sess.get_inputs()
+    }
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+
+
+def first_sample(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict:
+    """The feed's first sample, or the whole feed where the model fixes its batch size: what a
+    crash check runs."""
+    if fixed_batch(sess) is None and samples(feed) > 1:
+        return {k: v[:1] for k, v in feed.items()}
+    return feed
 
 
 def random_inputs(

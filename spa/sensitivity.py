@@ -214,19 +214,18 @@ def _zeroed(analysis: Analysis, member, removed: np.ndarray) -> np.ndarray:
 
 def _expected(names: list[str], outputs: list[np.ndarray], scores: dict[str, str]) -> list:
     """What every trial's outputs are compared with, per output, computed once: class scores as
-    distributions (KL divergence, mean over rows), other float outputs as float64 with their
-    squared norm (relative squared error); None for outputs that are not compared."""
+    distributions (KL divergence, mean over rows), other float outputs with their squared norm
+    (relative squared error); None for outputs that are not compared."""
     expected = []
     for name, a in zip(names, outputs):
-        if np.asarray(a).dtype.kind != "f" or not a.size:
+        a = np.asarray(a)
+        if a.dtype.kind != "f" or not a.size:
             expected.append(None)
-            continue
-        a64 = np.asarray(a, np.float64)
-        if name in scores and a64.ndim >= 1 and a64.shape[-1] >= 2:
-            rows = a64.reshape(-1, a64.shape[-1])
+        elif name in scores and a.ndim >= 1 and a.shape[-1] >= 2:
+            rows = a.reshape(-1, a.shape[-1])
             expected.append(verify.Expected(rows, scores[name] == "probabilities"))
         else:
-            expected.append((a64, max(np.sum(a64**2), 1e-30)))
+            expected.append((a, max(float(np.sum(np.square(a, dtype=np.float64))), 1e-30)))
     return expected
 
 
@@ -236,12 +235,11 @@ def _loss(expected: list, actual: list[np.ndarray]) -> float:
     for e, b in zip(expected, actual):
         if e is None:
             continue
-        b64 = np.asarray(b, np.float64)
         if isinstance(e, verify.Expected):
-            total += float(np.mean(e.kl(b64.reshape(-1, b64.shape[-1]))))
+            total += float(np.mean(e.kl(b.reshape(-1, b.shape[-1]))))
         else:
-            a64, norm = e
-            total += float(np.sum((a64 - b64) ** 2) / norm)
+            a, norm = e
+            total += float(np.sum(np.square(a - b, dtype=np.float64)) / norm)
     return total
 
 

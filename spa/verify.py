@@ -20,6 +20,7 @@ from spa.errors import SpaError, first_line
 from spa.graph import is_default_domain
 from spa.io import is_large
 from spa.runtime import (
+    first_sample,
     isolated,
     lean_session,
     random_inputs,
@@ -113,7 +114,11 @@ class Comparison:
     """Accumulates, batch by batch, how one output of the pruned model differs from the
     original's: max relative error, cosine, and for class scores (the last axis holds one score
     per class) top-1 agreement and the mean KL divergence of the softmax, row by row over that axis.
-    Batch by batch because an LM's logits over held-out windows do not fit in memory at once."""
+    Batch by batch because an LM's logits over held-out windows do not fit in memory at once, and
+    within a batch a chunk of rows at a time (SmolLM2's 16 held-out windows are 100 M logits).
+
+    Elementwise work runs in the outputs' own precision, sums in float64: float64 copies made
+    SmolLM2's comparison cost 15 s (an exp in float64 costs 15x one in float32)."""
 
     def __init__(self, scores: str | None = None):
         self.scores = scores  # None, "logits" or "probabilities"
@@ -123,24 +128,34 @@ class Comparison:
         self.floating = True
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape:
             self.worst = float("inf")
             return
-        self.floating = np.asarray(a).dtype.kind == "f"
-        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a64.size:
-            self.scale = max(self.scale, float(np.max(np.abs(a64))))
-            self.worst = max(self.worst, float(np.max(np.abs(a64 - b64))))
-        self.dot += float(a64.ravel() @ b64.ravel())
-        self.norm_a += float(a64.ravel() @ a64.ravel())
-        self.norm_b += float(b64.ravel() @ b64.ravel())
-        self.equal += int(np.sum(a64 == b64))
-        self.elements += a64.size
-        if self.scores and a64.ndim >= 1 and a64.shape[-1] >= 2 and a64.size:
-            rows_a, rows_b = a64.reshape(-1, a64.shape[-1]), b64.reshape(-1, a64.shape[-1])
-            self.rows += len(rows_a)
-            self.agreeing += int(np.sum(rows_a.argmax(-1) == rows_b.argmax(-1)))
-            self.kl += float(np.sum(_kl(rows_a, rows_b, self.scores == "probabilities")))
+        self.floating = a.dtype.kind == "f"
+        self.elements += a.size
+        if not a.size:
+            return
+        classes = self.scores is not None and a.ndim >= 1 and a.shape[-1] >= 2
+        width = a.shape[-1] if a.ndim else 1
+        rows_a, rows_b = a.reshape(-1, width), b.reshape(-1, width)
+        step = max(1, CHUNK_ELEMENTS // width)
+        for start in range(0, len(rows_a), step):
+            x, y = (
+                _comparable(rows_a[start : start + step]),
+                _comparable(rows_b[start : start + step]),
+            )
+            self.scale = max(self.scale, float(np.max(np.abs(x))))
+            with np.errstate(over="ignore"):  # float32's max apart: moved by inf
+                self.worst = max(self.worst, float(np.max(np.abs(x - y))))
+            self.dot += _dot(x, y)
+            self.norm_a += _dot(x, x)
+            self.norm_b += _dot(y, y)
+            self.equal += int(np.count_nonzero(x == y))
+            if classes:
+                self.rows += len(x)
+                self.agreeing += int(np.count_nonzero(x.argmax(-1) == y.argmax(-1)))
+                self.kl += float(np.sum(Expected(x, self.scores == "probabilities").kl(y)))
 
     def result(self) -> dict:
         error = self.worst / max(self.scale, 1e-12) if self.elements else 0.0
@@ -164,41 +179,62 @@ class Comparison:
         return found.get("cosine", found.get("agreement"))
 
 
-def _kl(a: np.ndarray, b: np.ndarray, probabilities: bool) -> np.ndarray:
-    """KL(softmax a || softmax b) per row (or of the rows themselves, where they are
-    probabilities)."""
-    return Expected(a, probabilities).kl(b)
+CHUNK_ELEMENTS = 1 << 22  # elements of an output compared at a time
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    """sum(x * y), each product and the sum in float64 (float32 products of large activations
+    overflow), without a float64 copy."""
+    return float(np.einsum("ij,ij->", x, y, dtype=np.float64))
+
+
+def _comparable(x: np.ndarray) -> np.ndarray:
+    """Floats in their own precision (float16 as float32); integers and booleans as float64,
+    exact for the ids and counts they hold."""
+    if x.dtype.kind == "f":
+        return x if x.dtype.itemsize >= 4 else x.astype(np.float32)
+    return x.astype(np.float64)
 
 
 class Expected:
     """Rows of class scores as the distributions that others are compared with, computed once
     (a sensitivity trial compares with the same reference every time: SmolLM2's 49,152 logits a
-    token cost 22 s of its 130 s of trials when both sides were computed each time)."""
+    token cost 22 s of its 130 s of trials when both sides were computed each time).
+
+    KL(p || q) = sum p log p - sum p log q, and for logits log q = b - logsumexp(b): per row one
+    logsumexp and one dot with p, in the scores' precision, summed in float64."""
 
     def __init__(self, a: np.ndarray, probabilities: bool):
         self.probabilities = probabilities
+        a = _comparable(a)
         if probabilities:
             self.p = _normalized(a)
-            self.log_p = np.log(self.p)
         else:
-            self.log_p = _log_softmax(a)
-            self.p = np.exp(self.log_p)
+            e = np.exp(a - a.max(-1, keepdims=True))
+            self.p = e / e.sum(-1, keepdims=True, dtype=np.float64).astype(a.dtype)
+        self.total = self.p.sum(-1, dtype=np.float64)  # 1, to rounding
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(self.p > 0, self.p * np.log(self.p), 0)
+        self.neg_entropy = terms.sum(-1, dtype=np.float64)
 
     def kl(self, b: np.ndarray) -> np.ndarray:
         """KL(self || b) per row, b in the same form (logits or probabilities)."""
-        log_q = np.log(_normalized(b)) if self.probabilities else _log_softmax(b)
-        return np.sum(self.p * (self.log_p - log_q), -1)
+        b = _comparable(b)
+        if self.probabilities:
+            clipped = np.clip(b, 1e-12, None)
+            log_norm = np.log(clipped.sum(-1, dtype=np.float64))
+            cross = np.sum(self.p * np.log(clipped), -1, dtype=np.float64)
+        else:
+            top = b.max(-1, keepdims=True)
+            log_norm = np.log(np.exp(b - top).sum(-1, dtype=np.float64)) + top[..., 0]
+            cross = np.sum(self.p * b, -1, dtype=np.float64)
+        # never below 0: what rounding leaves of identical distributions
+        return np.maximum(self.neg_entropy - cross + log_norm * self.total, 0.0)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
     p = np.clip(x, 1e-12, None)
     return p / p.sum(-1, keepdims=True)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    log_p = x - x.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-    return log_p
 
 
 # Outputs made by these ops (through data movement) hold one score per class on their last axis.
@@ -271,13 +307,16 @@ def fidelity(
     scores: dict[str, str],
     exact: bool,
 ) -> Deviation:
-    """The pruned model against the original on held-out samples, batch by batch, in a child
-    process (a native crash is an error line)."""
+    """The pruned model against the original on held-out samples, batch by batch. The pruned model
+    runs one sample in a child process first (a native crash is an error line), then every batch
+    here: a session forked into a child has lost onnxruntime's worker threads (SmolLM2's 16
+    held-out windows ran 2x slower on 2 cores there)."""
     names = [o.name for o in original.get_outputs()]
     count = sum(samples(b) for b in batches)
     inputs = f"{count} held-out calibration sample(s), kept out of the fit"
-
-    def run() -> Deviation:
+    first = first_sample(pruned, batches[0])
+    try:
+        isolated(lambda: pruned.run(None, first) and None, f"running the pruned model on {inputs}")
         return compare(
             names,
             ((original.run(None, b), pruned.run(None, b)) for b in batches),
@@ -286,9 +325,6 @@ def fidelity(
             scores,
             held_out=True,
         )
-
-    try:
-        return isolated(run, f"comparing the models on {inputs}")
     except SpaError:
         raise
     except Exception as e:
