@@ -185,7 +185,7 @@ CHUNK_ELEMENTS = 1 << 22  # elements of an output compared at a time
 def _dot(x: np.ndarray, y: np.ndarray) -> float:
     """sum(x * y), each product and the sum in float64 (float32 products of large activations
     overflow), without a float64 copy."""
-    return float(np.einsum("ij,ij->", x, y, dtype=np.float64))
+    return float(_row_dots(x, y).sum())
 
 
 def _comparable(x: np.ndarray) -> np.ndarray:
@@ -209,13 +209,15 @@ class Expected:
         a = _comparable(a)
         if probabilities:
             self.p = _normalized(a)
-        else:
-            e = np.exp(a - a.max(-1, keepdims=True))
-            self.p = e / e.sum(-1, keepdims=True, dtype=np.float64).astype(a.dtype)
-        self.total = self.p.sum(-1, dtype=np.float64)  # 1, to rounding
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(self.p > 0, self.p * np.log(self.p), 0)
-        self.neg_entropy = terms.sum(-1, dtype=np.float64)
+            self.total = self.p.sum(-1, dtype=np.float64)  # 1, to rounding
+            self.neg_entropy = _row_dots(self.p, np.log(np.clip(self.p, 1e-30, None)))
+        else:  # log p = a - logsumexp(a): no log of every score
+            top = a.max(-1, keepdims=True)
+            e = np.exp(a - top)
+            norm = e.sum(-1, dtype=np.float64)
+            self.p = e / norm[:, None].astype(a.dtype)
+            self.total = self.p.sum(-1, dtype=np.float64)
+            self.neg_entropy = _row_dots(self.p, a) - (top[:, 0] + np.log(norm)) * self.total
 
     def kl(self, b: np.ndarray) -> np.ndarray:
         """KL(self || b) per row, b in the same form (logits or probabilities)."""
@@ -223,13 +225,18 @@ class Expected:
         if self.probabilities:
             clipped = np.clip(b, 1e-12, None)
             log_norm = np.log(clipped.sum(-1, dtype=np.float64))
-            cross = np.sum(self.p * np.log(clipped), -1, dtype=np.float64)
+            cross = _row_dots(self.p, np.log(clipped))
         else:
             top = b.max(-1, keepdims=True)
-            log_norm = np.log(np.exp(b - top).sum(-1, dtype=np.float64)) + top[..., 0]
-            cross = np.sum(self.p * b, -1, dtype=np.float64)
+            log_norm = np.log(np.exp(b - top).sum(-1, dtype=np.float64)) + top[:, 0]
+            cross = _row_dots(self.p, b)
         # never below 0: what rounding leaves of identical distributions
         return np.maximum(self.neg_entropy - cross + log_norm * self.total, 0.0)
+
+
+def _row_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """sum(x * y) per row, in float64, without a float64 copy."""
+    return np.einsum("ij,ij->i", x, y, dtype=np.float64)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
