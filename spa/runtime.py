@@ -265,6 +265,23 @@ def first_sample(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dic
     return feed
 
 
+# What one run's outputs may take: they stay alive together (in onnxruntime's arena, then as
+# arrays), so a run takes as many samples as fit in this.
+RUN_BYTES = 256 << 20
+
+
+def rows_per_run(bytes_per_sample: int) -> int:
+    return max(1, RUN_BYTES // max(bytes_per_sample, 1))
+
+
+def parts(feed: dict, rows: int) -> list[dict]:
+    """The feed cut into runs of `rows` samples (0: whole)."""
+    count = samples(feed) if feed else 0
+    if rows <= 0 or count <= rows:
+        return [feed]
+    return [{k: v[i : i + rows] for k, v in feed.items()} for i in range(0, count, rows)]
+
+
 def random_inputs(
     sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from spa.analysis import Analysis
 from spa.errors import CalibrationError, first_line
 from spa.graph import is_default_domain
 from spa.progress import Progress
-from spa.runtime import samples, session
+from spa.runtime import parts, rows_per_run, samples, session
 
 
 class Kind(enum.Enum):
@@ -438,7 +438,7 @@ def collect(
     rows = _rows_per_run(model, run, feeds[0]) if feeds else 0
     bar = Progress(len(feeds), label)
     for i, feed in enumerate(feeds):
-        for part in _parts(feed, rows):
+        for part in parts(feed, rows):
             values = run(part)
             for key, c in shared.items():
                 moments[key].add(c.features(values[c.input]))
@@ -448,30 +448,17 @@ def collect(
     return {c.weight: moments[c.reads] for c in found}
 
 
-# The values one statistics run exposes stay alive together (in onnxruntime's arena, then as
-# arrays, then as features): a run takes as many samples as fit in this. SmolLM2-135M exposes
-# 50 MB per 128-token window; a batch of 32 windows at once peaked at 9.3 GB.
-RUN_BYTES = 256 << 20
-
-
 def _rows_per_run(model: ir.Model, run, feed: dict) -> int:
-    """Samples per statistics run (0: the whole feed), measured on the feed's first sample. A model
-    that fixes its batch size runs whole feeds."""
+    """Samples per statistics run (0: the whole feed), measured on the feed's first sample: the
+    exposed values stay alive together, in onnxruntime's arena, then as arrays, then as features
+    (SmolLM2-135M exposes 50 MB per 128-token window; a batch of 32 windows peaked at 9.3 GB). A
+    model that fixes its batch size runs whole feeds."""
     if samples(feed) <= 1 or any(
         v.shape is None or not v.shape or isinstance(v.shape[0], int) for v in model.graph.inputs
     ):
         return 0
     probe = run({k: v[:1] for k, v in feed.items()})
-    per_sample = sum(getattr(v, "nbytes", 0) for v in probe.values())
-    return max(1, RUN_BYTES // max(per_sample, 1))
-
-
-def _parts(feed: dict, rows: int) -> list[dict]:
-    """The feed cut into runs of `rows` samples (0: whole)."""
-    count = samples(feed) if feed else 0
-    if rows <= 0 or count <= rows:
-        return [feed]
-    return [{k: v[i : i + rows] for k, v in feed.items()} for i in range(0, count, rows)]
+    return rows_per_run(sum(getattr(v, "nbytes", 0) for v in probe.values()))
 
 
 def exposing(model: ir.Model, names: list[str]):

@@ -21,9 +21,12 @@ from spa.graph import is_default_domain
 from spa.io import is_large
 from spa.runtime import (
     first_sample,
+    fixed_batch,
     isolated,
     lean_session,
+    parts,
     random_inputs,
+    rows_per_run,
     samples,
     serialize,
     session,
@@ -323,10 +326,19 @@ def fidelity(
     inputs = f"{count} held-out calibration sample(s), kept out of the fit"
     first = first_sample(pruned, batches[0])
     try:
-        isolated(lambda: pruned.run(None, first) and None, f"running the pruned model on {inputs}")
+        per_sample = isolated(
+            lambda: sum(getattr(o, "nbytes", 0) for o in pruned.run(None, first)) // samples(first),
+            f"running the pruned model on {inputs}",
+        )
+        # both models' outputs of a run alive at once (an LM's logits: 25 MB a window each)
+        rows = rows_per_run(2 * per_sample) if fixed_batch(pruned) is None else 0
         return compare(
             names,
-            ((original.run(None, b), pruned.run(None, b)) for b in batches),
+            (
+                (original.run(None, part), pruned.run(None, part))
+                for batch in batches
+                for part in parts(batch, rows)
+            ),
             inputs,
             exact,
             scores,

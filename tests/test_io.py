@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 import spa
@@ -94,6 +95,25 @@ def test_lean_session_runs_on_the_weights_in_place():
         for v in model.graph.initializers.values()
         if v.const_value.nbytes > 1024
     )
+
+
+def test_a_session_takes_the_weights_beside_its_graph_and_leaves_the_model_as_it_was():
+    # The weights go to onnxruntime as arrays, not through protobuf: the same outputs, bit for bit,
+    # as a session of the file, and the model's memory-mapped tensors stay so.
+    path = TRANSFORMERS / "llama_dynamo.onnx"
+    model = io.load(path)
+    ours = spa.runtime.session(model, lean=False)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = spa.runtime.random_inputs(theirs)
+    assert all(np.array_equal(a, b) for a, b in zip(ours.run(None, feeds), theirs.run(None, feeds)))
+    mapped = [v for v in model.graph.initializers.values() if v.const_value.nbytes > 1024]
+    assert mapped and all(isinstance(v.const_value, ir.ExternalTensor) for v in mapped)
+    # a session for an intermediate value (its nodes and weights only) gives what the whole does
+    first = next(n for n in model.graph if n.op_type == "MatMul").outputs[0]
+    exposed = spa.statistics.exposing(model, [first.name])(feeds)[first.name]
+    model.graph.outputs.append(first)
+    whole = spa.runtime.session(model, lean=False)
+    assert np.array_equal(exposed, whole.run([first.name], feeds)[0])
 
 
 def test_output_data_file_never_replaces_the_inputs(tmp_path, monkeypatch):
