@@ -105,8 +105,10 @@ def score_with_statistics(
     totals = np.zeros(len(analysis.sets), dtype=np.float64)
     # group id -> (consumer, weight, feature classes) for greedy OBS
     pending: dict[int, list[tuple]] = {}
+    direct: list[tuple] = []  # (position, consumer, weight, feature classes) scored alone
     group_of = {int(c): g.id for g in analysis.groups for c in g.classes}
-    for consumer in found:
+    last = {}  # group id -> the position of its last consumer
+    for position, consumer in enumerate(found):
         members = analysis.members_named(consumer.weight)
         if not members:
             continue
@@ -117,7 +119,23 @@ def score_with_statistics(
         if criterion == "obs" and not consumer.wide:
             for gid in {group_of[c] for c in np.unique(classes) if c in group_of}:
                 pending.setdefault(gid, []).append((consumer, weight, classes))
+                last[gid] = position
+        else:
+            direct.append((position, consumer, weight, classes))
+    # Scored in the graph order of the statistics they need (collected layer by layer, where
+    # they are: statistics.Along); each group's greedy result is added after the direct scores.
+    grouped = np.zeros_like(totals)
+    by_id = {g.id: g for g in analysis.groups}
+    readers = _Readers(moments, damping, pending)
+    jobs = [(p, 0, i) for i, (p, *_) in enumerate(direct)] + [(p, 1, g) for g, p in last.items()]
+    for _, kind, which in sorted(jobs):
+        if kind == 1:
+            classes = by_id[which].classes
+            grouped[classes] = _greedy_obs(classes, [readers.of(*r) for r in pending[which]])
+            for consumer, _, _ in pending[which]:
+                readers.done(consumer)
             continue
+        _, consumer, weight, classes = direct[which]
         matrix = consumer.matrix(weight.astype(np.float64))
         stats = moments[consumer.weight]
         squares = stats.mean_square()[:-1] if consumer.wide else np.diag(stats.mean_gram())[:-1]
@@ -134,14 +152,7 @@ def score_with_statistics(
         variances = np.maximum(squares - np.square(stats.mean()[:-1]), 0)
         errors = np.bincount(classes, weights=weights * variances, minlength=len(totals))
         totals += _accumulated(analysis, errors / max(float(weights @ squares), 1e-30))
-    readers = _Readers(moments, damping, pending)
-    for group in analysis.groups:
-        if group.id in pending:
-            totals[group.classes] += _greedy_obs(
-                group.classes, [readers.of(*r) for r in pending[group.id]]
-            )
-            for consumer, _, _ in pending[group.id]:
-                readers.done(consumer)
+    totals += grouped
     fallback = np.zeros(len(totals))
     for c, v in score(analysis, "l2").items():
         fallback[c] = v
@@ -162,24 +173,22 @@ class _Readers:
     made all at once, passed 16 GB). Consumers that share their moments (Q, K and V) share the
     inverse."""
 
-    def __init__(self, moments: dict, damping: float, pending: dict[int, list[tuple]]):
+    def __init__(self, moments, damping: float, pending: dict[int, list[tuple]]):
         self.moments, self.damping = moments, damping
         uses = [c for readers in pending.values() for c, _, _ in readers]
-        # groups still to score, per consumer
+        # groups still to score, per consumer and per set of moments (Consumer.reads)
         self.left = collections.Counter(c.weight for c in uses)
-        self.shared = collections.Counter(id(moments[c.weight]) for c in uses)  # per set of moments
+        self.shared = collections.Counter(c.reads for c in uses)
         self.made: dict[str, tuple] = {}
-        # id(moments) -> (gram, inverse)
-        self.inverses: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.inverses: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # (gram, inverse)
 
     def of(self, consumer, weight: np.ndarray, classes: np.ndarray) -> tuple:
         if consumer.weight not in self.made:
-            stats = self.moments[consumer.weight]
-            if id(stats) not in self.inverses:
-                gram = stats.mean_gram()
+            if consumer.reads not in self.inverses:
+                gram = self.moments[consumer.weight].mean_gram()
                 damp = self.damping * float(np.mean(np.diag(gram))) or self.damping
-                self.inverses[id(stats)] = gram, np.linalg.inv(gram + damp * np.eye(len(gram)))
-            gram, inverse = self.inverses[id(stats)]
+                self.inverses[consumer.reads] = gram, np.linalg.inv(gram + damp * np.eye(len(gram)))
+            gram, inverse = self.inverses[consumer.reads]
             matrix = consumer.matrix(weight.astype(np.float64))
             # its weight: the bias
             matrix = np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1)
@@ -190,14 +199,13 @@ class _Readers:
 
     def done(self, consumer) -> None:
         """One of the consumer's groups is scored."""
-        stats = self.moments[consumer.weight]
         self.left[consumer.weight] -= 1
         if not self.left[consumer.weight]:
             del self.made[consumer.weight]
-        self.shared[id(stats)] -= 1
-        if not self.shared[id(stats)]:
-            del self.inverses[id(stats)]
-            stats.release()
+        self.shared[consumer.reads] -= 1
+        if not self.shared[consumer.reads]:
+            del self.inverses[consumer.reads]
+            self.moments[consumer.weight].release()
 
 
 def _accumulated(analysis: Analysis, errors: np.ndarray) -> np.ndarray:

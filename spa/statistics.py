@@ -429,11 +429,15 @@ def one_blas_thread(fn):
 @one_blas_thread
 def collect(
     model: ir.Model, found: list[Consumer], feeds: list[dict], label: str = "statistics"
-) -> dict[str, Moments | Means]:
-    """Second moments of every consumer's features (Means of the wide ones), in one pass over the
-    calibration batches; per weight name, consumers that read the same features sharing one."""
-    run = exposing(model, sorted({c.input for c in found}))
+) -> dict[str, Moments | Means] | Along:
+    """Second moments of every consumer's features (Means of the wide ones), per weight name,
+    consumers that read the same features sharing one: in one pass over the calibration batches
+    where they fit in STATISTICS_BYTES together, else layer by layer as they are asked for
+    (`Along`)."""
     shared = {c.reads: c for c in found}  # one consumer per distinct features
+    if sum(_statistics_bytes(c) for c in shared.values()) > STATISTICS_BYTES:
+        return Along(model, found, feeds)
+    run = exposing(model, sorted({c.input for c in found}))
     moments = {key: Means() if c.wide else Moments() for key, c in shared.items()}
     rows = _rows_per_run(model, run, feeds[0]) if feeds else 0
     bar = Progress(len(feeds), label)
@@ -446,6 +450,49 @@ def collect(
         bar.update(i + 1)
     bar.close()
     return {c.weight: moments[c.reads] for c in found}
+
+
+# What the statistics of every layer may take at once. A LLaMA-style model with hidden 2048, 16
+# layers and an FFN of 5632 holds 4.6 GB of float64 moments for its output and down projections
+# alone (1.3x its weights); a 7B model's would be 45 GB.
+STATISTICS_BYTES = 1 << 30
+
+
+def _statistics_bytes(consumer: Consumer) -> int:
+    features = consumer.width + 1
+    return 8 * (3 * features if consumer.wide else features * features)
+
+
+class Along:
+    """The statistics of each consumer, collected when they are first asked for, by running the
+    model forward along the graph (`Forward`): asked in graph order, with each released when its
+    reader is done (`Moments.release`), only the layers in hand hold statistics, at the cost of
+    running the model in steps. Asking for a layer collects every layer before it first, so that
+    the model only ever runs forward."""
+
+    def __init__(self, model: ir.Model, found: list[Consumer], feeds: list[dict]):
+        self.forward = Forward(model, feeds)
+        self.by_weight = {c.weight: c for c in found}
+        position = {v.name: i for i, n in enumerate(model.graph) for v in n.outputs}
+        # one consumer per distinct features, in the graph order of what they read
+        shared = {c.reads: c for c in found}
+        self.order = sorted(shared.values(), key=lambda c: position.get(c.input, -1))
+        self.made: dict[tuple, Moments | Means] = {}
+        self.bar = Progress(len(self.order), "statistics, layer by layer")
+
+    def __getitem__(self, weight: str) -> Moments | Means:
+        wanted = self.by_weight[weight].reads
+        for c in self.order[len(self.made) :]:
+            if wanted in self.made:
+                break
+            moments = Means() if c.wide else Moments()
+            for x in self.forward.values(c.input):
+                moments.add(c.features(x))
+            self.made[c.reads] = moments
+            self.bar.update(len(self.made))
+        if len(self.made) == len(self.order):
+            self.bar.close()
+        return self.made[wanted]
 
 
 def _rows_per_run(model: ir.Model, run, feed: dict) -> int:

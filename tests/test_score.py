@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 from graphs import Graph
 
+from spa import io, statistics
 from spa.analysis import analyze
 from spa.normalize import normalize
-from spa.score import dead_first, score, score_with_statistics
+from spa.score import dead_first, reading_classes, score, score_with_statistics
 from spa.statistics import collect, consumers
+
+TRANSFORMERS = Path(__file__).parent.parent / "models" / "transformers"
 
 
 def _mlp(scale_rows: dict[int, float] | None = None, copy: tuple[int, int] | None = None):
@@ -87,3 +92,26 @@ def test_obs_finds_a_channel_the_others_make_up_for_exactly():
     first, second = sorted(obs.values())[:2]
     assert _ranked(analysis, obs)[0] in (0, 5) and first < 0.5 * second
     assert _ranked(analysis, score(analysis, "l2"))[0] not in (0, 5)
+
+
+def test_statistics_too_large_to_hold_at_once_are_collected_layer_by_layer_to_the_same_scores(
+    monkeypatch,
+):
+    # A decoder whose layers' statistics do not fit in STATISTICS_BYTES together: each layer's
+    # are collected as its groups are scored, stepping forward through the graph, and released
+    # once they are; the scores are those of one pass over the whole model.
+    model = io.load(TRANSFORMERS / "llama_dynamo.onnx")
+    normalize(model)
+    analysis = analyze(model)
+    found = reading_classes(analysis, consumers(model))
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 256, (4, 16))} for _ in range(3)]
+    whole = score_with_statistics(analysis, "obs", collect(model, found, feeds), found)
+    monkeypatch.setattr(statistics, "STATISTICS_BYTES", 0)
+    along = collect(model, found, feeds)
+    assert isinstance(along, statistics.Along)
+    layered = score_with_statistics(analysis, "obs", along, found)
+    assert layered.keys() == whole.keys()
+    np.testing.assert_allclose([layered[c] for c in whole], list(whole.values()), rtol=1e-4)
+    assert len(along.made) == len({c.reads for c in found}) > 2
+    assert all(m._gram is None for m in along.made.values())  # each released after its groups
