@@ -186,12 +186,14 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     ignore = _ignore_patterns(work, o.ignore, o.exclude_ops)
     progress.step("running the original on the verification inputs")
     reference = verification.reference(work, o.input_shapes, lean=large) if o.verify else None
+    io.release_pages(work.graph.initializers.values())
     progress.step("finding the coupled channels")
     analysis = analyze_model(work, o.input_shapes, o.prune_hidden, o.prune_cache)
     before = count(work, shapes=analysis.shapes)
     consumers = statistics.consumers(work)
     method, data, means, scores = _method_and_scores(work, analysis, consumers, large, o)
     planner = _Planner(analysis, method, data, scores, before, ignore, o)
+    io.release_pages(work.graph.initializers.values())  # the sensitivity trials read them all
     record["resolved"] = {
         "round_to": planner.step,
         "importance": method.importance,
@@ -536,6 +538,11 @@ def _remove_and_repair(
     keeps = weight_keeps(analysis, removed)
     shifts = mean_shifts(model, consumers, means, keeps)
     apply(analysis, removed)
+    # the surgery read every weight it cut: the original's pages go back (the refit reads a
+    # layer's at a time)
+    for m in (model, data.original if data is not None else None):
+        if m is not None:
+            io.release_pages(m.graph.initializers.values())
     if data is not None and len(removed):
         data.compensate(model, keeps)
     return shift_biases(model, consumers, shifts)

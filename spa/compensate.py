@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.graph import constant
+from spa.io import release_pages
 from spa.names import Names
 from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Kind, Means, Moments, one_blas_thread
@@ -153,6 +154,7 @@ def refit(
                     partners[c.weight] is not None,
                 ),
             )
+            release_pages([weights[c.weight]])  # the original's, read for the target
             refit_count += 1
         bar.update(i + 1)
     bar.close()

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import mmap
 import os
 import tempfile
 import zipfile
@@ -324,6 +325,24 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(
         v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
     )
+
+
+def release_pages(values) -> None:
+    """Hand the resident pages of memory-mapped weights (external data) back to the kernel's page
+    cache: mapped pages count as the process's memory for as long as they stay, and a pass over
+    a model touches them all. A later read maps them again from the cache. Where spa is done with
+    a block of weights (a session holds its own copy, a layer is scored or refit), only the block
+    in hand stays paged in."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    for value in values:
+        tensor = value.const_value
+        raw = getattr(tensor, "raw", None)
+        if advice is None or not isinstance(tensor, ir.ExternalTensor) or raw is None:
+            continue
+        start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min((tensor.offset or 0) + tensor.nbytes, len(raw))
+        if end > start:
+            raw.madvise(advice, start, end - start)
 
 
 def is_large(model: ir.Model) -> bool:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from spa.errors import SpaError, first_line
-from spa.io import PROTO_LIMIT, inline_external_tensors, is_large
+from spa.io import PROTO_LIMIT, inline_external_tensors, is_large, release_pages
 
 
 def quiet() -> None:
@@ -144,7 +144,12 @@ def session(
         values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in shared.items() if n in read}
         if values:
             options.add_external_initializers(list(values), list(values.values()))
-        serialized = proto.SerializeToString()
+        sess = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        # onnxruntime copied the weights: memory-mapped ones need not stay paged in for it
+        release_pages(v for v in model.graph.initializers.values() if v.name in values)
+        return sess
     if serialized is not None:
         return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="spa-") as folder:

@@ -7,6 +7,7 @@ import collections
 import numpy as np
 
 from spa.analysis import Analysis
+from spa.io import release_pages
 
 # Declared with the options; DATA_CRITERIA need calibration statistics.
 from spa.options import CRITERIA, DATA_CRITERIA  # noqa: F401
@@ -134,6 +135,7 @@ def score_with_statistics(
             grouped[classes] = _greedy_obs(classes, [readers.of(*r) for r in pending[which]])
             for consumer, _, _ in pending[which]:
                 readers.done(consumer)
+                release_pages(m.value for m in analysis.members_named(consumer.weight))
             continue
         _, consumer, weight, classes = direct[which]
         matrix = consumer.matrix(weight.astype(np.float64))

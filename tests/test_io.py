@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,31 @@ def test_output_data_file_never_replaces_the_inputs(tmp_path, monkeypatch):
         spa.prune(tmp_path / "a.onnx", tmp_path / "resnet_dynamo.onnx", ratio=0.5)
     assert (tmp_path / "resnet_dynamo.onnx.data").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "resnet_dynamo.onnx.data"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_released_weights_leave_the_process_memory_and_read_the_same(tmp_path):
+    # Memory-mapped weights count as the process's memory once read; released, their pages go
+    # back to the page cache, and reading them again gives the same values.
+    weight = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)  # 64 MB
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 4096]))
+    w = ir.Value(name="w", const_value=ir.tensor(weight, name="w"))
+    node = ir.node("MatMul", [x, w])
+    y = node.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape([1, 4096])
+    graph = ir.Graph(
+        [x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 21}, name="g"
+    )
+    io.save(ir.Model(graph, ir_version=10), tmp_path / "m.onnx", external=True)
+    model = io.load(tmp_path / "m.onnx")
+    value = model.graph.initializers["w"]
+    assert isinstance(value.const_value, ir.ExternalTensor)
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    total = float(value.const_value.numpy().sum())
+    before = resident()
+    io.release_pages([value])
+    assert before - resident() > 48 << 20
+    assert float(value.const_value.numpy().sum()) == total
