@@ -211,31 +211,38 @@ def prune(model, output: str | os.PathLike | None = None, **options) -> PruneRes
     exact = o.verify and verification.all_zero(analysis, plan.removed)
     progress.step("removing channels" + (" and refitting" if method.compensated else ""))
     repair = data if method.compensated else None
-    shifted = _remove_and_repair(analysis, plan.removed, consumers, repair, means)
-    if not shifted and method.calibration is Source.BATCHNORM:
-        method.calibration, method.compensated = None, False  # no removed channel came from a BN
-    after = count(work, shapes=planned_shapes)
-    if target is not None and "kind" in target:  # the fidelity bound may have cut less
-        kind = target["kind"]
-        target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
-        target["met"] = target["reached"] <= target["target"]
-    _record_provenance(work, record, before, after)
-    verdict = None
-    if o.verify:
-        progress.step("verifying the pruned model")
-        verdict = verification.verify(
-            expected_signature, expected_shapes, work, reference, exact, lean=large, keeps=keeps
-        )
-        if data is not None and data.held_out:
-            progress.step("measuring fidelity on held-out samples")
-            verdict.fidelity = data.fidelity(work, exact, verdict.serialized, large)
-    if source is not None:
-        before.file_bytes = io.file_bytes(source)
-    if output is not None:
-        progress.step("writing the pruned model")
-        after.file_bytes = io.save(
-            work, output, serialized=verdict.serialized if verdict else None, external=large or None
-        )
+    with io.spilled(work) as spill:  # a large model's pruned weights wait on disk
+        shifted = _remove_and_repair(analysis, plan.removed, consumers, repair, means, spill)
+        if not shifted and method.calibration is Source.BATCHNORM:
+            method.calibration, method.compensated = (
+                None,
+                False,
+            )  # no removed channel came from a BN
+        after = count(work, shapes=planned_shapes)
+        if target is not None and "kind" in target:  # the fidelity bound may have cut less
+            kind = target["kind"]
+            target["reached"] = getattr(after, kind) / max(getattr(before, kind), 1)
+            target["met"] = target["reached"] <= target["target"]
+        _record_provenance(work, record, before, after)
+        verdict = None
+        if o.verify:
+            progress.step("verifying the pruned model")
+            verdict = verification.verify(
+                expected_signature, expected_shapes, work, reference, exact, lean=large, keeps=keeps
+            )
+            if data is not None and data.held_out:
+                progress.step("measuring fidelity on held-out samples")
+                verdict.fidelity = data.fidelity(work, exact, verdict.serialized, large)
+        if source is not None:
+            before.file_bytes = io.file_bytes(source)
+        if output is not None:
+            progress.step("writing the pruned model")
+            after.file_bytes = io.save(
+                work,
+                output,
+                serialized=verdict.serialized if verdict else None,
+                external=large or None,
+            )
     seconds = time.perf_counter() - start
     changes = _signature_changes(expected_signature, keeps)
     return PruneResult(
@@ -530,21 +537,23 @@ def _remove_and_repair(
     consumers: list[statistics.Consumer],
     data: _Calibrated | None,
     means: dict,
+    spill: io.Spill | None = None,
 ) -> int:
     """The surgery, then the repair: a refit from calibration data, or the removed channels'
     BatchNormalization means moved into the biases (computed before the surgery removes them).
-    Returns how many biases took BN means."""
+    Returns how many biases took BN means. `spill`: where the cut and refit weights go instead
+    of memory."""
     model = analysis.model
     keeps = weight_keeps(analysis, removed)
     shifts = mean_shifts(model, consumers, means, keeps)
-    apply(analysis, removed)
+    apply(analysis, removed, spill)
     # the surgery read every weight it cut: the original's pages go back (the refit reads a
     # layer's at a time)
     for m in (model, data.original if data is not None else None):
         if m is not None:
             io.release_pages(m.graph.initializers.values())
     if data is not None and len(removed):
-        data.compensate(model, keeps)
+        data.compensate(model, keeps, spill)
     return shift_biases(model, consumers, shifts)
 
 
@@ -602,9 +611,10 @@ class _Calibrated:
             pruned, threads=statistics.SESSION_THREADS, serialized=serialized, lean=large
         )
         scores = verification.class_scores(pruned)
-        return verification.fidelity(self.session, session, self.held_out, scores, exact)
+        weights = tuple(list(m.graph.initializers.values()) for m in (self.original, pruned))
+        return verification.fidelity(self.session, session, self.held_out, scores, exact, weights)
 
-    def compensate(self, pruned: ir.Model, keeps) -> None:
+    def compensate(self, pruned: ir.Model, keeps, spill: io.Spill | None) -> None:
         refit(
             self.original,
             pruned,
@@ -612,6 +622,7 @@ class _Calibrated:
             self.feeds,
             keeps,
             cross_validate=not self.synthetic,
+            spill=spill,
         )
 
 

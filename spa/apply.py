@@ -15,6 +15,7 @@ import onnx_ir.passes.common as common_passes
 from spa import rules
 from spa.analysis import Analysis, Propagation
 from spa.graph import constant, opset_version
+from spa.io import Spill, release_pages
 from spa.labels import axis_keeps, row_keeps, varying_axes
 from spa.names import Names
 from spa.normalize import infer_shapes
@@ -51,12 +52,13 @@ class SurgeryError(RuntimeError):
     """The plan cannot be carried out exactly. Always a bug in a rule: never written out."""
 
 
-def apply(analysis: Analysis, removed: np.ndarray) -> None:
-    """Remove the classes `removed` (root labels) from `analysis.model`, in place."""
+def apply(analysis: Analysis, removed: np.ndarray, spill: Spill | None = None) -> None:
+    """Remove the classes `removed` (root labels) from `analysis.model`, in place. `spill`: where
+    the cut weights go, one at a time, instead of memory."""
     if len(removed) == 0:
         return
     surgery = _Surgery(analysis, np.asarray(removed, dtype=np.int64))
-    surgery.slice_members()
+    surgery.slice_members(spill)
     for node in list(analysis.model.graph):
         entry = rules.op_rule(node)
         if entry is not None and entry.rewrite is not None:
@@ -157,7 +159,7 @@ class _Surgery:
             found[value] = (keep, mask)
         return found
 
-    def slice_members(self) -> None:
+    def slice_members(self, spill: Spill | None) -> None:
         for value, (keep, mask) in self._initializers.items():
             array = value.const_value.numpy()
             if mask is not None:  # row by row, C order: each row's kept elements in place
@@ -167,8 +169,12 @@ class _Surgery:
                     if not k.all():
                         array = np.compress(k, array, axis=axis)
             if array.shape != tuple(value.const_value.shape):
-                value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+                cut = ir.tensor(np.ascontiguousarray(array), name=value.name)
+                release_pages([value])  # the original's weights, read for the cut
+                value.const_value = cut
                 value.shape = ir.Shape(array.shape)
+                if spill is not None:
+                    spill.hold([value])
 
     def set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
         """Give `node` a new constant input: the old one may be shared with other nodes."""

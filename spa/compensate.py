@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.graph import constant
-from spa.io import release_pages
+from spa.io import Spill, release_pages
 from spa.names import Names
 from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Kind, Means, Moments, one_blas_thread
@@ -65,10 +65,23 @@ class _Halves:
         return sum(h.count for h in self.halves)
 
     def mean_gram(self) -> np.ndarray:
-        return sum(h.mean_gram() * h.count for h in self.halves if h.count) / max(self.count, 1)
+        return self._pooled(Moments.mean_gram)
 
     def mean_cross(self) -> np.ndarray:
-        return sum(h.mean_cross() * h.count for h in self.halves if h.count) / max(self.count, 1)
+        return self._pooled(Moments.mean_cross)
+
+    def _pooled(self, mean) -> np.ndarray:
+        """The halves' means weighed by their rows, summed in place: a 5,632-wide layer's
+        temporaries were 250 MB each."""
+        parts = [h for h in self.halves if h.count]
+        total = mean(parts[0])
+        total *= parts[0].count
+        for h in parts[1:]:
+            part = mean(h)
+            part *= h.count
+            total += part
+        total /= max(self.count, 1)
+        return total
 
 
 @one_blas_thread
@@ -80,6 +93,7 @@ def refit(
     keeps: dict[str, list[np.ndarray]],
     damping: float = DAMPING,
     cross_validate: bool = True,
+    spill: Spill | None = None,
 ) -> int:
     """Refit the consumers of `pruned` (in place) towards `original`; returns how many were refit.
 
@@ -87,7 +101,8 @@ def refit(
     same value (a transformer's Q, K and V) are refit from one pass: none of them changes it.
     cross_validate: the ridge of layers with few rows (off for synthetic data: a held-out half of
     noise says how a fit carries to more noise, not to real inputs; it cost the data-free MNIST
-    CNNs 1 to 5 points at ratios 0.3 to 0.7)."""
+    CNNs 1 to 5 points at ratios 0.3 to 0.7).
+    spill: where each refit weight goes once written, instead of memory."""
     weights = {v.name: v for v in original.graph.initializers.values()}
     readers: dict[str, list[Consumer]] = {}
     for consumer in found:  # in graph order of the first reader, so upstream refits come first
@@ -155,6 +170,8 @@ def refit(
                 ),
             )
             release_pages([weights[c.weight]])  # the original's, read for the target
+            if spill is not None:
+                spill.hold([c.node_in(pruned).inputs[1]])
             refit_count += 1
         bar.update(i + 1)
     bar.close()
@@ -213,20 +230,24 @@ def _cross_validated(
     cost more than the rest of SmolLM2's refit."""
     rows = np.unique(np.linspace(0, len(targets[0]) - 1, CV_OUTPUTS).astype(int))
     full, targets, prior = targets, [t[rows] for t in targets], prior[:, rows]
-    grams, crosses = [h.mean_gram() for h in halves], [h.mean_cross() for h in halves]
+    grams, rights, tested = [], [], []
+    for h in halves:  # the crosses are only needed times the targets: one at a time
+        cross = h.mean_cross()
+        rights.append(np.concatenate([cross @ t.T for t in targets], axis=1))
+        tested.append(cross @ targets[-1].T)
+        del cross
+        grams.append(h.mean_gram())
     errors = np.zeros((len(targets), len(dampings)))
     for fit, test in ((0, 1), (1, 0)):
-        right = np.concatenate([crosses[fit] @ t.T for t in targets], axis=1)
-        tested = crosses[test] @ targets[-1].T
         for j, damping in enumerate(dampings):
             # (features, outputs) per target
             fits = np.split(
-                _ridge(grams[fit], right, np.tile(prior, len(targets)), damping),
+                _ridge(grams[fit], rights[fit], np.tile(prior, len(targets)), damping),
                 len(targets),
                 axis=1,
             )
             for i, x in enumerate(fits):
-                errors[i, j] += float(np.sum((grams[test] @ x) * x) - 2 * np.sum(tested * x))
+                errors[i, j] += float(np.sum((grams[test] @ x) * x) - 2 * np.sum(tested[test] * x))
     i, j = np.unravel_index(np.argmin(errors), errors.shape)
     return full[i], dampings[j]
 
@@ -237,7 +258,9 @@ def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: floa
     size = gram.shape[-1]
     damp = damping * np.trace(gram, axis1=-2, axis2=-1)[..., None, None] / size
     damp = np.where(damp > 0, damp, damping)
-    return np.linalg.solve(gram + damp * np.eye(size), cross + damp * prior)
+    damped = gram.copy()  # lambda I added on the diagonal: no identity of the gram's size
+    np.einsum("...ii->...i", damped)[...] += damp[..., 0]
+    return np.linalg.solve(damped, cross + damp * prior)
 
 
 def _kept_channels(consumer: Consumer, keep: list[np.ndarray] | None) -> np.ndarray | None:

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from spa.errors import SpaError, first_line
 from spa.graph import is_default_domain
-from spa.io import is_large
+from spa.io import is_large, release_pages
 from spa.runtime import (
     first_sample,
     fixed_batch,
@@ -316,11 +316,14 @@ def fidelity(
     batches: list[dict],
     scores: dict[str, str],
     exact: bool,
+    weights: tuple[list[ir.Value], list[ir.Value]] = ([], []),
 ) -> Deviation:
     """The pruned model against the original on held-out samples, batch by batch. The pruned model
     runs one sample in a child process first (a native crash is an error line), then every batch
     here: a session forked into a child has lost onnxruntime's worker threads (SmolLM2's 16
-    held-out windows ran 2x slower on 2 cores there)."""
+    held-out windows ran 2x slower on 2 cores there).
+    weights: each model's initializers, whose memory-mapped pages go back after each of its runs
+    (sessions that share them touch them all: both models' at once were 1.9x a large model's)."""
     names = [o.name for o in original.get_outputs()]
     count = sum(samples(b) for b in batches)
     inputs = f"{count} held-out calibration sample(s), kept out of the fit"
@@ -332,13 +335,19 @@ def fidelity(
         )
         # both models' outputs of a run alive at once (an LM's logits: 25 MB a window each)
         rows = rows_per_run(2 * per_sample) if fixed_batch(pruned) is None else 0
+
+        def runs():
+            for batch in batches:
+                for part in parts(batch, rows):
+                    expected = original.run(None, part)
+                    release_pages(weights[0])
+                    actual = pruned.run(None, part)
+                    release_pages(weights[1])
+                    yield expected, actual
+
         return compare(
             names,
-            (
-                (original.run(None, part), pruned.run(None, part))
-                for batch in batches
-                for part in parts(batch, rows)
-            ),
+            runs(),
             inputs,
             exact,
             scores,

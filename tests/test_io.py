@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -71,15 +73,32 @@ TRANSFORMERS = Path(__file__).parent.parent / "models" / "transformers"
 
 
 def test_large_model_is_verified_on_shared_weights_and_keeps_external_data(tmp_path, monkeypatch):
-    # The same pruning as for a small model; only the verification and the container change.
+    # The same pruning as for a small model; only the verification and the container change, and
+    # the cut and refit weights wait in a temporary file instead of memory.
     small = tmp_path / "small.onnx"
-    spa.prune(TRANSFORMERS / "llama_dynamo.onnx", small, ratio=0.5)
+    options = dict(ratio=0.5, calibration="synthetic", input_shapes={"input_ids": [1, 16]})
+    spa.prune(TRANSFORMERS / "llama_dynamo.onnx", small, **options)
     monkeypatch.setattr(io, "LARGE_BYTES", 1000)
+    monkeypatch.setattr(io.Spill, "MIN_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     large = tmp_path / "large" / "pruned.onnx"
     large.parent.mkdir()
-    result = spa.prune(TRANSFORMERS / "llama_dynamo.onnx", large, ratio=0.5)
+    result = spa.prune(TRANSFORMERS / "llama_dynamo.onnx", large, **options)
     assert result.verdict.serialized is None
     assert sorted(p.name for p in large.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
+    (spill,) = (tmp_path / "tmp").glob("spa-*.spill")
+    before = io.load(TRANSFORMERS / "llama_dynamo.onnx").graph.initializers
+    cut = [
+        v.const_value
+        for v in result.model.graph.initializers.values()
+        if v.name in before and v.shape != before[v.name].shape
+    ]
+    assert result.method.compensated and cut
+    assert all(isinstance(t, ir.ExternalTensor) and Path(t.path) == spill for t in cut)
+    del result
+    gc.collect()
+    assert not spill.exists()
     onnx.checker.check_model(str(large), full_check=True)
     a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(small).graph.initializer}
     b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(large).graph.initializer}
