@@ -418,8 +418,10 @@ def _fidelity_bound(
         trial = io.clone(pristine)
         on = analyze_model(trial, o.input_shapes, o.prune_hidden, o.prune_cache)
         repair = data if method.compensated else None
-        _remove_and_repair(on, planner(r, on).removed, statistics.consumers(trial), repair, means)
-        return data.fidelity(trial, False, None, large).similarity
+        with io.spilled(trial, outlives=False) as spill:
+            removed = planner(r, on).removed
+            _remove_and_repair(on, removed, statistics.consumers(trial), repair, means, spill)
+            return data.fidelity(trial, False, None, large).similarity
 
     progress.step(f"searching the cut that keeps fidelity >= {o.min_fidelity:g}")
     return _fidelity_search(fidelity_at, ratio, o.min_fidelity, target)

@@ -74,12 +74,9 @@ class _Halves:
         """The halves' means weighed by their rows, summed in place: a 5,632-wide layer's
         temporaries were 250 MB each."""
         parts = [h for h in self.halves if h.count]
-        total = mean(parts[0])
-        total *= parts[0].count
+        total = mean(parts[0]) * parts[0].count
         for h in parts[1:]:
-            part = mean(h)
-            part *= h.count
-            total += part
+            total += mean(h) * h.count
         total /= max(self.count, 1)
         return total
 
@@ -214,7 +211,8 @@ def _solve(
         )
     if halves and len(dampings) * len(targets) > 1:
         target, damping = _cross_validated(moments.halves, targets, prior.T, dampings)
-    return _ridge(moments.mean_gram(), moments.mean_cross() @ target.T, prior.T, damping).T
+    cross = moments.mean_cross() @ target.T
+    return _ridge(moments.mean_gram(), cross, prior.T, damping, overwrite=True).T
 
 
 def _cross_validated(
@@ -230,13 +228,9 @@ def _cross_validated(
     cost more than the rest of SmolLM2's refit."""
     rows = np.unique(np.linspace(0, len(targets[0]) - 1, CV_OUTPUTS).astype(int))
     full, targets, prior = targets, [t[rows] for t in targets], prior[:, rows]
-    grams, rights, tested = [], [], []
-    for h in halves:  # the crosses are only needed times the targets: one at a time
-        cross = h.mean_cross()
-        rights.append(np.concatenate([cross @ t.T for t in targets], axis=1))
-        tested.append(cross @ targets[-1].T)
-        del cross
-        grams.append(h.mean_gram())
+    grams = [h.mean_gram() for h in halves]
+    rights = [np.concatenate([h.mean_cross() @ t.T for t in targets], axis=1) for h in halves]
+    tested = [h.mean_cross() @ targets[-1].T for h in halves]
     errors = np.zeros((len(targets), len(dampings)))
     for fit, test in ((0, 1), (1, 0)):
         for j, damping in enumerate(dampings):
@@ -252,13 +246,15 @@ def _cross_validated(
     return full[i], dampings[j]
 
 
-def _ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: float) -> np.ndarray:
+def _ridge(
+    gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, damping: float, overwrite: bool = False
+) -> np.ndarray:
     """Solve (gram + lambda I) x = cross + lambda prior, lambda relative to gram's mean diagonal;
-    batched over leading axes."""
+    batched over leading axes. overwrite: gram is the caller's to spend (damped in place)."""
     size = gram.shape[-1]
     damp = damping * np.trace(gram, axis1=-2, axis2=-1)[..., None, None] / size
     damp = np.where(damp > 0, damp, damping)
-    damped = gram.copy()  # lambda I added on the diagonal: no identity of the gram's size
+    damped = gram if overwrite else gram.copy()  # lambda I on the diagonal: no identity matrix
     np.einsum("...ii->...i", damped)[...] += damp[..., 0]
     return np.linalg.solve(damped, cross + damp * prior)
 
@@ -292,7 +288,7 @@ def _solve_depthwise(
     )
     position = np.searchsorted(kept, channels)
     prior = target[:, :, None]
-    return _ridge(gram[position], cross[position] @ prior, prior, damping)[:, :, 0]
+    return _ridge(gram[position], cross[position] @ prior, prior, damping, overwrite=True)[:, :, 0]
 
 
 def _with_bias(consumer: Consumer, node: ir.Node, weights: dict[str, ir.Value]) -> np.ndarray:

@@ -399,9 +399,10 @@ class Spill:
 
 
 @contextlib.contextmanager
-def spilled(model: ir.Model):
-    """A Spill for the new weights of `model` where it is large (else None): removed at once if
-    the block fails, else once `model` is collected or the process exits."""
+def spilled(model: ir.Model, outlives: bool = True):
+    """A Spill for the new weights of `model` where it is large (else None), removed at the end of
+    the block, or where `model` `outlives` it and the block succeeds, once `model` is collected
+    or the process exits."""
     if not is_large(model):
         yield None
         return
@@ -411,7 +412,10 @@ def spilled(model: ir.Model):
     except BaseException:
         spill.remove()
         raise
-    weakref.finalize(model, spill.remove)
+    if outlives:
+        weakref.finalize(model, spill.remove)
+    else:
+        spill.remove()
 
 
 def is_large(model: ir.Model) -> bool:

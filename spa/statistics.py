@@ -274,16 +274,23 @@ class Moments:
     Rows wait in a buffer of up to BUFFER_BYTES and are multiplied together: a model with a fixed
     batch of 1 gives 32 rows per run, and products of 32 rows by thousands of features are bound by
     memory, not arithmetic (ResNet-18 at 224x224 with a fixed batch of 1: 88 s of products and sums
-    became 15 s)."""
+    became 15 s).
+
+    The first mean asked for turns the sums into means in place, and the means come back
+    read-only: no copy of a layer's moments per use (a 5,632-wide gram is 250 MB), and no rows may
+    be added after."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._gram: np.ndarray | None = None  # sum of x x^T
-        self._cross: np.ndarray | None = None  # sum of x y^T
+        self._gram: np.ndarray | None = None  # sum of x x^T, or its mean once asked for
+        self._cross: np.ndarray | None = None  # sum of x y^T, or its mean once asked for
+        self._means = False
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_bytes = 0
 
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        if self._means:
+            raise RuntimeError("rows added to moments whose means were read")
         self.count += len(x)
         self._pending.append((x, y))
         self._pending_bytes += x.nbytes + (y.nbytes if y is not None else 0)
@@ -311,12 +318,22 @@ class Moments:
             )
 
     def mean_gram(self) -> np.ndarray:
-        self._flush()
-        return self._gram / max(self.count, 1)
+        self._to_means()
+        return self._gram
 
     def mean_cross(self) -> np.ndarray:
+        self._to_means()
+        return self._cross
+
+    def _to_means(self) -> None:
+        if self._means:
+            return
         self._flush()
-        return self._cross / max(self.count, 1)
+        for sums in (self._gram, self._cross):
+            if sums is not None:
+                sums /= max(self.count, 1)
+                sums.flags.writeable = False
+        self._means = True
 
     def release(self) -> None:
         """Free the sums (their reader is done with them)."""
