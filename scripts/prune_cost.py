@@ -186,6 +186,9 @@ def prune_child(request: dict) -> None:
         "macs": result.after.macs / max(result.before.macs, 1),
         "method": result.method.describe() if result.method else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # spa's forked children (crash checks, the verification run): pages shared with spa's
+        # count in both
+        "peak_child_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "stages": stages,
     }
     Path(request["report"]).write_text(json.dumps(report))
@@ -256,7 +259,8 @@ def measure(names: list[str], methods: list[str]) -> None:
                 line = (
                     f"  {method}: {report['seconds']:.0f} s = {report['seconds'] / pass_s:.1f}x a "
                     f"pass, peak {report['peak_rss_bytes'] / 1e9:.2f} GB"
-                    f" = {report['peak_rss_bytes'] / weights:.2f}x the weights; MACs "
+                    f" = {report['peak_rss_bytes'] / weights:.2f}x the weights (its child "
+                    f"processes' {report.get('peak_child_rss_bytes', 0) / 1e9:.2f} GB); MACs "
                     f"{report['macs']:.3f}; {report['method']}"
                 )
             print(line, flush=True)

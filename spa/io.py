@@ -354,7 +354,8 @@ class Spill:
     to file (onnx_ir's ExternalTensor.tofile: copy_file_range).
 
     The file is in the temporary folder (TMPDIR: where that is a RAM disk, the weights stay in
-    memory there) and lives as long as the model whose weights it holds (`spilled`)."""
+    memory there) and lives as long as the model whose weights it holds (`spilled`). Where it
+    cannot be written (no room left), the weights stay in memory, as without it."""
 
     MIN_BYTES = 1 << 20  # smaller tensors stay in memory
     ALIGN = mmap.PAGESIZE  # each tensor on pages of its own: released without its neighbours
@@ -364,6 +365,7 @@ class Spill:
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._end = 0
+        self._failed = False
 
     def hold(self, values) -> None:
         """Move the in-memory weights of `values` into the file and release every one's pages."""
@@ -372,15 +374,22 @@ class Spill:
             tensor = value.const_value
             if tensor is None or isinstance(tensor, ir.ExternalTensor):
                 continue
-            if tensor.nbytes < self.MIN_BYTES:
+            if tensor.nbytes < self.MIN_BYTES or self._failed:
                 continue
             array = np.ascontiguousarray(tensor.numpy())
             if array.nbytes != tensor.nbytes:  # packed types (int4, ...): numpy does not match
                 continue
             offset = -(-self._end // self.ALIGN) * self.ALIGN
-            self._file.seek(offset)
-            self._file.write(array.reshape(-1).view(np.uint8).data)
-            self._file.flush()
+            try:
+                self._file.seek(offset)
+                self._file.write(array.reshape(-1).view(np.uint8).data)
+                self._file.flush()
+            except OSError as e:
+                logger.warning(
+                    "the pruned weights stay in memory: %s: %s", self.path, describe_os_error(e)
+                )
+                self._failed = True
+                continue
             self._end = offset + array.nbytes
             value.const_value = ir.ExternalTensor(
                 self.path.name,
@@ -394,7 +403,8 @@ class Spill:
         release_pages(values)
 
     def remove(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # a write that failed fails again at the flush
+            self._file.close()
         self.path.unlink(missing_ok=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import sys
@@ -103,6 +104,42 @@ def test_large_model_is_verified_on_shared_weights_and_keeps_external_data(tmp_p
     a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(small).graph.initializer}
     b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(large).graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_large_model_whose_temporary_file_fills_the_disk_keeps_its_weights_in_memory(
+    tmp_path, monkeypatch, caplog
+):
+    class Full:  # a file system with no room left
+        def seek(self, offset):
+            pass
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    made = io.Spill.__init__
+
+    def full(self):
+        made(self)
+        self._file.close()
+        self._file = Full()
+
+    monkeypatch.setattr(io, "LARGE_BYTES", 1000)
+    monkeypatch.setattr(io.Spill, "MIN_BYTES", 0)
+    monkeypatch.setattr(io.Spill, "__init__", full)
+    result = spa.prune(TRANSFORMERS / "llama_dynamo.onnx", tmp_path / "p.onnx", ratio=0.5)
+    assert "the pruned weights stay in memory" in caplog.text
+    assert not any(
+        str(v.const_value.path).endswith(".spill")
+        for v in result.model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
 
 
 def test_lean_session_runs_on_the_weights_in_place():
