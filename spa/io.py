@@ -366,6 +366,7 @@ class Spill:
         self._file = os.fdopen(fd, "wb")
         self._end = 0
         self._failed = False
+        self._owner = os.getpid()
 
     def hold(self, values) -> None:
         """Move the in-memory weights of `values` into the file and release every one's pages."""
@@ -405,7 +406,8 @@ class Spill:
     def remove(self) -> None:
         with contextlib.suppress(OSError):  # a write that failed fails again at the flush
             self._file.close()
-        self.path.unlink(missing_ok=True)
+        if os.getpid() == self._owner:  # not a forked child's exit
+            self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
