@@ -27,7 +27,7 @@ from spa.count import Counts, count
 from spa.errors import CalibrationError, SpaError, first_line
 from spa.graph import quantized_ops
 from spa.normalize import normalize
-from spa.options import PruneOptions
+from spa.options import DAMPING, PruneOptions
 from spa.plan import Plan, default_round_to, layer_ratios, make_plan, plan_from_report
 from spa.score import DATA_CRITERIA, dead_first, reading_classes, score, score_with_statistics
 
@@ -86,6 +86,7 @@ class Method:
     # how many channels each group loses: "uniform", "global" or "sensitivity"
     allocation: str = "uniform"
     sensitivity: dict | None = None  # {"samples", "trials", "seconds"} where measured
+    damping: float = DAMPING  # the ridge of the data-aware scores and the refit
 
     def describe(self) -> str:
         source = {
@@ -103,6 +104,12 @@ class Method:
         text = f"importance {self.importance}, {source}, " + (
             repair if self.compensated else "no refit"
         )
+        if self.damping != DAMPING and self.calibration in (
+            Source.DATA,
+            Source.SYNTHETIC,
+            Source.GENERATED,
+        ):
+            text += f" (damping {self.damping:g})"
         text += {
             "uniform": ", every group by the same ratio",
             "global": ", channels ranked across groups",
@@ -308,6 +315,7 @@ def _method_and_scores(
         compensate=o.compensate,
         input_shapes=o.input_shapes,
         seed=o.seed,
+        damping=o.damping,
     )
     method, data, means = choose_method(work, analysis, consumers, large, **choice)
     progress.step(f"scoring channels ({method.importance})")
@@ -467,6 +475,7 @@ def choose_method(
     compensate: bool | None,
     input_shapes,
     seed: int,
+    damping: float = DAMPING,
     failed: str | None = None,
 ) -> tuple[Method, _Calibrated | None, dict]:
     """How channels are chosen and layers repaired, from the options and the model: the criterion,
@@ -487,7 +496,7 @@ def choose_method(
                 logger.warning("no data-free refit: %s; channels by magnitude", note)
     if source is not None:
         try:
-            data = _Calibrated(work, source, input_shapes, seed)
+            data = _Calibrated(work, source, input_shapes, seed, damping)
         except CalibrationError as e:
             if calibration is not None:
                 raise
@@ -496,6 +505,8 @@ def choose_method(
                 if source is Source.GENERATED
                 else f"the model fails on synthetic data ({e})"
             )
+    if data is None and damping != DAMPING:
+        logger.warning("damping %g is ignored: no calibration data, no refit", damping)
     importance = ("obs" if data else "l2") if importance == "auto" else importance
     if allocation == "auto":
         # Measured on text the model wrote itself, sensitivity misallocates for real text:
@@ -516,7 +527,15 @@ def choose_method(
         used = Source.BATCHNORM if means else None
     too_wide = [c.node or c.weight for c in consumers if c.wide] if data is not None else []
     return (
-        Method(importance, used, compensating and used is not None, note, too_wide, allocation),
+        Method(
+            importance,
+            used,
+            compensating and used is not None,
+            note,
+            too_wide,
+            allocation,
+            damping=damping,
+        ),
         data,
         means,
     )
@@ -563,8 +582,9 @@ class _Calibrated:
     """Calibration feeds, the consumers of the normalized model before surgery, and what they
     see."""
 
-    def __init__(self, model: ir.Model, source, input_shapes, seed: int):
+    def __init__(self, model: ir.Model, source, input_shapes, seed: int, damping: float = DAMPING):
         self.original = io.clone(model)
+        self.damping = damping  # the ridge of the OBS scores and of the refit
         try:
             sess = runtime.session(self.original, threads=statistics.SESSION_THREADS)
         except Exception as e:  # onnxruntime raises untyped errors
@@ -604,7 +624,7 @@ class _Calibrated:
             analysis, [c for c in self.consumers if c.kind != statistics.Kind.DEPTHWISE]
         )
         moments = statistics.collect(self.original, readers, self.feeds)
-        return score_with_statistics(analysis, criterion, moments, readers)
+        return score_with_statistics(analysis, criterion, moments, readers, self.damping)
 
     def fidelity(self, pruned: ir.Model, exact: bool, serialized, large: bool):
         """How closely `pruned` follows the original on the held-out samples
@@ -623,6 +643,7 @@ class _Calibrated:
             self.consumers,
             self.feeds,
             keeps,
+            self.damping,
             cross_validate=not self.synthetic,
             spill=spill,
         )

@@ -30,11 +30,11 @@ import onnx_ir as ir
 from spa.graph import constant
 from spa.io import Spill, release_pages
 from spa.names import Names
+from spa.options import DAMPING
 from spa.progress import Progress
 from spa.statistics import Consumer, Forward, Kind, Means, Moments, one_blas_thread
 
-DAMPING = 0.01  # lambda as a fraction of the mean diagonal of P
-# Cross-validate lambda (DAMPING times 1, 10, 100, 1000) where a layer has fewer rows than this many
+# Cross-validate lambda (damping times 1, 10, 100, 1000) where a layer has fewer rows than this many
 # per feature, and at most CV_FEATURES features (the solves stay cheap). Measured: a random-weight
 # MobileNetV3-Small whose squeeze-excite convs and head see 256 rows for up to 512 features fit the
 # calibration inputs to 0.2 relative error but held-out ones to 2.9, worse than no refit (1.0).

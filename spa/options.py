@@ -17,6 +17,11 @@ CRITERIA = ("l2", "l1", "random")
 DATA_CRITERIA = ("wanda", "obs")
 IMPORTANCES = ("auto", *CRITERIA, *DATA_CRITERIA)
 ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
+# How little OBS and the refit lean on the calibration data's statistics: the ridge lambda as a
+# fraction of a layer's mean feature energy (spa.score, spa.compensate). Calibration data like the
+# inputs the model will see wants it small: 0.1 cost the MNIST CNNs, calibrated on MNIST images,
+# up to 8 points at ratio 0.7 (ResNet 91.3 -> 83.3%), on synthetic data up to 16 (VGG 90.8 -> 75.2).
+DAMPING = 0.01
 
 
 def _option(
@@ -153,6 +158,15 @@ class PruneOptions:
         sweep=True,
         metavar="FILE|synthetic|generated",
     )
+    damping: float = _option(
+        DAMPING,
+        "how little the OBS scores and the refit trust the calibration data: their ridge, as a "
+        "fraction of each layer's mean input energy (default 0.01). Raise it (0.1) when the "
+        "calibration data is unlike what the model will see: EfficientNet-Lite0 calibrated on "
+        "other photos than ImageNet's kept top-1 agreement 0.70 -> 0.81 at 0.8 of the MACs",
+        sweep=True,
+        type=float,
+    )
     compensate: bool | None = _option(
         None,
         "do not repair the layers that lost inputs (no refit from calibration data, no "
@@ -203,6 +217,8 @@ class PruneOptions:
             raise SpaError(f"round_to must be a positive integer, got {self.round_to}")
         if not 0.0 < self.max_group_ratio < 1.0:
             raise SpaError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio}")
+        if not 0.0 < self.damping < float("inf"):
+            raise SpaError(f"damping must be a positive number, got {self.damping}")
         if self.target_macs is not None and self.target_params is not None:
             raise SpaError("give target_macs or target_params, not both")
         if self.plan is not None and (

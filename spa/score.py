@@ -10,7 +10,7 @@ from spa.analysis import Analysis
 from spa.io import release_pages
 
 # Declared with the options; DATA_CRITERIA need calibration statistics.
-from spa.options import CRITERIA, DATA_CRITERIA  # noqa: F401
+from spa.options import CRITERIA, DAMPING, DATA_CRITERIA  # noqa: F401
 from spa.statistics import feature_classes, one_blas_thread
 
 
@@ -87,7 +87,7 @@ def reading_classes(analysis: Analysis, found: list) -> list:
 
 @one_blas_thread  # the same scores whatever the thread count (spa.statistics.one_blas_thread)
 def score_with_statistics(
-    analysis: Analysis, criterion: str, moments: dict, found: list, damping: float = 0.01
+    analysis: Analysis, criterion: str, moments: dict, found: list, damping: float = DAMPING
 ) -> dict[int, float]:
     """Data-aware importance from the consumers' input statistics (spa.statistics).
 

@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from graphs import Graph, if_model
+from onnx import numpy_helper
 
 import spa
 from spa import apply, compensate, io, normalize, statistics
@@ -500,3 +501,46 @@ def test_the_cost_estimate_counts_prefix_runs_where_forward_would_keep_too_much(
     stepwise = spa.calibration.data_free_work(model, shapes, found)
     monkeypatch.setattr(spa.calibration, "KEPT_BYTES", 0)
     assert spa.calibration.data_free_work(model, shapes, found) > 2 * stepwise
+
+
+def _two_dense_layers() -> tuple[onnx.ModelProto, str]:
+    """x (8) -> MatMul -> Relu (16) -> MatMul -> y (4); and the second weight's name."""
+    g = Graph()
+    w2 = g.weight(16, 4)
+    g.op("MatMul", g.op("Relu", g.op("MatMul", "x", g.weight(8, 16))), w2)
+    g.nodes[-1].output[0] = "y"
+    return g.model({"x": ["batch", 8]}, {"y": ["batch", 4]}), w2
+
+
+def test_damping_pulls_the_refit_towards_the_original_weights():
+    """--damping is the ridge of the scores and the refit: at a vanishing one the next layer is
+    refit to the calibration data, at a huge one it keeps the original weights of its kept inputs
+    (the same channels removed, by the first prune's plan)."""
+    model, w2 = _two_dense_layers()
+    x = np.random.default_rng(2).standard_normal((256, 8)).astype(np.float32)
+    second = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == w2))
+
+    def refit_weight(damping: float, plan=None) -> tuple[np.ndarray, dict]:
+        result = spa.prune(model, ratio=0.5, round_to=1, calibration=x, damping=damping, plan=plan)
+        assert result.report()["options"]["damping"] == damping
+        assert ("(damping 1e+06)" in result.method.describe()) == (damping == 1e6)
+        weight = next(
+            v.const_value.numpy()
+            for v in result.model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.numpy().shape == (8, 4)
+        )
+        return weight, result.report()
+
+    fitted, report = refit_weight(1e-6)
+    (group,) = report["groups"]
+    prior = second[group["layers"][0]["kept"]]
+    held, _ = refit_weight(1e6, plan=report)
+    assert np.abs(held - prior).max() < 1e-4 < np.abs(fitted - prior).max()
+    with pytest.raises(spa.SpaError, match="damping"):
+        spa.prune(model, calibration=x, damping=0.0)
+
+
+def test_damping_without_data_is_said_to_be_ignored(caplog):
+    model, _ = _two_dense_layers()
+    spa.prune(model, importance="l2", damping=0.1)
+    assert "damping 0.1 is ignored: no calibration data" in caplog.text
