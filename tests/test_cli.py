@@ -45,6 +45,7 @@ def test_prune_prints_table_and_writes_json(tmp_path):
         "too_wide": [],
         "allocation": "uniform",
         "sensitivity": None,
+        "damping": 0.01,
     }
     assert data["after"]["macs"] < data["before"]["macs"]
     assert data["after"]["flops"] == 2 * data["after"]["macs"]
