@@ -161,9 +161,11 @@ class PruneOptions:
     damping: float = _option(
         DAMPING,
         "how little the OBS scores and the refit trust the calibration data: their ridge, as a "
-        "fraction of each layer's mean input energy (default 0.01). Raise it (0.1) when the "
-        "calibration data is unlike what the model will see: EfficientNet-Lite0 calibrated on "
-        "other photos than ImageNet's kept top-1 agreement 0.70 -> 0.81 at 0.8 of the MACs",
+        "fraction of each layer's mean input energy (default 0.01; the refit cross-validates 1 "
+        "to 1000 times it per layer). Raise it (0.1) when the calibration data holds few "
+        "independent samples or is unlike what the model will see: EfficientNet-Lite0 "
+        "calibrated on crops of 10 photos kept top-1 agreement 0.75 -> 0.81 on ImageNet at 0.8 "
+        "of the MACs",
         sweep=True,
         type=float,
     )
