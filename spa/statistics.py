@@ -395,7 +395,7 @@ def _products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
             with np.errstate(over="ignore", invalid="ignore"):  # per thread: not the caller's
                 out[r, c] = x[:, r].T @ y[:, c]
 
-        for _ in _pool().map(tile, tasks):
+        for _ in pool().map(tile, tasks):
             pass
         if symmetric:
             for r, c in tasks:
@@ -412,9 +412,10 @@ def _tiles(size: int) -> list[slice]:
 
 
 @functools.cache
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
+def pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for numpy work that lets go of the GIL (products, solves), one per core."""
     return concurrent.futures.ThreadPoolExecutor(
-        max_workers=os.cpu_count() or 1, thread_name_prefix="spa-products"
+        max_workers=os.cpu_count() or 1, thread_name_prefix="spa-numpy"
     )
 
 
@@ -564,6 +565,7 @@ class Forward:
         self.model, self.feeds = model, feeds
         self.done = 0  # nodes run so far, in graph order
         self.kept: dict[str, list] | None = {}  # value name -> one array per feed; None: prefixes
+        self.cut: dict[str, ir.Value] = {}  # value name -> the value kept
 
     def values(self, name: str):
         """`name` on every feed, in feed order."""
@@ -598,14 +600,16 @@ class Forward:
         kept = self._run_step(produced)
         if kept is not None:
             kept.update({n: v for n, v in self.kept.items() if n in later})
+            self.cut = {
+                n: v for n, v in {**self.cut, **{v.name: v for v in produced}}.items() if n in kept
+            }
             self.done = end + 1
         self.kept = kept
 
     def _run_step(self, produced: list[ir.Value]) -> dict[str, list] | None:
         """`produced` on every feed, from the kept values; None where the step does not run on its
         own (an untyped value at the cut) or what it would keep passes KEPT_BYTES."""
-        values = ir.convenience.create_value_mapping(self.model.graph)
-        inputs = [values[n] for n in self.kept] + [
+        inputs = [self.cut[n] for n in self.kept] + [
             v for v in self.model.graph.inputs if v.name not in self.model.graph.initializers
         ]
         names = [v.name for v in produced]

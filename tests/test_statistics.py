@@ -73,9 +73,9 @@ def test_tiled_products_do_not_depend_on_the_number_of_workers(monkeypatch):
     results = []
     for workers in (1, 3):
         monkeypatch.setattr(statistics.os, "cpu_count", lambda workers=workers: workers)
-        statistics._pool.cache_clear()
+        statistics.pool.cache_clear()
         results.append((statistics._products(x, x), statistics._products(x, y)))
-    statistics._pool.cache_clear()
+    statistics.pool.cache_clear()
     assert all(np.array_equal(a, b) for a, b in zip(*results))
     gram, cross = results[0]
     assert np.array_equal(gram, gram.T)
