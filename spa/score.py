@@ -278,8 +278,11 @@ def _remove_features(
     the remaining features only: the matrices shrink as channels go (AlexNet's 9,216-input layer
     spent 36 s updating full-size ones)."""
     block = np.linalg.inv(h[np.ix_(rows, rows)])
-    keep = np.setdiff1d(np.arange(len(features)), rows)
-    across = h[np.ix_(rows, keep)]  # (removed, kept); h is symmetric
-    w = w[:, keep] - (w[:, rows] @ block) @ across
-    h = h[np.ix_(keep, keep)] - across.T @ (block @ across)
-    return w, h, features[keep]
+    keep = np.ones(len(features), dtype=bool)
+    keep[rows] = False
+    across = np.compress(keep, h[rows], axis=1)  # (removed, kept); h is symmetric
+    w = np.compress(keep, w, axis=1) - (w[:, rows] @ block) @ across
+    # compress, one axis at a time: a third of the time of fancy indexing both at once
+    kept = np.compress(keep, np.compress(keep, h, axis=0), axis=1)
+    kept -= across.T @ (block @ across)
+    return w, kept, features[keep]
