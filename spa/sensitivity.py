@@ -6,8 +6,9 @@ EfficientNet-Lite0). With calibration data, spa measures each group's loss curve
 lowest-ranked channels are zeroed, every parameter that belongs to them, which is exactly what
 removing them does (the zero-channel test's premise), at fractions 1/8, 2/8, ... of the group, and
 the model's outputs on calibration samples are compared with the original's (KL divergence of
-class scores, else the relative squared error). One onnxruntime session serves every trial: the
-parameters are overridable inputs, each trial feeds the zeroed copies of one group's.
+class scores, else the relative squared error). A session serves many trials: the parameters are
+overridable inputs, each trial feeds the zeroed copies of one group's, and runs the model only
+from the first node that reads them (`_Suffixes`).
 
 Groups then compete on loss per MAC saved (per parameter, for a parameter target), one step of
 1/8 of a group at a time, the flattest first (spa.sensitivity.order).
@@ -26,8 +27,9 @@ from spa.analysis import Analysis
 from spa.apply import pruned_shapes
 from spa.calibration import batch_size
 from spa.count import Counts, count
+from spa.errors import CalibrationError
 from spa.progress import Progress
-from spa.statistics import SESSION_THREADS
+from spa.statistics import SESSION_THREADS, Forward
 
 # Fractions of a group at which its loss is measured (within max_group_ratio). Finer steps matter
 # more than more samples: on EfficientNet-Lite0 at 0.9 of the MACs, 4 steps on 16 samples kept
@@ -94,23 +96,29 @@ def measure(
         for g in groups
     }
     values = {g: list({m.value.name: m.value for m in ms}.values()) for g, ms in members.items()}
-    session_for = _sessions(model, values)
-    sess = session_for(groups[0].id if groups else None)
+    suffixes = _Suffixes(model, values)
+    groups.sort(key=lambda g: suffixes.cut[g.id])
     scores = verify.class_scores(model)
-    names = [o.name for o in sess.get_outputs()]
-    first = sess.run(None, feeds[0])
+    sess = suffixes.session(groups[0].id if groups else None)
+    first = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds[0])))
     feeds = _samples(
-        feeds, trials, _rows(names, first, scores) / _count(feeds[0]), whole=batch_size(sess)[1]
+        feeds,
+        trials,
+        _rows(list(first), list(first.values()), scores) / _count(feeds[0]),
+        whole=batch_size(sess)[1],
     )
+    suffixes.feeds = feeds
     points: dict[int, list] = {}
     bar = Progress(trials, "sensitivity")
     done = 0
     reference, referred = None, None
     for group in groups:
-        sess = session_for(group.id)
+        sess = suffixes.session(group.id)
+        names = [o.name for o in sess.get_outputs()]
         # each session its own reference (its own optimizations): no change reads 0
         if sess is not referred:
-            reference = [_expected(names, sess.run(None, f), scores) for f in feeds]
+            inputs = suffixes.inputs()
+            reference = [_expected(names, sess.run(None, f), scores) for f in inputs]
             referred = sess
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
@@ -123,8 +131,8 @@ def measure(
                 )
                 zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
                 loss = sum(
-                    _loss(e, sess.run(None, {**f, **zeroed})) for f, e in zip(feeds, reference)
-                ) / len(feeds)
+                    _loss(e, sess.run(None, {**f, **zeroed})) for f, e in zip(inputs, reference)
+                ) / len(inputs)
                 last = (fraction, len(removed), float(saved), float(loss))
                 curve.append(last)
             done += 1
@@ -168,30 +176,105 @@ def _samples(feeds: list[dict], trials: int, rows_per_sample: float, whole: bool
     return chosen
 
 
-def _sessions(model: ir.Model, values: dict[int, list[ir.Value]]):
-    """group id -> the session its trials run in: one where every group's parameters can be fed,
-    or, for a model with convolutions, one per group, where only that group's can. onnxruntime
-    re-lays out a convolution's constant weight once for its CPU kernels (NCHWc); fed at run time,
-    it cannot, and EfficientNet-Lite0's trials ran 5x slower per sample than a plain pass. A matrix
-    product loses little (SmolLM2-135M: 0.27 against 0.25 s), and a session per group would cost
-    an opening each (4.5 s there, 60 groups). Structural, not timed: the same model gives the same
-    losses. One session kept at a time: a session holds the model's weights."""
-    convs = {
-        v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[1:2] if v is not None
-    }
-    per_group = len(values) > 1 and any(v.name in convs for vs in values.values() for v in vs)
-    held: dict = {}
+class _Suffixes:
+    """The sessions trials run in. A trial changes nothing before the first node that reads its
+    group's parameters, so it runs the model from a cut there: the values that cross the cut are
+    computed once, on the trial samples (statistics.Forward), and fed. The session's parameters of
+    its groups are inputs too, so that each trial feeds zeroed copies of them.
 
-    def session_for(group: int | None):
-        key = group if per_group else None
-        if key not in held:
-            held.clear()
-            held[key] = _overridable(
-                model, values[group] if per_group else [v for vs in values.values() for v in vs]
-            )
-        return held[key]
+    The cuts: for a model with convolutions, one session per group, whose parameters alone are
+    fed: onnxruntime re-lays out a convolution's constant weight once for its CPU kernels (NCHWc);
+    fed at run time, it cannot, and EfficientNet-Lite0's trials ran 5x slower per sample than a
+    plain pass. Otherwise one session for each of up to SUFFIXES runs of consecutive groups: a fed
+    matrix product loses little (SmolLM2-135M: 0.27 against 0.25 s), and a session costs an
+    opening. The first session runs the whole model (its outputs count the rows of loss). One
+    session is kept at a time: a session holds the model's weights. Where a cut does not run on
+    its own, the session runs the whole model."""
 
-    return session_for
+    def __init__(self, model: ir.Model, values: dict[int, list[ir.Value]]):
+        self.model, self.values = model, values
+        self.feeds: list[dict] = []  # the trial samples, set once chosen
+        position = {n: i for i, n in enumerate(model.graph)}
+        start = {
+            g: min((position.get(u.node, 0) for v in vs for u in v.uses()), default=0)
+            for g, vs in values.items()
+        }
+        ordered = sorted(values, key=lambda g: (start[g], g))
+        convs = {
+            v.name
+            for n in model.graph
+            if n.op_type == "Conv"
+            for v in n.inputs[1:2]
+            if v is not None
+        }
+        if any(v.name in convs for vs in values.values() for v in vs):
+            runs = [[g] for g in ordered]
+        else:
+            size = -(-len(ordered) // SUFFIXES)
+            runs = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        # group -> the graph position its session starts at (0 for the first: the whole model)
+        self.cut = {g: start[run[0]] if i else 0 for i, run in enumerate(runs) for g in run}
+        self.run_of = {g: tuple(run) for run in runs for g in run}
+        self.forward: Forward | None = None
+        self.held: tuple | None = None  # (run, session, inputs per trial sample)
+
+    def session(self, group: int | None):
+        run = self.run_of.get(group, ())
+        if self.held is None or self.held[0] != run:
+            self.held = None
+            self.held = (run, *self._open(run))
+        return self.held[1]
+
+    def inputs(self) -> list[dict]:
+        """What the held session reads, per trial sample."""
+        return self.feeds if self.held[2] is None else self.held[2]
+
+    def _open(self, run: tuple) -> tuple:
+        fed = list({v.name: v for g in run for v in self.values[g]}.values())
+        cut = self.cut[run[0]] if run else 0
+        crossing = self._crossing(cut) if cut else None
+        if crossing is not None:
+            try:
+                return self._suffix(cut, crossing, fed)
+            except (ValueError, CalibrationError):
+                pass  # not on its own: the whole model
+        return _overridable(self.model, fed), None
+
+    def _crossing(self, cut: int) -> dict[str, ir.Value] | None:
+        """The values made before node `cut` and read from it on, on the trial samples."""
+        if self.forward is None:
+            self.forward = Forward(self.model, self.feeds)
+        if not self.forward.advance(cut):
+            return None
+        return self.forward.cut
+
+    def _suffix(self, cut: int, crossing: dict[str, ir.Value], fed: list[ir.Value]) -> tuple:
+        graph = self.model.graph
+        made_before = {v for n in list(graph)[:cut] for v in n.outputs}
+        outputs = [v for v in graph.outputs if v not in made_before]
+        inputs = [*crossing.values(), *(v for v in graph.inputs if not v.is_initializer()), *fed]
+        suffix = ir.convenience.extract(graph, inputs, outputs)
+        for value in suffix.inputs:  # a graph output read later keeps its declared shape: drop it
+            if value.name in crossing:
+                value.shape = None
+        sess = runtime.session(
+            ir.Model(
+                suffix,
+                ir_version=self.model.ir_version,
+                functions=list(self.model.functions.values()),
+            ),
+            threads=SESSION_THREADS,
+            lean=io.is_large(self.model),
+        )
+        wanted = {i.name for i in sess.get_inputs()} - {v.name for v in fed}
+        kept = self.forward.kept
+        return sess, [
+            {n: kept[n][i] if n in kept else feed[n] for n in wanted if n in kept or n in feed}
+            for i, feed in enumerate(self.feeds)
+        ]
+
+
+SUFFIXES = 8
 
 
 def _overridable(model: ir.Model, values: list[ir.Value]):

@@ -112,3 +112,45 @@ def test_shares_take_the_flattest_steps_first_and_grow_with_the_ratio():
     assert curves.shares(0.1) == {1: 0.0, 2: 0.0}
     assert curves.shares(0.25) == {1: 0.5, 2: 0.0}
     assert curves.shares(0.5) == {1: 0.5, 2: 0.5}
+
+
+@pytest.mark.parametrize(
+    "path, feed",
+    [
+        ("models/transformers/llama_lm_dynamo.onnx", "ids"),
+        ("models/mnist/resnet_bn.onnx", "image"),
+    ],
+)
+def test_trials_run_from_a_cut_measure_what_the_whole_model_measures(path, feed, monkeypatch):
+    """A trial runs the model from the first node that reads its group's parameters, on the values
+    that cross there, computed once: the curves are those of trials on the whole model."""
+    rng = np.random.default_rng(0)
+    if feed == "ids":
+        feeds = [{"input_ids": rng.integers(0, 256, (4, 12)).astype(np.int64)} for _ in range(2)]
+    else:
+        feeds = [
+            {"input": rng.standard_normal((4, 1, 28, 28)).astype(np.float32)} for _ in range(2)
+        ]
+    model = io.load(path)
+    normalize(model)
+    analysis = analyze(model)
+    scores = score(analysis, "l2")
+    cuts = []
+    suffix = sensitivity._Suffixes._suffix
+    monkeypatch.setattr(
+        sensitivity._Suffixes,
+        "_suffix",
+        lambda self, cut, *a: cuts.append(cut) or suffix(self, cut, *a),
+    )
+    from_cuts = _curves(analysis, scores, feeds).points
+    assert len(cuts) > 1 and min(cuts) > 0  # sessions that run a suffix of the model
+    monkeypatch.setattr(sensitivity, "SUFFIXES", 1)
+    monkeypatch.setattr(sensitivity._Suffixes, "_suffix", suffix)
+    monkeypatch.setattr(sensitivity._Suffixes, "_crossing", lambda self, cut: None)
+    whole = _curves(analysis, scores, feeds).points
+    assert whole.keys() == from_cuts.keys()
+    for g, curve in whole.items():
+        assert [p[:3] for p in curve] == [p[:3] for p in from_cuts[g]]
+        np.testing.assert_allclose(
+            [p[3] for p in from_cuts[g]], [p[3] for p in curve], rtol=1e-3, atol=1e-9
+        )
