@@ -99,27 +99,23 @@ def measure(
     suffixes = _Suffixes(model, values)
     groups.sort(key=lambda g: suffixes.cut[g.id])
     scores = verify.class_scores(model)
-    sess = suffixes.session(groups[0].id if groups else None)
-    first = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds[0])))
+    suffixes.open(groups[0].id if groups else None)
+    first = suffixes.run(feeds[0])
     feeds = _samples(
         feeds,
         trials,
-        _rows(list(first), list(first.values()), scores) / _count(feeds[0]),
-        whole=batch_size(sess)[1],
+        _rows(suffixes.names, first, scores) / _count(feeds[0]),
+        whole=batch_size(suffixes.session)[1],
     )
     suffixes.feeds = feeds
     points: dict[int, list] = {}
     bar = Progress(trials, "sensitivity")
     done = 0
-    reference, referred = None, None
+    reference = None
     for group in groups:
-        sess = suffixes.session(group.id)
-        names = [o.name for o in sess.get_outputs()]
         # each session its own reference (its own optimizations): no change reads 0
-        if sess is not referred:
-            inputs = suffixes.inputs()
-            reference = [_expected(names, sess.run(None, f), scores) for f in inputs]
-            referred = sess
+        if suffixes.open(group.id) or reference is None:
+            reference = [_expected(suffixes.names, out, scores) for out in suffixes.runs({})]
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
             removed = plan_for_group(group.id, fraction)
@@ -130,9 +126,9 @@ def measure(
                     count(model, shapes=pruned_shapes(analysis, removed)), kind
                 )
                 zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
-                loss = sum(
-                    _loss(e, sess.run(None, {**f, **zeroed})) for f, e in zip(inputs, reference)
-                ) / len(inputs)
+                loss = sum(_loss(e, out) for e, out in zip(reference, suffixes.runs(zeroed))) / len(
+                    reference
+                )
                 last = (fraction, len(removed), float(saved), float(loss))
                 curve.append(last)
             done += 1
@@ -218,16 +214,31 @@ class _Suffixes:
         self.forward: Forward | None = None
         self.held: tuple | None = None  # (run, session, inputs per trial sample)
 
-    def session(self, group: int | None):
+    def open(self, group: int | None) -> bool:
+        """Hold the session of the group's trials; whether it is another than the one held. The
+        held one goes first: two sessions would hold two copies of the weights."""
         run = self.run_of.get(group, ())
-        if self.held is None or self.held[0] != run:
-            self.held = None
-            self.held = (run, *self._open(run))
+        if self.held is not None and self.held[0] == run:
+            return False
+        self.held = None
+        self.held = (run, *self._open(run))
+        return True
+
+    @property
+    def session(self):
         return self.held[1]
 
-    def inputs(self) -> list[dict]:
-        """What the held session reads, per trial sample."""
-        return self.feeds if self.held[2] is None else self.held[2]
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict) -> list[np.ndarray]:
+        return self.session.run(None, feed)
+
+    def runs(self, fed: dict[str, np.ndarray]):
+        """The held session's outputs on each trial sample, with `fed` parameters."""
+        inputs = self.feeds if self.held[2] is None else self.held[2]
+        return (self.run({**f, **fed}) for f in inputs)
 
     def _open(self, run: tuple) -> tuple:
         fed = list({v.name: v for g in run for v in self.values[g]}.values())
