@@ -27,7 +27,6 @@ from spa.analysis import Analysis
 from spa.apply import pruned_shapes
 from spa.calibration import batch_size
 from spa.count import Counts, count
-from spa.errors import CalibrationError
 from spa.progress import Progress
 from spa.statistics import SESSION_THREADS, Forward
 
@@ -247,8 +246,8 @@ class _Suffixes:
         if crossing is not None:
             try:
                 return self._suffix(cut, crossing, fed)
-            except (ValueError, CalibrationError):
-                pass  # not on its own: the whole model
+            except Exception:  # onnxruntime raises untyped errors
+                pass  # not on its own: the whole model, which opened before
         return _overridable(self.model, fed), None
 
     def _crossing(self, cut: int) -> dict[str, ir.Value] | None:
