@@ -284,6 +284,9 @@ class _Suffixes:
         ]
 
 
+# Sessions a model without convolutions runs its trials in. Opening one costs SmolLM2-135M about
+# 1.2 s; its 360 trials took 81 s in one session of the whole model, 63 s in 4, 61 s in 8, 65 s
+# in 16.
 SUFFIXES = 8
 
 
