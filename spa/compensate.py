@@ -133,11 +133,11 @@ def refit(
         for c in group:
             owners.setdefault(key[c.weight], c)
         moments = {k: Means() if c.wide else _Halves() for k, c in owners.items()}
-        for x_p, x_o in zip(pruned_run.values(now), original_run.values(value)):
+        for x_p, x_o, feed in zip(pruned_run.values(now), original_run.values(value), feeds):
             features = {}
             for k, c in owners.items():
                 if c.reads not in features:
-                    features[c.reads] = c.features(x_p), c.features(x_o)
+                    features[c.reads] = c.features(x_p, feed), c.features(x_o, feed)
                 features_p, features_o = features[c.reads]
                 kept_channels = _kept_channels(c, keeps.get(c.weight))
                 other = features_o[:, kept_channels] if kept_channels is not None else features_o
@@ -149,7 +149,7 @@ def refit(
                         r_o = np.compress(
                             keep[c.out_axis], r_o, axis=1 if c.kind != Kind.DENSE else -1
                         )
-                    other = np.concatenate([other, c.output_rows(r_o - r_p)], axis=1)
+                    other = np.concatenate([other, c.output_rows(r_o - r_p, feed)], axis=1)
                 moments[k].add(features_p, other)
         for c in group:
             _write(

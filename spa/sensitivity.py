@@ -22,7 +22,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from spa import io, runtime, verify
+from spa import io, padding, runtime, verify
 from spa.analysis import Analysis
 from spa.apply import pruned_shapes
 from spa.calibration import batch_size
@@ -114,7 +114,10 @@ def measure(
     for group in groups:
         # each session its own reference (its own optimizations): no change reads 0
         if suffixes.open(group.id) or reference is None:
-            reference = [_expected(suffixes.names, out, scores) for out in suffixes.runs({})]
+            reference = [
+                _expected(suffixes.names, out, scores, feed)
+                for out, feed in zip(suffixes.runs({}), suffixes.feeds)
+            ]
         curve, last = [(0.0, 0, 0.0, 0.0)], None
         for fraction in fractions:
             removed = plan_for_group(group.id, fraction)
@@ -125,9 +128,8 @@ def measure(
                     count(model, shapes=pruned_shapes(analysis, removed)), kind
                 )
                 zeroed = {m.value.name: _zeroed(analysis, m, removed) for m in members[group.id]}
-                loss = sum(_loss(e, out) for e, out in zip(reference, suffixes.runs(zeroed))) / len(
-                    reference
-                )
+                runs = zip(reference, suffixes.runs(zeroed), suffixes.feeds)
+                loss = sum(_loss(e, out, feed) for e, out, feed in runs) / len(reference)
                 last = (fraction, len(removed), float(saved), float(loss))
                 curve.append(last)
             done += 1
@@ -308,13 +310,16 @@ def _zeroed(analysis: Analysis, member, removed: np.ndarray) -> np.ndarray:
     return np.where(hit, np.zeros((), array.dtype), array)
 
 
-def _expected(names: list[str], outputs: list[np.ndarray], scores: dict[str, str]) -> list:
+def _expected(
+    names: list[str], outputs: list[np.ndarray], scores: dict[str, str], feed: dict
+) -> list:
     """What every trial's outputs are compared with, per output, computed once: class scores as
     distributions (KL divergence, mean over rows), other float outputs with their squared norm
-    (relative squared error); None for outputs that are not compared."""
+    (relative squared error); None for outputs that are not compared. Padded positions of the
+    feed are left out (spa.padding)."""
     expected = []
     for name, a in zip(names, outputs):
-        a = np.asarray(a)
+        a = padding.real(np.asarray(a), feed)
         if a.dtype.kind != "f" or not a.size:
             expected.append(None)
         elif name in scores and a.ndim >= 1 and a.shape[-1] >= 2:
@@ -325,12 +330,13 @@ def _expected(names: list[str], outputs: list[np.ndarray], scores: dict[str, str
     return expected
 
 
-def _loss(expected: list, actual: list[np.ndarray]) -> float:
+def _loss(expected: list, actual: list[np.ndarray], feed: dict) -> float:
     """The trial's outputs against `_expected`'s, summed over the outputs."""
     total = 0.0
     for e, b in zip(expected, actual):
         if e is None:
             continue
+        b = padding.real(b, feed)
         if isinstance(e, verify.Expected):
             total += float(np.mean(e.kl(b.reshape(-1, b.shape[-1]))))
         else:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import threadpoolctl
 
+from spa import padding
 from spa.analysis import Analysis
 from spa.errors import CalibrationError, first_line
 from spa.graph import is_default_domain
@@ -80,10 +81,13 @@ class Consumer:
         """Too wide for second moments: only the means of its features are kept (MAX_WIDTH)."""
         return self.width > MAX_WIDTH
 
-    def features(self, x: np.ndarray) -> np.ndarray:
+    def features(self, x: np.ndarray, feed: dict | None = None) -> np.ndarray:
         """Rows of input features, with a trailing 1: (samples, features + 1); for a depthwise conv
-        (samples, channels, kernel + 1)."""
+        (samples, channels, kernel + 1). feed: the run's inputs, whose padded positions (an
+        attention mask's 0s) give no rows (spa.padding)."""
         if self.kind == Kind.DENSE:
+            if feed is not None and self.feature_axis in (-1, x.ndim - 1):
+                x = padding.real(x, feed)
             rows = np.moveaxis(x, self.feature_axis, -1).reshape(-1, x.shape[self.feature_axis])
         else:
             rows = im2col(x, **self.conv, positions=self.positions)
@@ -101,10 +105,12 @@ class Consumer:
             )
         return out
 
-    def output_rows(self, y: np.ndarray) -> np.ndarray:
+    def output_rows(self, y: np.ndarray, feed: dict | None = None) -> np.ndarray:
         """Rows of an output-shaped tensor at the positions `features` samples: (samples,
         channels)."""
         if self.kind == Kind.DENSE:
+            if feed is not None and self.feature_axis in (-1, y.ndim - 1):
+                y = padding.real(y, feed)
             return y.reshape(-1, y.shape[-1]).astype(np.float32)
         flat = y.reshape(y.shape[0], y.shape[1], -1)
         total = flat.shape[2]
@@ -463,7 +469,7 @@ def collect(
         for part in parts(feed, rows):
             values = run(part)
             for key, c in shared.items():
-                moments[key].add(c.features(values[c.input]))
+                moments[key].add(c.features(values[c.input], part))
             del values
         bar.update(i + 1)
     bar.close()
@@ -504,8 +510,8 @@ class Along:
             if wanted in self.made:
                 break
             moments = Means() if c.wide else Moments()
-            for x in self.forward.values(c.input):
-                moments.add(c.features(x))
+            for x, feed in zip(self.forward.values(c.input), self.forward.feeds):
+                moments.add(c.features(x, feed))
             self.made[c.reads] = moments
             self.bar.update(len(self.made))
         if len(self.made) == len(self.order):

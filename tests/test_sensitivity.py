@@ -44,8 +44,9 @@ def test_the_measured_loss_is_the_loss_of_removing_the_channels():
     apply(analysis, removed)
     pruned = runtime.session(model).run(None, {"input": x})
     names = [o.name for o in model.graph.outputs]
-    expected = sensitivity._expected(names, original, verify.class_scores(model))
-    assert loss > 0 and sensitivity._loss(expected, pruned) == pytest.approx(loss, rel=1e-4)
+    feed = {"input": x}
+    expected = sensitivity._expected(names, original, verify.class_scores(model), feed)
+    assert loss > 0 and sensitivity._loss(expected, pruned, feed) == pytest.approx(loss, rel=1e-4)
 
 
 def _two_hidden_layers() -> onnx.ModelProto:
