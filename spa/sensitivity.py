@@ -64,12 +64,16 @@ class Curves:
 
     def shares(self, ratio: float) -> dict[int, float]:
         """The fraction of each group to remove for `ratio` of all the measured groups' classes:
-        the flattest steps first, stopping at the first that would overshoot (monotone in ratio)."""
+        the flattest steps first, the first that would overshoot taken as far as the budget goes
+        (monotone in ratio). Stopping short of it wasted up to a step: an eighth of one of
+        all-MiniLM-L6-v2's FFNs is 1.4% of its MACs (0.739 of them reached for a target of 0.75)."""
         budget = ratio * self.total + 1e-9
         shares = {g: 0.0 for g in self.points}
         removed = 0
         for step in self.steps:
             if removed + step.classes > budget:
+                start = shares[step.group]
+                shares[step.group] = start + (budget - removed) / step.classes * (step.end - start)
                 break
             removed += step.classes
             shares[step.group] = step.end

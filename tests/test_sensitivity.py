@@ -105,14 +105,16 @@ def test_a_bump_in_a_curve_does_not_hide_the_cheap_steps_behind_it():
 
 
 def test_shares_take_the_flattest_steps_first_and_grow_with_the_ratio():
+    """The step that would overshoot is taken in part: the budget is filled, not left short."""
     points = {
         1: [(0.0, 0, 0.0, 0.0), (0.5, 4, 100.0, 1.0)],
         2: [(0.0, 0, 0.0, 0.0), (0.5, 4, 100.0, 10.0)],
     }
     curves = sensitivity.Curves(points, sensitivity.order(points), total=16, samples=1, trials=2)
-    assert curves.shares(0.1) == {1: 0.0, 2: 0.0}
-    assert curves.shares(0.25) == {1: 0.5, 2: 0.0}
-    assert curves.shares(0.5) == {1: 0.5, 2: 0.5}
+    assert curves.shares(0.1) == pytest.approx({1: 0.2, 2: 0.0}, abs=1e-6)
+    assert curves.shares(0.25) == pytest.approx({1: 0.5, 2: 0.0}, abs=1e-6)
+    assert curves.shares(0.375) == pytest.approx({1: 0.5, 2: 0.25}, abs=1e-6)
+    assert curves.shares(0.5) == pytest.approx({1: 0.5, 2: 0.5}, abs=1e-6)
 
 
 @pytest.mark.parametrize(
