@@ -16,18 +16,19 @@ import numpy as np
 
 def real_positions(feed: dict) -> np.ndarray | None:
     """[batch, sequence], True at the real positions, from the feed's attention mask: its one 2-D
-    input whose name holds "mask", of 0s and 1s only; None where there is no such input, more than
-    one, or no padding."""
+    input whose name holds "mask", of 0s and 1s only, 1 at the real tokens (an attention mask) or,
+    where the name says padding (torch's key_padding_mask), at the padding; None where there is no
+    such input, more than one, or no padding."""
     found = [
-        v
+        (name, v)
         for name, v in feed.items()
         if "mask" in name.lower() and isinstance(v, np.ndarray) and v.ndim == 2
     ]
     if len(found) != 1:
         return None
-    mask = found[0]
-    real = mask != 0
-    if real.all() or not np.all(real | (mask == 0)) or not np.all(mask[real] == 1):
+    name, mask = found[0]
+    real = (mask == 0) if "pad" in name.lower() else (mask != 0)
+    if real.all() or not np.all((mask == 0) | (mask == 1)):
         return None
     return real
 

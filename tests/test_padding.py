@@ -58,5 +58,7 @@ def test_only_a_mask_of_zeros_and_ones_marks_padding():
     assert padding.real_positions(feed).sum() == sum(LENGTHS)
     assert padding.real_positions({**feed, "attention_mask": feed["attention_mask"] * 2}) is None
     assert padding.real_positions({"input_ids": feed["input_ids"]}) is None
+    pads = {"key_padding_mask": feed["attention_mask"] == 0}  # torch's: True at the padding
+    np.testing.assert_array_equal(padding.real_positions(pads), feed["attention_mask"] == 1)
     whole = {"attention_mask": np.ones((2, 3), np.int64)}
     assert padding.real_positions(whole) is None  # nothing to leave out
