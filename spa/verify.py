@@ -256,13 +256,16 @@ _SCORE_MAKERS = {
     "Softmax": "probabilities",
 }
 _PASS_THROUGH = {"Add", "Reshape", "Flatten", "Squeeze", "Identity", "Cast"}
+# What a softmax written out in elementwise ops (jax2tf, Keras' exports: exp(z - max) / sum) passes
+# its normalizer through on the way to the Div.
+_BROADCASTS = _PASS_THROUGH | {"Expand", "Unsqueeze"}
 
 
 def class_scores(model: ir.Model) -> dict[str, str]:
-    """Outputs that look like class scores: made by a classifier head (Gemm, MatMul, Softmax,
-    LogSoftmax, through bias adds and reshapes) with at least two classes on the last axis:
-    output name -> "logits" or "probabilities". Embeddings come out of normalizations or
-    activations and are compared by cosine only."""
+    """Outputs that look like class scores: made by a classifier head (Gemm, MatMul, Softmax or
+    one written out in elementwise ops, LogSoftmax, through bias adds and reshapes) with at least
+    two classes on the last axis: output name -> "logits" or "probabilities". Embeddings come out
+    of normalizations or activations and are compared by cosine only."""
     found = {}
     for output in model.graph.outputs:
         if (
@@ -275,21 +278,52 @@ def class_scores(model: ir.Model) -> dict[str, str]:
         last = output.shape[-1]
         if not isinstance(last, int) or last < 2:
             continue
-        value = output
-        while (
-            value.producer() is not None
-            and value.producer().op_type in _PASS_THROUGH
-            and is_default_domain(value.producer())
-        ):
-            value = value.producer().inputs[0]
+        value = _through(output, _PASS_THROUGH)
         producer = value.producer()
-        if (
-            producer is not None
-            and is_default_domain(producer)
-            and producer.op_type in _SCORE_MAKERS
-        ):
+        if producer is None or not is_default_domain(producer):
+            continue
+        if producer.op_type in _SCORE_MAKERS:
             found[output.name] = _SCORE_MAKERS[producer.op_type]
+        elif value.shape is not None and _written_out_softmax(producer, len(value.shape)):
+            found[output.name] = "probabilities"
     return found
+
+
+def _through(value: ir.Value, ops: set[str]) -> ir.Value:
+    """The value behind `value`'s chain of default-domain `ops` (first inputs)."""
+    while (
+        value.producer() is not None
+        and value.producer().op_type in ops
+        and is_default_domain(value.producer())
+    ):
+        value = value.producer().inputs[0]
+    return value
+
+
+def _written_out_softmax(node: ir.Node, rank: int) -> bool:
+    """Div(Exp(z), ReduceSum(that Exp)): a softmax in elementwise ops (magika, exported by jax2tf,
+    was compared by cosine where its class agreement moved)."""
+    if node.op_type != "Div" or len(node.inputs) != 2 or None in node.inputs:
+        return False
+    exp = node.inputs[0].producer()
+    total = _through(node.inputs[1], _BROADCASTS).producer()
+    if not (
+        exp is not None
+        and exp.op_type == "Exp"
+        and total is not None
+        and total.op_type == "ReduceSum"
+        and is_default_domain(total)
+        and total.inputs[0] is node.inputs[0]
+    ):
+        return False
+    if "axes" in total.attributes:
+        axes = list(total.attributes.get_ints("axes"))
+    elif len(total.inputs) > 1 and total.inputs[1] is not None:
+        known = total.inputs[1].const_value
+        axes = known.numpy().reshape(-1).tolist() if known is not None else None
+    else:
+        axes = None  # every axis, or none: not one distribution per row
+    return axes is not None and [a % rank for a in axes] == [rank - 1]  # over the classes
 
 
 def compare(
