@@ -425,6 +425,11 @@ def _command(args) -> dict:
                 + ("--min-fidelity stopped the cut" if bound else "the most spa can remove")
                 + ")"
             )
+            if "rounded_past" in t:
+                verdict += (
+                    f" (--round-to {t['rounded_past']} cut deeper than asked: a smaller one comes "
+                    "closer)"
+                )
             print(
                 f"target: {t['kind']} <= {t['target']:g} of the original; reached "
                 f"{t['reached']:.3f}, {verdict}"
