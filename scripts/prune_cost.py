@@ -164,6 +164,8 @@ def stage_profile(stages: dict, done: threading.Event) -> None:
 
 
 def prune_child(request: dict) -> None:
+    import real_models
+
     import spa
 
     options = {}
@@ -185,7 +187,7 @@ def prune_child(request: dict) -> None:
         "seconds": result.seconds,
         "macs": result.after.macs / max(result.before.macs, 1),
         "method": result.method.describe() if result.method else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": real_models.peak_rss_bytes(),  # not the parent's: it ran a pass
         # spa's forked children (crash checks, the verification run): pages shared with spa's
         # count in both
         "peak_child_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
