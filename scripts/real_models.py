@@ -610,7 +610,105 @@ def magika_features(folders: list[Path], count: int, seed: int) -> np.ndarray:
     return np.stack(rows)
 
 
-MODELS = {m.name: m for m in (EfficientNetLite0(), SmolLM2(), MiniLM(), Magika())}
+# ---------------------------------------------------------------------------- PP-OCR
+
+PPOCR_REC = SCRIPTS.parent / "models" / "packaged" / "ppocr_rec.onnx"
+OCR_HEIGHT, OCR_WIDTH = 48, 320  # the recognizer's input as RapidOCR feeds it
+
+
+class PPOCRRecognizer(Model):
+    """PaddleOCR's PP-OCRv4 text-line recognizer (rapidocr-onnxruntime's ch_PP-OCRv4_rec_infer,
+    exported by paddle2onnx; models/packaged/): a 3 x 48 x 320 line image in, per position the
+    probabilities of 6,625 characters (CTC) out; its character list is in the model's metadata."""
+
+    name, exporters, targets = "ppocr", ("paddle2onnx",), (0.9, 0.8)
+    input_shapes = {"x": [1, 3, OCR_HEIGHT, OCR_WIDTH]}
+
+    def make_data(self) -> None:
+        """Lines of 2-4 words of pydoc_data/topics.py, rendered in Pillow's own font at random
+        sizes and colours: 128 from the first half for calibration, 256 from the second half
+        (with their text) for evaluation."""
+        from pydoc_data import topics
+
+        text = " ".join(topics.topics.values())
+        half = len(text) // 2
+        for path, part, count, seed in (
+            (self.calibration, text[:half], 128, 0),
+            (self.evaluation, text[half:], 256, 1),
+        ):
+            lines = text_lines(part, count, seed)
+            images = np.stack(
+                [rendered_line(line, seed * 10_000 + i) for i, line in enumerate(lines)]
+            )
+            np.savez(path, x=images, text=np.array(lines))
+
+    def export(self, exporter: str) -> None:
+        import shutil
+
+        shutil.copyfile(PPOCR_REC, self.onnx(exporter))  # exported by RapidOCR from Paddle
+
+    def outputs(self, sess) -> dict:
+        import onnx
+
+        meta = onnx.load(str(self.onnx(self.exporters[0])), load_external_data=False)
+        characters = next(p.value for p in meta.metadata_props if p.key == "character")
+        alphabet = ["", *characters.splitlines(), " "]  # 0: the CTC blank
+        x = np.load(self.evaluation)["x"]
+        probabilities = np.concatenate(
+            [sess.run(None, {"x": x[i : i + 32]})[0] for i in range(0, len(x), 32)]
+        )
+        lines = []
+        for best in probabilities.argmax(-1):  # CTC: repeats merged, blanks dropped
+            kept = [c for i, c in enumerate(best) if c and (i == 0 or c != best[i - 1])]
+            lines.append("".join(alphabet[c] for c in kept).strip())
+        return {"text": np.array(lines)}
+
+    def fidelity(self, reference: dict, pruned: dict) -> dict:
+        truth = np.load(self.evaluation)["text"]
+        return {
+            "same_text": float((pruned["text"] == reference["text"]).mean()),
+            "read": float((pruned["text"] == truth).mean()),
+        }
+
+    def summary(self, f: dict) -> str:
+        return f"same text {f['same_text']:.3f}, read {f['read']:.3f}"
+
+    def original(self, reference: dict) -> str:
+        truth = np.load(self.evaluation)["text"]
+        return f"reads {(reference['text'] == truth).mean():.3f} of {len(truth)} rendered lines"
+
+
+def text_lines(text: str, count: int, seed: int) -> list[str]:
+    """`count` runs of 2-4 consecutive words of `text`, at most 24 characters."""
+    rng = np.random.default_rng(seed)
+    words = text.split()
+    starts = rng.integers(0, len(words) - 4, count)
+    return [" ".join(words[i : i + rng.integers(2, 5)])[:24].strip() for i in starts]
+
+
+def rendered_line(line: str, seed: int) -> np.ndarray:
+    """`line` in dark ink on a light ground, Pillow's own font (no system fonts needed) at 24-33
+    pixels, squeezed to OCR_WIDTH where wider (as RapidOCR resizes), left-aligned on a white
+    OCR_HEIGHT x OCR_WIDTH canvas, normalized as PP-OCR's (x / 255 - 0.5) / 0.5, channels
+    first."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    font = ImageFont.load_default(size=int(rng.integers(24, 34)))
+    width = int(font.getlength(line)) + 16
+    image = Image.new("RGB", (width, OCR_HEIGHT), tuple(int(v) for v in rng.integers(200, 256, 3)))
+    ink = tuple(int(v) for v in rng.integers(0, 80, 3))
+    ImageDraw.Draw(image).text((8, OCR_HEIGHT // 2), line, fill=ink, font=font, anchor="lm")
+    if width > OCR_WIDTH:
+        image, width = image.resize((OCR_WIDTH, OCR_HEIGHT)), OCR_WIDTH
+    canvas = np.full((OCR_HEIGHT, OCR_WIDTH, 3), 255, np.uint8)
+    canvas[:, :width] = np.asarray(image)
+    return ((canvas.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+MODELS = {
+    m.name: m for m in (EfficientNetLite0(), SmolLM2(), MiniLM(), Magika(), PPOCRRecognizer())
+}
 
 
 def build(models: list[Model], exporters: list[str] | None) -> None:
