@@ -46,7 +46,8 @@ class PruneOptions:
     )
     round_to: int | None = _option(
         None,
-        "keep channel counts multiples of N (default: what the CPU's SIMD width rewards)",
+        "keep channel counts multiples of N (default: what the CPU's SIMD width rewards, finer "
+        "where a target would be cut past by more than 0.02)",
         sweep=True,
         type=int,
         metavar="N",
