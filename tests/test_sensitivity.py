@@ -160,3 +160,12 @@ def test_trials_run_from_a_cut_measure_what_the_whole_model_measures(path, feed,
         np.testing.assert_allclose(
             [p[3] for p in from_cuts[g]], [p[3] for p in curve], rtol=1e-3, atol=1e-9
         )
+
+
+@pytest.mark.parametrize("rows, samples", [(1, 8), (40, 4), (128, 1), (512, 1)])
+def test_trials_take_a_window_of_positions_where_a_sample_gives_several(rows, samples):
+    """An image gives one row of loss: 8 of them. A sequence's positions are not independent
+    samples: at least 128, an LM window's worth (PP-OCR's 40-position lines: 4 lines, not 1)."""
+    feeds = [{"x": np.zeros((32, 3), np.float32)} for _ in range(4)]
+    chosen = sensitivity._samples(feeds, trials=1000, rows_per_sample=rows, whole=False)
+    assert sum(len(f["x"]) for f in chosen) == samples
